@@ -1,0 +1,214 @@
+"""attach() and the small set of calls beside it (load, list_models, evict)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType, TracebackType
+from typing import Any
+
+import grpc
+import torch
+
+from weightd.client._errors import DeadlineExceededError, UnavailableError, from_rpc_error
+from weightd.client._mapping import build_tensors, map_arena
+from weightd.v1 import weightd_pb2 as pb
+from weightd.v1 import weightd_pb2_grpc as pb_grpc
+
+DEFAULT_TARGET = "unix:///run/weightd/weightd.sock"
+_CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 256 * 2**20)]
+_STATE_NAMES = {
+    pb.MODEL_STATE_LOADING_METADATA: "loading_metadata",
+    pb.MODEL_STATE_LOADING_WEIGHTS: "loading_weights",
+    pb.MODEL_STATE_READY: "ready",
+}
+
+
+@dataclass(frozen=True)
+class ShardRule:
+    """Tensors whose name matches ``pattern`` (``re.search``) split on ``split_dim``; None = replicate."""
+
+    pattern: str
+    split_dim: int | None
+
+
+@dataclass(frozen=True)
+class LoadProgress:
+    state: str
+    bytes_done: int
+    bytes_total: int
+
+
+@dataclass(frozen=True)
+class ResidentModel:
+    model_uri: str
+    revision: str
+    state: str
+    tp_size: int
+    rank: int
+    resident_bytes: int
+    leases: int
+    storage_bytes_read: int
+
+
+def resolve_target(target: str | None) -> str:
+    return target or os.environ.get("WEIGHTD_TARGET") or DEFAULT_TARGET
+
+
+def _selector(model_uri: str, rank: int, tp_size: int, shard_rules: Sequence[ShardRule] | None) -> pb.ModelSelector:
+    rules = [
+        pb.ShardRule(pattern=r.pattern, replicate=True)
+        if r.split_dim is None
+        else pb.ShardRule(pattern=r.pattern, split_dim=r.split_dim)
+        for r in shard_rules or ()
+    ]
+    return pb.ModelSelector(model_uri=model_uri, rank=rank, tp_size=tp_size, shard_rules=rules)
+
+
+class AttachedModel:
+    """A lease on a resident model and zero-copy, read-only tensor views of it.
+
+    The lease lasts until ``close()`` (or the process exits). Host-memory tensors stay valid after close:
+    the mapping lives as long as any tensor references it.
+    """
+
+    def __init__(self, channel: grpc.Channel, call: Any, grant: pb.Grant, tensors: dict[str, torch.Tensor]):
+        self._channel = channel
+        self._call = call
+        self.lease_id: str = grant.lease_id
+        self.model_uri: str = grant.model_uri
+        self.revision: str = grant.revision
+        self.tp_size: int = grant.tp_size
+        self.rank: int = grant.rank
+        self.config_dir = Path(grant.metadata_dir)
+        self.tensors: Mapping[str, torch.Tensor] = MappingProxyType(tensors)
+        self.shards: Mapping[str, int | None] = MappingProxyType(
+            {s.tensor_name: (None if s.WhichOneof("action") == "replicate" else s.split_dim) for s in grant.shards}
+        )
+
+    def close(self) -> None:
+        """End the lease. Idempotent."""
+        self._call.cancel()
+        self._channel.close()
+
+    def __enter__(self) -> AttachedModel:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"AttachedModel({self.model_uri!r}, rank={self.rank}, tp_size={self.tp_size}, "
+            f"tensors={len(self.tensors)}, lease_id={self.lease_id!r})"
+        )
+
+
+def attach(
+    model_uri: str,
+    rank: int = 0,
+    *,
+    tp_size: int = 1,
+    shard_rules: Sequence[ShardRule] | None = None,
+    target: str | None = None,
+    timeout: float | None = None,
+) -> AttachedModel:
+    """Attach rank ``rank`` of ``tp_size`` of a model, loading it into the daemon first if needed.
+
+    ``timeout`` bounds the wait for the grant (which includes a cold load); None waits as long as it takes.
+    """
+    resolved = resolve_target(target)
+    channel = grpc.insecure_channel(resolved, options=_CHANNEL_OPTIONS)
+    call = pb_grpc.WeightServiceStub(channel).AttachModel(
+        pb.AttachModelRequest(model=_selector(model_uri, rank, tp_size, shard_rules))
+    )
+    timer = threading.Timer(timeout, call.cancel) if timeout is not None else None
+    try:
+        if timer is not None:
+            timer.start()
+        response = next(call)
+    except grpc.RpcError as e:
+        channel.close()
+        if e.code() == grpc.StatusCode.CANCELLED and timer is not None:
+            raise DeadlineExceededError(
+                f"no grant for {model_uri} within {timeout} s; preload it with `weightd load` or raise timeout"
+            ) from e
+        raise from_rpc_error(e, target=resolved) from e
+    except StopIteration as e:
+        channel.close()
+        raise UnavailableError(f"weightd at {resolved} closed the attach stream without a grant") from e
+    finally:
+        if timer is not None:
+            timer.cancel()
+    grant = response.grant
+    tensors = build_tensors(grant, [map_arena(a) for a in grant.arenas])
+    return AttachedModel(channel, call, grant, tensors)
+
+
+def load(
+    model_uri: str,
+    *,
+    tp_size: int = 1,
+    rank: int = 0,
+    all_ranks: bool = False,
+    shard_rules: Sequence[ShardRule] | None = None,
+    memory_limit: int | None = None,
+    target: str | None = None,
+    on_progress: Callable[[LoadProgress], None] | None = None,
+) -> LoadProgress:
+    """Make a model resident without attaching it. ``all_ranks`` loads every rank of ``tp_size`` in one pass."""
+    settings = pb.StreamerSettings(memory_limit=memory_limit) if memory_limit is not None else None
+    request = pb.LoadModelRequest(
+        model=_selector(model_uri, rank, tp_size, shard_rules), all_ranks=all_ranks, settings=settings
+    )
+    last = LoadProgress("unspecified", 0, 0)
+    with _stub(target) as stub:
+        for response in stub.LoadModel(request):
+            state = _STATE_NAMES.get(response.state, "unspecified")
+            last = LoadProgress(state, response.bytes_done, response.bytes_total)
+            if on_progress is not None:
+                on_progress(last)
+    return last
+
+
+def list_models(*, target: str | None = None) -> list[ResidentModel]:
+    with _stub(target) as stub:
+        response = stub.ListModels(pb.ListModelsRequest())
+    return [
+        ResidentModel(
+            model_uri=m.model_uri,
+            revision=m.revision,
+            state=_STATE_NAMES.get(m.state, "unspecified"),
+            tp_size=m.tp_size,
+            rank=m.rank,
+            resident_bytes=m.resident_bytes,
+            leases=m.leases,
+            storage_bytes_read=m.storage_bytes_read,
+        )
+        for m in response.models
+    ]
+
+
+def evict(model_uri: str, *, target: str | None = None) -> int:
+    """Free every unleased entry of ``model_uri``; returns the bytes freed."""
+    with _stub(target) as stub:
+        response = stub.EvictModel(pb.EvictModelRequest(model_uri=model_uri))
+    freed: int = response.freed_bytes
+    return freed
+
+
+@contextlib.contextmanager
+def _stub(target: str | None) -> Iterator[pb_grpc.WeightServiceStub]:
+    """A stub on a channel that closes afterwards; RPC errors come out as weightd errors."""
+    resolved = resolve_target(target)
+    with grpc.insecure_channel(resolved, options=_CHANNEL_OPTIONS) as channel:
+        try:
+            yield pb_grpc.WeightServiceStub(channel)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e, target=resolved) from e

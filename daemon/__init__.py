@@ -1,0 +1,1 @@
+"""weightd.daemon: the node-local weight daemon (storage -> arena -> gRPC leases)."""

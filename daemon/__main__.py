@@ -1,0 +1,5 @@
+import sys
+
+from weightd.daemon.cli import main
+
+sys.exit(main())

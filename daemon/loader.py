@@ -1,0 +1,268 @@
+"""One load, from a model location to filled arenas. Blocking: the registry runs it on a worker thread.
+
+Phase (a), ``resolve``: list the prefix, download every metadata file once into the cache (keyed by the
+objects' versions), read each safetensors header with ranged reads and validate it.
+Phase (b), ``stream``: fetch exactly the planned byte ranges with runai-model-streamer (bounded ring
+buffer) and copy each range into its place in the arenas; nothing touches local disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from runai_model_streamer import FileChunks, FileStreamer
+
+from weightd.daemon.errors import (
+    InvalidModelError,
+    ModelNotFoundError,
+    StorageUnavailableError,
+    UnsupportedModelError,
+    WeightdError,
+)
+from weightd.daemon.memory.base import Arena, MemoryBackend
+from weightd.daemon.plan import FetchRange, LoadPlan, RankLayout
+from weightd.daemon.safetensors_header import SafetensorsHeader, header_length, parse_header
+from weightd.daemon.storage.base import ModelLocation, ObjectInfo, ObjectStore
+
+logger = logging.getLogger(__name__)
+
+WEIGHTS_SUFFIX = ".safetensors"
+INDEX_SUFFIX = ".safetensors.index.json"
+# Weight formats weightd does not serve; never downloaded as "metadata".
+OTHER_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx", ".pkl")
+# One request usually covers the whole header.
+HEADER_PROBE_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """What phase (a) learned: enough to plan and stream any rank."""
+
+    location: ModelLocation
+    revision: str
+    metadata_dir: Path
+    headers: tuple[SafetensorsHeader, ...]
+    model_type: str | None
+
+
+@dataclass(frozen=True)
+class LoadedRank:
+    layout: RankLayout
+    arena: Arena
+    fetched_bytes: int
+
+
+def resolve(store: ObjectStore, cache_dir: Path) -> ModelSource:
+    location = store.location
+    objects = {o.name: o for o in store.list_objects()}
+    _check_names(location, objects)
+    revision = hashlib.sha256(
+        json.dumps(sorted((o.name, o.size, o.version) for o in objects.values())).encode()
+    ).hexdigest()[:16]
+    metadata_dir = cache_dir / "metadata" / hashlib.sha256(location.uri.encode()).hexdigest()[:16] / revision
+    metadata_dir.mkdir(parents=True, exist_ok=True)
+    for info in objects.values():
+        if not info.name.endswith((WEIGHTS_SUFFIX, *OTHER_WEIGHT_SUFFIXES)):
+            _cache_file(store, info, metadata_dir)
+    weight_map = _weight_map(location, metadata_dir)
+    weights = _weight_files(location, objects, weight_map)
+    with ThreadPoolExecutor(max_workers=min(8, len(weights))) as pool:
+        headers = tuple(pool.map(lambda info: _read_header(store, info), weights))
+    _check_tensors(location, headers, weight_map)
+    return ModelSource(
+        location=location,
+        revision=revision,
+        metadata_dir=metadata_dir,
+        headers=headers,
+        model_type=_model_type(metadata_dir),
+    )
+
+
+def stream(
+    store: ObjectStore,
+    plan: LoadPlan,
+    memory: MemoryBackend,
+    *,
+    label: str,
+    memory_limit: int,
+    on_progress: Callable[[int], None],
+) -> list[LoadedRank]:
+    """Fill one arena per layout in ``plan``. On any failure every arena is released before raising."""
+    arenas: list[Arena] = []
+    try:
+        for layout in plan.layouts:
+            arenas.append(memory.allocate(layout.size, label=f"{label}-r{layout.rank}"))
+        _fetch(store, plan, [a.tensor() for a in arenas], memory_limit=memory_limit, on_progress=on_progress)
+    except BaseException:
+        for arena in arenas:
+            arena.release()
+        raise
+    return [
+        LoadedRank(layout, arena, fetched)
+        for layout, arena, fetched in zip(plan.layouts, arenas, plan.fetched_bytes_by_layout, strict=True)
+    ]
+
+
+def _fetch(
+    store: ObjectStore,
+    plan: LoadPlan,
+    destinations: list[torch.Tensor],
+    *,
+    memory_limit: int,
+    on_progress: Callable[[int], None],
+) -> None:
+    files = [f for f in plan.files if f.ranges]
+    requests = [
+        FileChunks(i, store.streamer_path(f.file), [r.file_offset for r in f.ranges], [r.length for r in f.ranges])
+        for i, f in enumerate(files)
+    ]
+    if not requests:
+        return
+    started = time.monotonic()
+    try:
+        with FileStreamer() as streamer:
+            # The ring must hold the largest single range; above that, the configured limit bounds it.
+            streamer.stream_files(
+                requests, device="cpu", memory_limit=max(memory_limit, plan.largest_range), owned=False
+            )
+            for file_id, range_index, chunk in streamer.get_chunks():
+                fetch_range = files[file_id].ranges[range_index]
+                _scatter(chunk.view(-1), fetch_range, destinations)
+                on_progress(fetch_range.length)
+    except ValueError as e:
+        raise _explain(store, [f.file for f in files], e) from e
+    elapsed = time.monotonic() - started
+    logger.info(
+        "streamed %d bytes from %s in %.2f s (%.2f GB/s)",
+        plan.fetched_bytes,
+        store.location.uri,
+        elapsed,
+        plan.fetched_bytes / max(elapsed, 1e-9) / 1e9,
+    )
+
+
+def _scatter(chunk: torch.Tensor, fetch_range: FetchRange, destinations: list[torch.Tensor]) -> None:
+    for block in fetch_range.blocks:
+        rows = chunk[block.range_offset : block.range_offset + block.rows * block.width].view(block.rows, block.width)
+        for t in block.targets:
+            dst = destinations[t.layout_index].as_strided((block.rows, t.width), (t.dst_row_stride, 1), t.dst_offset)
+            dst.copy_(rows[:, t.column : t.column + t.width])
+
+
+def _explain(store: ObjectStore, files: Sequence[str], error: ValueError) -> WeightdError:
+    """The streamer reports every storage failure as "File access error": ask storage what is wrong."""
+    for name in files:
+        try:
+            store.stat(name)
+        except WeightdError as cause:
+            return cause
+    return store.explain(files[0], error) if files else StorageUnavailableError(str(error))
+
+
+def _check_names(location: ModelLocation, objects: dict[str, ObjectInfo]) -> None:
+    for name in objects:
+        if name in (".", "..") or "/" in name or "\\" in name or "\x00" in name:
+            raise InvalidModelError(f"{location.uri}: object name {name!r} would escape the metadata cache")
+
+
+def _weight_files(
+    location: ModelLocation, objects: dict[str, ObjectInfo], weight_map: dict[str, str] | None
+) -> list[ObjectInfo]:
+    if weight_map is not None:
+        # The index names the shards; other *.safetensors beside it (e.g. consolidated copies) are not used.
+        shards = sorted(set(weight_map.values()))
+        missing = [s for s in shards if s not in objects]
+        if missing:
+            raise ModelNotFoundError(
+                f"{location.uri}: the index names shard(s) that do not exist: {', '.join(missing)}"
+            )
+        return [objects[s] for s in shards]
+    weights = sorted(n for n in objects if n.endswith(WEIGHTS_SUFFIX))
+    if not weights:
+        others = sorted(n for n in objects if n.endswith(OTHER_WEIGHT_SUFFIXES))
+        found = ", ".join(others) if others else "no weight files at all"
+        raise UnsupportedModelError(
+            f"{location.uri}: weightd serves only safetensors weights, found {found}; convert the checkpoint "
+            "to safetensors (e.g. transformers save_pretrained(safe_serialization=True))"
+        )
+    return [objects[n] for n in weights]
+
+
+def _cache_file(store: ObjectStore, info: ObjectInfo, directory: Path) -> None:
+    """Download ``info`` once: a file already in this revision's directory is the same object version."""
+    destination = directory / info.name
+    if destination.exists():
+        return
+    fd, temporary = tempfile.mkstemp(dir=directory, prefix=f".{info.name}.")
+    os.close(fd)
+    try:
+        store.download(info.name, Path(temporary))
+        os.replace(temporary, destination)
+    finally:
+        Path(temporary).unlink(missing_ok=True)
+
+
+def _read_header(store: ObjectStore, info: ObjectInfo) -> SafetensorsHeader:
+    where = f"{store.location.uri.rstrip('/')}/{info.name}"
+    probe = store.read_range(info.name, 0, min(info.size, HEADER_PROBE_BYTES))
+    length = header_length(probe, file=where, file_size=info.size)
+    end = 8 + length
+    raw = probe[8:end] if end <= len(probe) else probe[8:] + store.read_range(info.name, len(probe), end - len(probe))
+    header = parse_header(raw, file=where, file_size=info.size)
+    # Keep the object name (not the display URI) as the file identity for planning and streaming.
+    return SafetensorsHeader(file=info.name, file_size=header.file_size, data_start=header.data_start,
+                             tensors=header.tensors)
+
+
+def _check_tensors(
+    location: ModelLocation, headers: Sequence[SafetensorsHeader], weight_map: dict[str, str] | None
+) -> None:
+    owner: dict[str, str] = {}
+    for header in headers:
+        for tensor in header.tensors:
+            if tensor.name in owner:
+                raise InvalidModelError(
+                    f"{location.uri}: tensor {tensor.name!r} appears in both {owner[tensor.name]} and {header.file}"
+                )
+            owner[tensor.name] = header.file
+    if not owner:
+        raise InvalidModelError(f"{location.uri}: the safetensors files hold no tensors")
+    for name, file in (weight_map or {}).items():
+        if owner.get(name) != file:
+            where = f"it is in {owner[name]}" if name in owner else "that shard does not hold it"
+            raise InvalidModelError(f"{location.uri}: the index puts tensor {name!r} in {file}, but {where}")
+
+
+def _weight_map(location: ModelLocation, metadata_dir: Path) -> dict[str, str] | None:
+    indexes = sorted(metadata_dir.glob(f"*{INDEX_SUFFIX}"))
+    if not indexes:
+        return None
+    if len(indexes) > 1:
+        names = ", ".join(i.name for i in indexes)
+        raise InvalidModelError(f"{location.uri}: several safetensors indexes ({names}); keep one per prefix")
+    try:
+        weight_map = json.loads(indexes[0].read_text())["weight_map"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise InvalidModelError(f"{location.uri}: {indexes[0].name} is not a valid index: {e}") from e
+    if not isinstance(weight_map, dict):
+        raise InvalidModelError(f"{location.uri}: {indexes[0].name}: weight_map must be an object")
+    return {str(k): str(v) for k, v in weight_map.items()}
+
+
+def _model_type(metadata_dir: Path) -> str | None:
+    try:
+        value = json.loads((metadata_dir / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None
+

@@ -1,0 +1,1 @@
+"""Memory backends behind weightd.daemon.memory.base.MemoryBackend."""

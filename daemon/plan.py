@@ -1,0 +1,212 @@
+"""From validated headers and a sharding to (a) each rank's arena layout and (b) the byte ranges to fetch.
+
+Every tensor is seen as a byte matrix: ``outer`` rows of ``row_bytes`` (outer = product of the dimensions
+before the split dim). Rank r of N owns columns [r*piece, (r+1)*piece) of every row, piece = row_bytes / N; a
+replicated tensor is one row that every rank owns whole. Rank r's slice is then exactly
+``full.narrow(d, r*size//N, size//N)``, stored contiguously in its arena.
+
+What is fetched:
+- a tensor split on dim 0 (or replicated) is a single row, so any rank's share is one contiguous range;
+- a tensor split on a later dim, for all ranks, is read whole (each byte once) and scattered;
+- for one rank alone, each row's slice is a separate range when it is at least ``row_range_min_bytes``
+  (large enough that a ranged GET runs near full throughput); below that the whole tensor is read and sliced
+  in memory, because thousands of tiny GETs cost more than the extra bytes.
+Ranges adjacent in the file are coalesced up to ``max_range_bytes`` so small tensors do not each cost a
+request; a range larger than that is split.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from weightd.daemon.safetensors_header import SafetensorsHeader, TensorEntry
+from weightd.daemon.sharding import ShardRule, split_dim_for
+
+# Tensor start alignment inside an arena (covers every dtype and CUDA's 256-byte allocation granularity).
+ALIGNMENT = 256
+ROW_RANGE_MIN_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Where one tensor (or one rank's slice of it) lives in a rank's arena."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class RankLayout:
+    rank: int
+    slots: tuple[Slot, ...]
+    size: int
+    # (tensor name, split dim or None for replicated), in slot order; empty when tp_size is 1.
+    shards: tuple[tuple[str, int | None], ...]
+
+
+@dataclass(frozen=True)
+class Target:
+    """Copy ``width`` bytes per row from column ``column`` of a block into a rank's arena."""
+
+    layout_index: int
+    column: int
+    width: int
+    dst_offset: int
+    dst_row_stride: int
+
+
+@dataclass(frozen=True)
+class Block:
+    """``rows`` x ``width`` bytes starting ``range_offset`` bytes into a fetched range."""
+
+    range_offset: int
+    rows: int
+    width: int
+    targets: tuple[Target, ...]
+
+
+@dataclass(frozen=True)
+class FetchRange:
+    file_offset: int
+    length: int
+    blocks: tuple[Block, ...]
+
+
+@dataclass(frozen=True)
+class FilePlan:
+    file: str
+    ranges: tuple[FetchRange, ...]
+
+
+@dataclass(frozen=True)
+class LoadPlan:
+    tp_size: int
+    layouts: tuple[RankLayout, ...]
+    files: tuple[FilePlan, ...]
+    # Fetched bytes attributed to each layout; they add up to the total fetched.
+    fetched_bytes_by_layout: tuple[int, ...]
+
+    @property
+    def fetched_bytes(self) -> int:
+        return sum(self.fetched_bytes_by_layout)
+
+    @property
+    def largest_range(self) -> int:
+        return max((r.length for f in self.files for r in f.ranges), default=0)
+
+
+def align(offset: int) -> int:
+    return -(-offset // ALIGNMENT) * ALIGNMENT
+
+
+def build_plan(
+    headers: Sequence[SafetensorsHeader],
+    *,
+    tp_size: int,
+    ranks: Sequence[int],
+    rules: Sequence[ShardRule],
+    max_range_bytes: int,
+    row_range_min_bytes: int = ROW_RANGE_MIN_BYTES,
+) -> LoadPlan:
+    builder = _PlanBuilder(tp_size, tuple(ranks), max_range_bytes, row_range_min_bytes)
+    files = []
+    for header in headers:
+        blocks: list[tuple[int, Block]] = []
+        for tensor in header.tensors:
+            dim = split_dim_for(tensor.name, tensor.shape, rules, tp_size=tp_size)
+            blocks.extend(builder.add_tensor(tensor, dim))
+        files.append(FilePlan(file=header.file, ranges=tuple(builder.coalesce(blocks))))
+    return builder.finish(tuple(files))
+
+
+class _PlanBuilder:
+    def __init__(self, tp_size: int, ranks: tuple[int, ...], max_range: int, row_range_min: int) -> None:
+        self.tp_size = tp_size
+        self.ranks = ranks
+        self.max_range = max(1, max_range)
+        self.row_range_min = row_range_min
+        self.cursors = [0] * len(ranks)
+        self.slots: list[list[Slot]] = [[] for _ in ranks]
+        self.shards: list[tuple[str, int | None]] = []
+        self.fetched = [0] * len(ranks)
+
+    def add_tensor(self, tensor: TensorEntry, dim: int | None) -> list[tuple[int, Block]]:
+        """Place ``tensor`` in every rank's layout; return its blocks as (file offset, block)."""
+        n = 1 if dim is None else self.tp_size
+        shape = list(tensor.shape)
+        if dim is not None:
+            shape[dim] //= n
+            self.shards.append((tensor.name, dim))
+        elif self.tp_size > 1:
+            self.shards.append((tensor.name, None))
+        outer = 1 if dim is None else math.prod(tensor.shape[:dim])
+        row_bytes = tensor.nbytes // max(outer, 1)
+        piece = row_bytes // n
+        slots = []
+        for i, rank in enumerate(self.ranks):
+            offset = align(self.cursors[i])
+            slot = Slot(tensor.name, tensor.dtype, tuple(shape), offset, piece * outer)
+            self.slots[i].append(slot)
+            self.cursors[i] = offset + slot.nbytes
+            slots.append((i, slot, 0 if dim is None else rank * piece))
+        if tensor.nbytes == 0:
+            return []
+
+        def block_at(row: int, rows: int, column: int, width: int) -> tuple[int, Block]:
+            targets = []
+            for i, slot, window in slots:
+                lo, hi = max(column, window), min(column + width, window + piece)
+                if lo < hi:
+                    dst = slot.offset + row * piece + (lo - window)
+                    targets.append(Target(i, lo - column, hi - lo, dst, piece))
+            self._attribute(rows * width, targets, rows)
+            block = Block(range_offset=0, rows=rows, width=width, targets=tuple(targets))
+            return tensor.begin + row * row_bytes + column, block
+
+        windows = [window for _, _, window in slots]
+        lo, hi = min(windows), max(windows) + piece
+        if outer == 1:
+            return [block_at(0, 1, c, min(self.max_range, hi - c)) for c in range(lo, hi, self.max_range)]
+        if len(slots) == 1 and piece >= self.row_range_min:
+            return [block_at(row, 1, lo, piece) for row in range(outer)]
+        rows_per_range = max(1, self.max_range // row_bytes)
+        return [
+            block_at(row, min(rows_per_range, outer - row), 0, row_bytes)
+            for row in range(0, outer, rows_per_range)
+        ]
+
+    def _attribute(self, length: int, targets: list[Target], rows: int) -> None:
+        """Split a block's fetched bytes between its targets by what each received (remainder to the first)."""
+        received = [t.width * rows for t in targets]
+        total = sum(received)
+        shares = [length * r // total for r in received]
+        shares[0] += length - sum(shares)
+        for target, share in zip(targets, shares, strict=True):
+            self.fetched[target.layout_index] += share
+
+    def coalesce(self, blocks: list[tuple[int, Block]]) -> list[FetchRange]:
+        """Merge blocks that are back to back in the file into ranges of at most ``max_range`` bytes."""
+        ranges: list[FetchRange] = []
+        for offset, block in sorted(blocks, key=lambda b: b[0]):
+            length = block.rows * block.width
+            last = ranges[-1] if ranges else None
+            if last and last.file_offset + last.length == offset and last.length + length <= self.max_range:
+                moved = Block(last.length, block.rows, block.width, block.targets)
+                ranges[-1] = FetchRange(last.file_offset, last.length + length, (*last.blocks, moved))
+            else:
+                ranges.append(FetchRange(offset, length, (block,)))
+        return ranges
+
+    def finish(self, files: tuple[FilePlan, ...]) -> LoadPlan:
+        layouts = tuple(
+            RankLayout(rank=rank, slots=tuple(self.slots[i]), size=align(self.cursors[i]), shards=tuple(self.shards))
+            for i, rank in enumerate(self.ranks)
+        )
+        return LoadPlan(
+            tp_size=self.tp_size, layouts=layouts, files=files, fetched_bytes_by_layout=tuple(self.fetched)
+        )

@@ -1,0 +1,179 @@
+"""The WeightService servicer: protobuf <-> domain types, and the one map from errors to gRPC status codes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import NoReturn
+
+import grpc
+
+from weightd.daemon import errors
+from weightd.daemon.registry import Entry, EntryKey, LoadSettings, Registry, State, all_rank_keys
+from weightd.daemon.sharding import ShardRule
+from weightd.v1 import weightd_pb2 as pb
+from weightd.v1 import weightd_pb2_grpc as pb_grpc
+
+logger = logging.getLogger(__name__)
+
+STATUS_BY_ERROR: dict[type[errors.WeightdError], grpc.StatusCode] = {
+    errors.InvalidRequestError: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.ModelNotFoundError: grpc.StatusCode.NOT_FOUND,
+    errors.AccessDeniedError: grpc.StatusCode.PERMISSION_DENIED,
+    errors.UnauthenticatedError: grpc.StatusCode.UNAUTHENTICATED,
+    errors.StorageUnavailableError: grpc.StatusCode.UNAVAILABLE,
+    errors.InvalidModelError: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.CorruptModelError: grpc.StatusCode.DATA_LOSS,
+    errors.UnsupportedModelError: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.ModelInUseError: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.OutOfMemoryError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
+
+_STATE_TO_PB = {
+    State.LOADING_METADATA: pb.MODEL_STATE_LOADING_METADATA,
+    State.LOADING_WEIGHTS: pb.MODEL_STATE_LOADING_WEIGHTS,
+    State.READY: pb.MODEL_STATE_READY,
+}
+
+PROGRESS_INTERVAL_S = 0.25
+
+
+async def abort_with(context: grpc.aio.ServicerContext[object, object], error: Exception) -> NoReturn:
+    if isinstance(error, errors.WeightdError):
+        code = STATUS_BY_ERROR.get(type(error), grpc.StatusCode.INTERNAL)
+        await context.abort(code, str(error))
+    logger.exception("unexpected error", exc_info=error)
+    await context.abort(grpc.StatusCode.INTERNAL, f"internal error in weightd: {type(error).__name__}: {error}")
+
+
+def _rules(selector: pb.ModelSelector) -> list[ShardRule]:
+    return [
+        ShardRule(r.pattern, None if r.WhichOneof("action") == "replicate" else r.split_dim)
+        for r in selector.shard_rules
+    ]
+
+
+def _key(selector: pb.ModelSelector) -> EntryKey:
+    return Registry.key(
+        selector.model_uri, tp_size=selector.tp_size or 1, rank=selector.rank, rules=_rules(selector)
+    )
+
+
+def _grant(entry: Entry, lease_id: str) -> pb.Grant:
+    assert entry.arena is not None and entry.layout is not None
+    grant = pb.Grant(
+        lease_id=lease_id,
+        model_uri=entry.key.model_uri,
+        revision=entry.revision,
+        tp_size=entry.key.tp_size,
+        rank=entry.key.rank,
+        metadata_dir=str(entry.metadata_dir),
+        arenas=[
+            pb.Arena(
+                handle=pb.MemoryHandle(host_shared_memory=pb.HostSharedMemory(path=entry.arena.handle.path)),
+                size_bytes=entry.arena.size,
+            )
+        ],
+    )
+    grant.tensors.extend(
+        pb.TensorSlot(
+            name=slot.name,
+            dtype=pb.DType.Value(f"DTYPE_{slot.dtype}"),
+            shape=slot.shape,
+            arena_index=0,
+            byte_offset=slot.offset,
+            byte_length=slot.nbytes,
+        )
+        for slot in entry.layout.slots
+    )
+    grant.shards.extend(
+        pb.AppliedShard(tensor_name=name, replicate=True)
+        if dim is None
+        else pb.AppliedShard(tensor_name=name, split_dim=dim)
+        for name, dim in entry.layout.shards
+    )
+    return grant
+
+
+class WeightService(pb_grpc.WeightServiceServicer):
+    def __init__(self, registry: Registry, *, settings: LoadSettings, shutdown: asyncio.Event) -> None:
+        self._registry = registry
+        self._settings = settings
+        self._shutdown = shutdown
+
+    async def LoadModel(  # noqa: N802 (gRPC method name)
+        self, request: pb.LoadModelRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> AsyncIterator[pb.LoadModelResponse]:
+        try:
+            key = _key(request.model)
+            keys = all_rank_keys(key) if request.all_ranks else [key]
+            settings = self._load_settings(request.settings)
+            load = asyncio.ensure_future(self._registry.ensure(keys, settings=settings))
+            while not load.done():
+                progress = self._registry.progress_of(keys[0])
+                if progress is not None:
+                    yield pb.LoadModelResponse(
+                        state=_STATE_TO_PB[progress.state],
+                        bytes_done=progress.bytes_done,
+                        bytes_total=progress.bytes_total,
+                    )
+                await asyncio.wait({load}, timeout=PROGRESS_INTERVAL_S)
+            entries = load.result()
+        except Exception as e:  # noqa: BLE001 (mapped to a status in one place)
+            await abort_with(context, e)
+        total = sum(e.progress.bytes_total for e in {id(e.progress): e for e in entries}.values())
+        yield pb.LoadModelResponse(state=pb.MODEL_STATE_READY, bytes_done=total, bytes_total=total)
+
+    async def AttachModel(  # noqa: N802
+        self, request: pb.AttachModelRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> AsyncIterator[pb.AttachModelResponse]:
+        try:
+            (entry,) = await self._registry.ensure([_key(request.model)])
+            lease_id = self._registry.acquire(entry)
+        except Exception as e:  # noqa: BLE001
+            await abort_with(context, e)
+        logger.info("lease %s granted on %s rank %d", lease_id, entry.key.model_uri, entry.key.rank)
+        try:
+            yield pb.AttachModelResponse(grant=_grant(entry, lease_id))
+            # The open stream is the lease: this returns (or is cancelled) when the client goes away,
+            # or ends the stream itself when the daemon shuts down.
+            await self._shutdown.wait()
+        finally:
+            self._registry.release(lease_id)
+
+    async def ListModels(  # noqa: N802
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> pb.ListModelsResponse:
+        return pb.ListModelsResponse(
+            models=[
+                pb.ResidentModel(
+                    model_uri=s.key.model_uri,
+                    revision=s.revision,
+                    state=_STATE_TO_PB[s.state],
+                    tp_size=s.key.tp_size,
+                    rank=s.key.rank,
+                    resident_bytes=s.resident_bytes,
+                    leases=s.leases,
+                    storage_bytes_read=s.storage_bytes_read,
+                    bytes_done=s.bytes_done,
+                    bytes_total=s.bytes_total,
+                )
+                for s in self._registry.snapshot()
+            ]
+        )
+
+    async def EvictModel(  # noqa: N802
+        self, request: pb.EvictModelRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> pb.EvictModelResponse:
+        try:
+            count, freed = self._registry.evict(request.model_uri)
+        except Exception as e:  # noqa: BLE001
+            await abort_with(context, e)
+        return pb.EvictModelResponse(evicted_entries=count, freed_bytes=freed)
+
+    def _load_settings(self, settings: pb.StreamerSettings) -> LoadSettings:
+        if settings.HasField("memory_limit"):
+            return LoadSettings(memory_limit=settings.memory_limit)
+        return self._settings
+

@@ -1,0 +1,98 @@
+"""Tensor-parallel sharding rules: which dimension of each tensor a rank gets a slice of.
+
+Pure functions over names and shapes. The default plans follow Megatron-style tensor parallelism as vLLM and
+SGLang apply it to Llama-family checkpoints: column-parallel (dim 0) for q/k/v/gate/up projections (weights and
+biases), the embedding and lm_head; row-parallel (dim 1) for o_proj/down_proj weights; everything else
+(norms, row-parallel biases, rotary buffers) replicated.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+
+from weightd.daemon.errors import InvalidRequestError, UnsupportedModelError
+
+
+@dataclass(frozen=True)
+class ShardRule:
+    """Tensors whose name matches ``pattern`` (``re.search``) are split on ``split_dim``, or replicated
+    when ``split_dim`` is None."""
+
+    pattern: str
+    split_dim: int | None
+
+    @cached_property
+    def regex(self) -> re.Pattern[str]:
+        return re.compile(self.pattern)
+
+
+_LLAMA_FAMILY: tuple[ShardRule, ...] = (
+    ShardRule(r"\.(q_proj|k_proj|v_proj|gate_proj|up_proj)\.(weight|bias)$", 0),
+    ShardRule(r"\.(o_proj|down_proj)\.weight$", 1),
+    ShardRule(r"(^|\.)embed_tokens\.weight$", 0),
+    ShardRule(r"(^|\.)lm_head\.weight$", 0),
+)
+
+# config.json model_type -> plan. Only families whose checkpoints use exactly the Llama tensor names.
+DEFAULT_PLANS: dict[str, tuple[ShardRule, ...]] = {
+    model_type: _LLAMA_FAMILY
+    for model_type in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "olmo2", "granite")
+}
+
+
+def parse_rules(rules: Iterable[ShardRule]) -> tuple[ShardRule, ...]:
+    """Check user rules up front so a bad pattern is an INVALID_ARGUMENT, not a failure mid-load."""
+    checked = []
+    for rule in rules:
+        try:
+            re.compile(rule.pattern)
+        except re.error as e:
+            raise InvalidRequestError(f"shard rule pattern {rule.pattern!r} is not a valid regex: {e}") from e
+        if rule.split_dim is not None and rule.split_dim < 0:
+            raise InvalidRequestError(f"shard rule {rule.pattern!r}: split_dim must be >= 0")
+        checked.append(rule)
+    return tuple(checked)
+
+
+def check_group(tp_size: int, rank: int) -> None:
+    if tp_size < 1:
+        raise InvalidRequestError(f"tp_size must be at least 1, got {tp_size}")
+    if not 0 <= rank < tp_size:
+        raise InvalidRequestError(f"rank must be in [0, {tp_size}) for tp_size {tp_size}, got {rank}")
+
+
+def select_rules(model_type: str | None, user_rules: Sequence[ShardRule], *, tp_size: int) -> tuple[ShardRule, ...]:
+    """The rules to apply: the user's if given, else the default plan for ``model_type``."""
+    if tp_size == 1:
+        return ()
+    if user_rules:
+        return tuple(user_rules)
+    plan = DEFAULT_PLANS.get(model_type or "")
+    if plan is None:
+        raise UnsupportedModelError(
+            f"no default tensor-parallel plan for model_type {model_type!r} (known: "
+            f"{', '.join(sorted(DEFAULT_PLANS))}); pass shard_rules (pattern -> split dim or replicate) "
+            "to attach it with tp_size > 1"
+        )
+    return plan
+
+
+def split_dim_for(name: str, shape: Sequence[int], rules: Sequence[ShardRule], *, tp_size: int) -> int | None:
+    """The dimension ``name`` is split on for ``tp_size`` ranks, or None if every rank gets it whole."""
+    if tp_size == 1:
+        return None
+    dim = next((rule.split_dim for rule in rules if rule.regex.search(name)), None)
+    if dim is None:
+        return None
+    if dim >= len(shape):
+        raise InvalidRequestError(
+            f"tensor {name!r} has {len(shape)} dimension(s) (shape {list(shape)}); a rule splits it on dim {dim}"
+        )
+    if shape[dim] % tp_size:
+        raise InvalidRequestError(
+            f"tensor {name!r} dim {dim} has size {shape[dim]}, which tp_size {tp_size} does not divide evenly"
+        )
+    return dim

@@ -1,0 +1,1 @@
+"""Storage backends behind weightd.daemon.storage.base.ObjectStore."""

@@ -1,0 +1,89 @@
+"""The storage seam: one ``ObjectStore`` per model location, one implementation per URI scheme."""
+
+from __future__ import annotations
+
+import posixpath
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+from urllib.parse import unquote, urlsplit
+
+from weightd.daemon.errors import InvalidRequestError, WeightdError
+
+
+@dataclass(frozen=True)
+class ModelLocation:
+    """A parsed model URI. ``uri`` is the canonical spelling used as the model's identity."""
+
+    scheme: str  # "file" or "s3"
+    bucket: str  # empty for "file"
+    prefix: str  # object-key prefix ending in "/" (or an absolute directory path for "file")
+    uri: str
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    name: str  # relative to the model prefix
+    size: int
+    version: str  # ETag, generation or mtime+size: changes whenever the content can have changed
+
+
+class ObjectStore(Protocol):
+    """Read-only access to the objects directly under one model prefix."""
+
+    location: ModelLocation
+
+    def list_objects(self) -> list[ObjectInfo]:
+        """Objects directly under the prefix (not in sub-"directories"). Raises ModelNotFoundError if none."""
+        ...
+
+    def stat(self, name: str) -> ObjectInfo: ...
+
+    def read_range(self, name: str, offset: int, length: int) -> bytes: ...
+
+    def download(self, name: str, destination: Path) -> None:
+        """Write the whole object to ``destination`` (the caller makes it atomic)."""
+        ...
+
+    def streamer_path(self, name: str) -> str:
+        """The path runai-model-streamer reads this object by."""
+        ...
+
+    def explain(self, name: str, error: Exception) -> WeightdError:
+        """Turn a streamer failure on ``name`` (always an opaque "File access error") into a named cause."""
+        ...
+
+
+def parse_model_uri(uri: str) -> ModelLocation:
+    if not uri:
+        raise InvalidRequestError("model_uri is empty; pass a local directory or s3://bucket/prefix/")
+    parts = urlsplit(uri)
+    scheme = parts.scheme.lower()
+    if scheme in ("", "file"):
+        path = unquote(parts.path) if scheme == "file" else uri
+        if not path.startswith("/"):
+            path = str(Path(path).absolute())
+        directory = posixpath.normpath(path)
+        return ModelLocation(scheme="file", bucket="", prefix=directory, uri=f"file://{directory}")
+    if scheme == "s3":
+        bucket, prefix = parts.netloc, parts.path.lstrip("/")
+        if not bucket:
+            raise InvalidRequestError(f"model URI {uri!r} has no bucket; expected s3://bucket/prefix/")
+        if ".." in prefix.split("/"):
+            raise InvalidRequestError(f"model URI {uri!r} contains '..'; object prefixes must not")
+        if prefix and not prefix.endswith("/"):
+            prefix += "/"
+        return ModelLocation(scheme=scheme, bucket=bucket, prefix=prefix, uri=f"{scheme}://{bucket}/{prefix}")
+    raise InvalidRequestError(
+        f"model URI {uri!r} has unsupported scheme {parts.scheme!r}; use a local path, file:// or s3://"
+    )
+
+
+def open_store(location: ModelLocation) -> ObjectStore:
+    if location.scheme == "file":
+        from weightd.daemon.storage.local import LocalStore
+
+        return LocalStore(location)
+    from weightd.daemon.storage.s3 import S3Store
+
+    return S3Store(location)

@@ -1,0 +1,131 @@
+"""Amazon S3 and S3-compatible stores (endpoint from AWS_ENDPOINT_URL, credentials from the AWS chain)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    ConnectionClosedError,
+    ConnectTimeoutError,
+    EndpointConnectionError,
+    NoCredentialsError,
+    PartialCredentialsError,
+    ReadTimeoutError,
+)
+
+from weightd.daemon.errors import (
+    AccessDeniedError,
+    ModelNotFoundError,
+    StorageUnavailableError,
+    UnauthenticatedError,
+    WeightdError,
+)
+from weightd.daemon.storage.base import ModelLocation, ObjectInfo
+
+_UNAUTHENTICATED_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken"}
+_NOT_FOUND_CODES = {"NoSuchKey", "NotFound", "404"}
+
+
+class S3Store:
+    def __init__(self, location: ModelLocation) -> None:
+        self.location = location
+        custom_endpoint = bool(os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"))
+        config = Config(
+            # Bounded retries with exponential backoff; then the error is reported as UNAVAILABLE.
+            retries={"mode": "standard", "max_attempts": 3},
+            connect_timeout=5,
+            read_timeout=60,
+            # S3-compatible servers addressed by host name or IP need path-style requests.
+            s3={"addressing_style": "path" if custom_endpoint else "auto"},
+        )
+        self.client: Any = boto3.session.Session().client("s3", config=config)
+
+    def _key(self, name: str) -> str:
+        return self.location.prefix + name
+
+    def list_objects(self) -> list[ObjectInfo]:
+        infos: list[ObjectInfo] = []
+        try:
+            paginator = self.client.get_paginator("list_objects_v2")
+            for page in paginator.paginate(Bucket=self.location.bucket, Prefix=self.location.prefix, Delimiter="/"):
+                for item in page.get("Contents", []):
+                    name = item["Key"][len(self.location.prefix) :]
+                    if name:
+                        infos.append(ObjectInfo(name, int(item["Size"]), item["ETag"].strip('"')))
+        except (ClientError, BotoCoreError) as e:
+            raise self._translate(e, "") from e
+        if not infos:
+            raise ModelNotFoundError(
+                f"{self.location.uri}: no objects under this prefix in bucket {self.location.bucket!r}; "
+                "check the prefix (it is case-sensitive)"
+            )
+        return infos
+
+    def stat(self, name: str) -> ObjectInfo:
+        try:
+            head = self.client.head_object(Bucket=self.location.bucket, Key=self._key(name))
+        except (ClientError, BotoCoreError) as e:
+            raise self._translate(e, name) from e
+        return ObjectInfo(name, int(head["ContentLength"]), head["ETag"].strip('"'))
+
+    def read_range(self, name: str, offset: int, length: int) -> bytes:
+        if length <= 0:
+            return b""
+        try:
+            response = self.client.get_object(
+                Bucket=self.location.bucket, Key=self._key(name), Range=f"bytes={offset}-{offset + length - 1}"
+            )
+            data: bytes = response["Body"].read()
+        except (ClientError, BotoCoreError) as e:
+            raise self._translate(e, name) from e
+        return data
+
+    def download(self, name: str, destination: Path) -> None:
+        try:
+            self.client.download_file(self.location.bucket, self._key(name), str(destination))
+        except (ClientError, BotoCoreError) as e:
+            raise self._translate(e, name) from e
+
+    def streamer_path(self, name: str) -> str:
+        return f"s3://{self.location.bucket}/{self._key(name)}"
+
+    def explain(self, name: str, error: Exception) -> WeightdError:
+        self.stat(name)  # raises NOT_FOUND / PERMISSION_DENIED / UNAVAILABLE with the real cause
+        return StorageUnavailableError(
+            f"{self.streamer_path(name)}: streaming failed although the object is readable ({error}); "
+            "this is usually transient: retry, or lower --concurrency"
+        )
+
+    def _translate(self, error: Exception, name: str) -> WeightdError:
+        where = self.streamer_path(name) if name else self.location.uri
+        if isinstance(error, NoCredentialsError | PartialCredentialsError):
+            return UnauthenticatedError(
+                f"{where}: no AWS credentials found ({error}); set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
+                "AWS_PROFILE, or run on a node with an instance role"
+            )
+        if isinstance(error, EndpointConnectionError | ConnectTimeoutError | ReadTimeoutError | ConnectionClosedError):
+            endpoint = self.client.meta.endpoint_url
+            return StorageUnavailableError(
+                f"{where}: cannot reach the S3 endpoint {endpoint} after retries ({error}); "
+                "check AWS_ENDPOINT_URL and the network"
+            )
+        if isinstance(error, ClientError):
+            code = str(error.response.get("Error", {}).get("Code", ""))
+            status = int(error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
+            if code == "NoSuchBucket":
+                return ModelNotFoundError(f"{where}: bucket {self.location.bucket!r} does not exist")
+            if code in _NOT_FOUND_CODES or status == 404:
+                return ModelNotFoundError(f"{where}: no such object")
+            if code in _UNAUTHENTICATED_CODES:
+                return UnauthenticatedError(
+                    f"{where}: the S3 endpoint rejected the credentials ({code}); check the access key and secret"
+                )
+            if code == "AccessDenied" or status == 403:
+                return AccessDeniedError(f"{where}: access denied ({code}); grant s3:GetObject and s3:ListBucket")
+        return StorageUnavailableError(f"{where}: S3 request failed: {error}")

@@ -1,0 +1,1 @@
+"""weightd.v1: the wire contract (generated from weightd.proto; regenerate with scripts/generate_proto.py)."""

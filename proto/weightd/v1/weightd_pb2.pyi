@@ -1,0 +1,230 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class ModelState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    MODEL_STATE_UNSPECIFIED: _ClassVar[ModelState]
+    MODEL_STATE_LOADING_METADATA: _ClassVar[ModelState]
+    MODEL_STATE_LOADING_WEIGHTS: _ClassVar[ModelState]
+    MODEL_STATE_READY: _ClassVar[ModelState]
+
+class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DTYPE_UNSPECIFIED: _ClassVar[DType]
+    DTYPE_BOOL: _ClassVar[DType]
+    DTYPE_U8: _ClassVar[DType]
+    DTYPE_I8: _ClassVar[DType]
+    DTYPE_I16: _ClassVar[DType]
+    DTYPE_U16: _ClassVar[DType]
+    DTYPE_I32: _ClassVar[DType]
+    DTYPE_U32: _ClassVar[DType]
+    DTYPE_I64: _ClassVar[DType]
+    DTYPE_U64: _ClassVar[DType]
+    DTYPE_F16: _ClassVar[DType]
+    DTYPE_BF16: _ClassVar[DType]
+    DTYPE_F32: _ClassVar[DType]
+    DTYPE_F64: _ClassVar[DType]
+    DTYPE_F8_E4M3: _ClassVar[DType]
+    DTYPE_F8_E5M2: _ClassVar[DType]
+MODEL_STATE_UNSPECIFIED: ModelState
+MODEL_STATE_LOADING_METADATA: ModelState
+MODEL_STATE_LOADING_WEIGHTS: ModelState
+MODEL_STATE_READY: ModelState
+DTYPE_UNSPECIFIED: DType
+DTYPE_BOOL: DType
+DTYPE_U8: DType
+DTYPE_I8: DType
+DTYPE_I16: DType
+DTYPE_U16: DType
+DTYPE_I32: DType
+DTYPE_U32: DType
+DTYPE_I64: DType
+DTYPE_U64: DType
+DTYPE_F16: DType
+DTYPE_BF16: DType
+DTYPE_F32: DType
+DTYPE_F64: DType
+DTYPE_F8_E4M3: DType
+DTYPE_F8_E5M2: DType
+
+class ShardRule(_message.Message):
+    __slots__ = ("pattern", "split_dim", "replicate")
+    PATTERN_FIELD_NUMBER: _ClassVar[int]
+    SPLIT_DIM_FIELD_NUMBER: _ClassVar[int]
+    REPLICATE_FIELD_NUMBER: _ClassVar[int]
+    pattern: str
+    split_dim: int
+    replicate: bool
+    def __init__(self, pattern: _Optional[str] = ..., split_dim: _Optional[int] = ..., replicate: bool = ...) -> None: ...
+
+class ModelSelector(_message.Message):
+    __slots__ = ("model_uri", "tp_size", "rank", "shard_rules")
+    MODEL_URI_FIELD_NUMBER: _ClassVar[int]
+    TP_SIZE_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    SHARD_RULES_FIELD_NUMBER: _ClassVar[int]
+    model_uri: str
+    tp_size: int
+    rank: int
+    shard_rules: _containers.RepeatedCompositeFieldContainer[ShardRule]
+    def __init__(self, model_uri: _Optional[str] = ..., tp_size: _Optional[int] = ..., rank: _Optional[int] = ..., shard_rules: _Optional[_Iterable[_Union[ShardRule, _Mapping]]] = ...) -> None: ...
+
+class StreamerSettings(_message.Message):
+    __slots__ = ("memory_limit",)
+    MEMORY_LIMIT_FIELD_NUMBER: _ClassVar[int]
+    memory_limit: int
+    def __init__(self, memory_limit: _Optional[int] = ...) -> None: ...
+
+class LoadModelRequest(_message.Message):
+    __slots__ = ("model", "all_ranks", "settings")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    ALL_RANKS_FIELD_NUMBER: _ClassVar[int]
+    SETTINGS_FIELD_NUMBER: _ClassVar[int]
+    model: ModelSelector
+    all_ranks: bool
+    settings: StreamerSettings
+    def __init__(self, model: _Optional[_Union[ModelSelector, _Mapping]] = ..., all_ranks: bool = ..., settings: _Optional[_Union[StreamerSettings, _Mapping]] = ...) -> None: ...
+
+class LoadModelResponse(_message.Message):
+    __slots__ = ("state", "bytes_done", "bytes_total")
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    BYTES_DONE_FIELD_NUMBER: _ClassVar[int]
+    BYTES_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    state: ModelState
+    bytes_done: int
+    bytes_total: int
+    def __init__(self, state: _Optional[_Union[ModelState, str]] = ..., bytes_done: _Optional[int] = ..., bytes_total: _Optional[int] = ...) -> None: ...
+
+class HostSharedMemory(_message.Message):
+    __slots__ = ("path",)
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    def __init__(self, path: _Optional[str] = ...) -> None: ...
+
+class MemoryHandle(_message.Message):
+    __slots__ = ("host_shared_memory",)
+    HOST_SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
+    host_shared_memory: HostSharedMemory
+    def __init__(self, host_shared_memory: _Optional[_Union[HostSharedMemory, _Mapping]] = ...) -> None: ...
+
+class Arena(_message.Message):
+    __slots__ = ("handle", "size_bytes")
+    HANDLE_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    handle: MemoryHandle
+    size_bytes: int
+    def __init__(self, handle: _Optional[_Union[MemoryHandle, _Mapping]] = ..., size_bytes: _Optional[int] = ...) -> None: ...
+
+class TensorSlot(_message.Message):
+    __slots__ = ("name", "dtype", "shape", "arena_index", "byte_offset", "byte_length")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    ARENA_INDEX_FIELD_NUMBER: _ClassVar[int]
+    BYTE_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    BYTE_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    dtype: DType
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    arena_index: int
+    byte_offset: int
+    byte_length: int
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., arena_index: _Optional[int] = ..., byte_offset: _Optional[int] = ..., byte_length: _Optional[int] = ...) -> None: ...
+
+class AppliedShard(_message.Message):
+    __slots__ = ("tensor_name", "split_dim", "replicate")
+    TENSOR_NAME_FIELD_NUMBER: _ClassVar[int]
+    SPLIT_DIM_FIELD_NUMBER: _ClassVar[int]
+    REPLICATE_FIELD_NUMBER: _ClassVar[int]
+    tensor_name: str
+    split_dim: int
+    replicate: bool
+    def __init__(self, tensor_name: _Optional[str] = ..., split_dim: _Optional[int] = ..., replicate: bool = ...) -> None: ...
+
+class Grant(_message.Message):
+    __slots__ = ("lease_id", "model_uri", "revision", "tp_size", "rank", "arenas", "tensors", "metadata_dir", "shards")
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_URI_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    TP_SIZE_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    ARENAS_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    METADATA_DIR_FIELD_NUMBER: _ClassVar[int]
+    SHARDS_FIELD_NUMBER: _ClassVar[int]
+    lease_id: str
+    model_uri: str
+    revision: str
+    tp_size: int
+    rank: int
+    arenas: _containers.RepeatedCompositeFieldContainer[Arena]
+    tensors: _containers.RepeatedCompositeFieldContainer[TensorSlot]
+    metadata_dir: str
+    shards: _containers.RepeatedCompositeFieldContainer[AppliedShard]
+    def __init__(self, lease_id: _Optional[str] = ..., model_uri: _Optional[str] = ..., revision: _Optional[str] = ..., tp_size: _Optional[int] = ..., rank: _Optional[int] = ..., arenas: _Optional[_Iterable[_Union[Arena, _Mapping]]] = ..., tensors: _Optional[_Iterable[_Union[TensorSlot, _Mapping]]] = ..., metadata_dir: _Optional[str] = ..., shards: _Optional[_Iterable[_Union[AppliedShard, _Mapping]]] = ...) -> None: ...
+
+class AttachModelRequest(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: ModelSelector
+    def __init__(self, model: _Optional[_Union[ModelSelector, _Mapping]] = ...) -> None: ...
+
+class AttachModelResponse(_message.Message):
+    __slots__ = ("grant",)
+    GRANT_FIELD_NUMBER: _ClassVar[int]
+    grant: Grant
+    def __init__(self, grant: _Optional[_Union[Grant, _Mapping]] = ...) -> None: ...
+
+class ListModelsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ResidentModel(_message.Message):
+    __slots__ = ("model_uri", "revision", "state", "tp_size", "rank", "resident_bytes", "leases", "storage_bytes_read", "bytes_done", "bytes_total")
+    MODEL_URI_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    TP_SIZE_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    RESIDENT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    LEASES_FIELD_NUMBER: _ClassVar[int]
+    STORAGE_BYTES_READ_FIELD_NUMBER: _ClassVar[int]
+    BYTES_DONE_FIELD_NUMBER: _ClassVar[int]
+    BYTES_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    model_uri: str
+    revision: str
+    state: ModelState
+    tp_size: int
+    rank: int
+    resident_bytes: int
+    leases: int
+    storage_bytes_read: int
+    bytes_done: int
+    bytes_total: int
+    def __init__(self, model_uri: _Optional[str] = ..., revision: _Optional[str] = ..., state: _Optional[_Union[ModelState, str]] = ..., tp_size: _Optional[int] = ..., rank: _Optional[int] = ..., resident_bytes: _Optional[int] = ..., leases: _Optional[int] = ..., storage_bytes_read: _Optional[int] = ..., bytes_done: _Optional[int] = ..., bytes_total: _Optional[int] = ...) -> None: ...
+
+class ListModelsResponse(_message.Message):
+    __slots__ = ("models",)
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedCompositeFieldContainer[ResidentModel]
+    def __init__(self, models: _Optional[_Iterable[_Union[ResidentModel, _Mapping]]] = ...) -> None: ...
+
+class EvictModelRequest(_message.Message):
+    __slots__ = ("model_uri",)
+    MODEL_URI_FIELD_NUMBER: _ClassVar[int]
+    model_uri: str
+    def __init__(self, model_uri: _Optional[str] = ...) -> None: ...
+
+class EvictModelResponse(_message.Message):
+    __slots__ = ("evicted_entries", "freed_bytes")
+    EVICTED_ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    FREED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    evicted_entries: int
+    freed_bytes: int
+    def __init__(self, evicted_entries: _Optional[int] = ..., freed_bytes: _Optional[int] = ...) -> None: ...
