@@ -94,7 +94,7 @@ def _save_sharded(directory: Path, tensors: dict[str, torch.Tensor], shards: int
     groups: list[list[str]] = [[] for _ in range(shards)]
     seen = 0
     for name in names:
-        groups[min(shards - 1, seen * shards // max(total, 1))].append(name)
+        groups[min(shards - 1, (seen + tensors[name].nbytes // 2) * shards // max(total, 1))].append(name)
         seen += tensors[name].nbytes
     groups = [g for g in groups if g]
     weight_map = {}

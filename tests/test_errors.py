@@ -1,0 +1,134 @@
+"""Bad input gets a clear error with the right gRPC status, leaves nothing half-loaded, and the daemon keeps
+serving other models."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+from pathlib import Path
+
+import grpc
+import pytest
+
+from tests.conftest import Model, S3Server, copy_model, free_port
+from weightd import client
+
+
+def write_raw_safetensors(path: Path, header: object, data: bytes = b"", *, length: int | None = None) -> None:
+    raw = json.dumps(header).encode() if not isinstance(header, bytes) else header
+    path.write_bytes(struct.pack("<Q", len(raw) if length is None else length) + raw + data)
+
+
+MALFORMED = {
+    # name: (header, data, header-length override, status, words the message must contain)
+    "bad_header_length": ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4, 10**6,
+                          grpc.StatusCode.INVALID_ARGUMENT, ["model.safetensors", "header length"]),
+    "offsets_outside": ({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 8, None,
+                        grpc.StatusCode.DATA_LOSS, ["model.safetensors", "'w'", "outside"]),
+    "unknown_dtype": ({"w": {"dtype": "F7", "shape": [2], "data_offsets": [0, 2]}}, b"\0" * 2, None,
+                      grpc.StatusCode.INVALID_ARGUMENT, ["model.safetensors", "'w'", "unknown dtype 'F7'"]),
+    "shape_mismatch": ({"w": {"dtype": "F16", "shape": [2, 3], "data_offsets": [0, 10]}}, b"\0" * 10, None,
+                       grpc.StatusCode.INVALID_ARGUMENT, ["model.safetensors", "'w'", "needs 12 bytes"]),
+    "not_json": (b"{not json", b"", None, grpc.StatusCode.INVALID_ARGUMENT, ["model.safetensors", "JSON"]),
+}
+
+
+@pytest.fixture
+def good_uri(llama_model: Model, tmp_path: Path) -> str:
+    return str(copy_model(llama_model, tmp_path / "good"))
+
+
+def assert_still_serving(daemon, uri: str, failed_uri: str) -> None:
+    with client.attach(uri, target=daemon.target) as model:
+        assert len(model.tensors) > 10
+    uris = {m.model_uri for m in daemon.models()}
+    assert not any(failed_uri.rstrip("/") in u for u in uris), "a failed load left an entry behind"
+    assert len(daemon.segments()) == 1, "a failed load left an arena behind"
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_malformed_safetensors(daemon_factory, tmp_path: Path, good_uri: str, case: str) -> None:
+    header, data, length, status, words = MALFORMED[case]
+    bad = tmp_path / case
+    bad.mkdir()
+    write_raw_safetensors(bad / "model.safetensors", header, data, length=length)
+    daemon = daemon_factory()
+    with pytest.raises(client.WeightdError) as raised:
+        client.attach(str(bad), target=daemon.target)
+    assert raised.value.code == status
+    for word in words:
+        assert word in str(raised.value)
+    assert_still_serving(daemon, good_uri, str(bad))
+
+
+def test_only_bin_weights_is_failed_precondition(daemon_factory, tmp_path: Path, good_uri: str) -> None:
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    (legacy / "config.json").write_text("{}")
+    (legacy / "pytorch_model.bin").write_bytes(b"\0" * 64)
+    daemon = daemon_factory()
+    with pytest.raises(client.PreconditionFailedError, match=r"only safetensors.*pytorch_model\.bin"):
+        client.attach(str(legacy), target=daemon.target)
+    assert_still_serving(daemon, good_uri, str(legacy))
+
+
+def test_bad_requests_are_invalid_argument(daemon_factory, good_uri: str) -> None:
+    daemon = daemon_factory()
+    for kwargs, words in [
+        ({"model_uri": "ftp://host/x"}, "unsupported scheme"),
+        ({"model_uri": ""}, "empty"),
+        ({"model_uri": good_uri, "rank": 2, "tp_size": 2}, "rank must be in [0, 2)"),
+    ]:
+        with pytest.raises(client.InvalidRequestError, match=words.replace("[", r"\[").replace(")", r"\)")):
+            client.attach(target=daemon.target, **kwargs)
+    assert_still_serving(daemon, good_uri, "ftp://")
+
+
+def test_missing_local_directory_is_not_found(daemon_factory, tmp_path: Path, good_uri: str) -> None:
+    daemon = daemon_factory()
+    with pytest.raises(client.ModelNotFoundError, match="no such file or directory"):
+        client.attach(str(tmp_path / "nope"), target=daemon.target)
+    assert_still_serving(daemon, good_uri, str(tmp_path / "nope"))
+
+
+def test_s3_missing_bucket_prefix_and_shard(
+    daemon_factory, s3_server: S3Server, s3_llama: str, llama_model: Model, tmp_path: Path
+) -> None:
+    partial = tmp_path / "partial"
+    shutil.copytree(llama_model.directory, partial)
+    (partial / "model-00002-of-00003.safetensors").unlink()
+    s3_server.upload(partial, "models", "partial/")
+    daemon = daemon_factory(s3_server.env())
+    for uri, words in [
+        ("s3://no-such-bucket/llama/", "bucket 'no-such-bucket' does not exist"),
+        ("s3://models/no-such-prefix/", "no objects under this prefix"),
+        ("s3://models/partial/", "model-00002-of-00003.safetensors"),
+    ]:
+        with pytest.raises(client.ModelNotFoundError) as raised:
+            client.attach(uri, target=daemon.target)
+        assert words in str(raised.value) and uri.split("/")[2] in str(raised.value)
+        assert_still_serving(daemon, s3_llama, uri)
+
+
+def test_s3_bad_credentials(daemon_factory, s3_server: S3Server, s3_llama: str) -> None:
+    daemon = daemon_factory(s3_server.env(secret="wrong-secret"))
+    with pytest.raises(client.AccessDeniedError) as raised:
+        client.attach(s3_llama, target=daemon.target)
+    assert raised.value.code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
+    assert "s3://models/llama/" in str(raised.value) and "credentials" in str(raised.value)
+    assert daemon.models() == []
+
+
+def test_s3_unreachable_endpoint(daemon_factory, s3_server: S3Server, good_uri: str) -> None:
+    env = s3_server.env() | {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}"}
+    daemon = daemon_factory(env)
+    with pytest.raises(client.UnavailableError, match="cannot reach the S3 endpoint") as raised:
+        client.attach("s3://models/llama/", target=daemon.target)
+    assert raised.value.code == grpc.StatusCode.UNAVAILABLE
+    assert_still_serving(daemon, good_uri, "s3://models/llama/")
+
+
+def test_no_daemon_is_unavailable(tmp_path: Path) -> None:
+    with pytest.raises(client.UnavailableError, match="is the daemon running"):
+        client.attach("/models/x", target=f"unix://{tmp_path}/absent.sock")
