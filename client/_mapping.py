@@ -12,21 +12,21 @@ import torch
 from weightd.v1 import weightd_pb2 as pb
 
 TORCH_DTYPES: dict[int, torch.dtype] = {
-    pb.DTYPE_BOOL: torch.bool,
-    pb.DTYPE_U8: torch.uint8,
-    pb.DTYPE_I8: torch.int8,
-    pb.DTYPE_I16: torch.int16,
-    pb.DTYPE_U16: torch.uint16,
-    pb.DTYPE_I32: torch.int32,
-    pb.DTYPE_U32: torch.uint32,
-    pb.DTYPE_I64: torch.int64,
-    pb.DTYPE_U64: torch.uint64,
-    pb.DTYPE_F16: torch.float16,
-    pb.DTYPE_BF16: torch.bfloat16,
-    pb.DTYPE_F32: torch.float32,
-    pb.DTYPE_F64: torch.float64,
-    pb.DTYPE_F8_E4M3: torch.float8_e4m3fn,
-    pb.DTYPE_F8_E5M2: torch.float8_e5m2,
+    pb.DATA_TYPE_BOOL: torch.bool,
+    pb.DATA_TYPE_U8: torch.uint8,
+    pb.DATA_TYPE_I8: torch.int8,
+    pb.DATA_TYPE_I16: torch.int16,
+    pb.DATA_TYPE_U16: torch.uint16,
+    pb.DATA_TYPE_I32: torch.int32,
+    pb.DATA_TYPE_U32: torch.uint32,
+    pb.DATA_TYPE_I64: torch.int64,
+    pb.DATA_TYPE_U64: torch.uint64,
+    pb.DATA_TYPE_F16: torch.float16,
+    pb.DATA_TYPE_BF16: torch.bfloat16,
+    pb.DATA_TYPE_F32: torch.float32,
+    pb.DATA_TYPE_F64: torch.float64,
+    pb.DATA_TYPE_F8_E4M3: torch.float8_e4m3fn,
+    pb.DATA_TYPE_F8_E5M2: torch.float8_e5m2,
 }
 
 
@@ -53,7 +53,7 @@ def build_tensors(grant: pb.Grant, arenas: Sequence[torch.Tensor]) -> dict[str, 
     for slot in grant.tensors:
         dtype = TORCH_DTYPES.get(slot.dtype)
         if dtype is None:
-            raise ValueError(f"tensor {slot.name!r} has dtype {pb.DType.Name(slot.dtype)}, unknown to this client")
+            raise ValueError(f"tensor {slot.name!r} has dtype {pb.DataType.Name(slot.dtype)}, unknown to this client")
         raw = arenas[slot.arena_index][slot.byte_offset : slot.byte_offset + slot.byte_length]
         tensors[slot.name] = raw.view(dtype).view(tuple(slot.shape))
     return tensors

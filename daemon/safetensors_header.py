@@ -16,7 +16,7 @@ from typing import Any
 
 from weightd.daemon.errors import CorruptModelError, InvalidModelError
 
-# Bytes per element, by safetensors dtype name (the proto's DType enum uses the same names).
+# Bytes per element, by safetensors dtype name (the proto's DataType enum uses the same names).
 DTYPE_SIZES: dict[str, int] = {
     "BOOL": 1,
     "U8": 1,

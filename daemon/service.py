@@ -79,7 +79,7 @@ def _grant(entry: Entry, lease_id: str) -> pb.Grant:
     grant.tensors.extend(
         pb.TensorSlot(
             name=slot.name,
-            dtype=pb.DType.Value(f"DTYPE_{slot.dtype}"),
+            dtype=pb.DataType.Value(f"DATA_TYPE_{slot.dtype}"),
             shape=slot.shape,
             arena_index=0,
             byte_offset=slot.offset,

@@ -14,44 +14,44 @@ class ModelState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     MODEL_STATE_LOADING_WEIGHTS: _ClassVar[ModelState]
     MODEL_STATE_READY: _ClassVar[ModelState]
 
-class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+class DataType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
-    DTYPE_UNSPECIFIED: _ClassVar[DType]
-    DTYPE_BOOL: _ClassVar[DType]
-    DTYPE_U8: _ClassVar[DType]
-    DTYPE_I8: _ClassVar[DType]
-    DTYPE_I16: _ClassVar[DType]
-    DTYPE_U16: _ClassVar[DType]
-    DTYPE_I32: _ClassVar[DType]
-    DTYPE_U32: _ClassVar[DType]
-    DTYPE_I64: _ClassVar[DType]
-    DTYPE_U64: _ClassVar[DType]
-    DTYPE_F16: _ClassVar[DType]
-    DTYPE_BF16: _ClassVar[DType]
-    DTYPE_F32: _ClassVar[DType]
-    DTYPE_F64: _ClassVar[DType]
-    DTYPE_F8_E4M3: _ClassVar[DType]
-    DTYPE_F8_E5M2: _ClassVar[DType]
+    DATA_TYPE_UNSPECIFIED: _ClassVar[DataType]
+    DATA_TYPE_BOOL: _ClassVar[DataType]
+    DATA_TYPE_U8: _ClassVar[DataType]
+    DATA_TYPE_I8: _ClassVar[DataType]
+    DATA_TYPE_I16: _ClassVar[DataType]
+    DATA_TYPE_U16: _ClassVar[DataType]
+    DATA_TYPE_I32: _ClassVar[DataType]
+    DATA_TYPE_U32: _ClassVar[DataType]
+    DATA_TYPE_I64: _ClassVar[DataType]
+    DATA_TYPE_U64: _ClassVar[DataType]
+    DATA_TYPE_F16: _ClassVar[DataType]
+    DATA_TYPE_BF16: _ClassVar[DataType]
+    DATA_TYPE_F32: _ClassVar[DataType]
+    DATA_TYPE_F64: _ClassVar[DataType]
+    DATA_TYPE_F8_E4M3: _ClassVar[DataType]
+    DATA_TYPE_F8_E5M2: _ClassVar[DataType]
 MODEL_STATE_UNSPECIFIED: ModelState
 MODEL_STATE_LOADING_METADATA: ModelState
 MODEL_STATE_LOADING_WEIGHTS: ModelState
 MODEL_STATE_READY: ModelState
-DTYPE_UNSPECIFIED: DType
-DTYPE_BOOL: DType
-DTYPE_U8: DType
-DTYPE_I8: DType
-DTYPE_I16: DType
-DTYPE_U16: DType
-DTYPE_I32: DType
-DTYPE_U32: DType
-DTYPE_I64: DType
-DTYPE_U64: DType
-DTYPE_F16: DType
-DTYPE_BF16: DType
-DTYPE_F32: DType
-DTYPE_F64: DType
-DTYPE_F8_E4M3: DType
-DTYPE_F8_E5M2: DType
+DATA_TYPE_UNSPECIFIED: DataType
+DATA_TYPE_BOOL: DataType
+DATA_TYPE_U8: DataType
+DATA_TYPE_I8: DataType
+DATA_TYPE_I16: DataType
+DATA_TYPE_U16: DataType
+DATA_TYPE_I32: DataType
+DATA_TYPE_U32: DataType
+DATA_TYPE_I64: DataType
+DATA_TYPE_U64: DataType
+DATA_TYPE_F16: DataType
+DATA_TYPE_BF16: DataType
+DATA_TYPE_F32: DataType
+DATA_TYPE_F64: DataType
+DATA_TYPE_F8_E4M3: DataType
+DATA_TYPE_F8_E5M2: DataType
 
 class ShardRule(_message.Message):
     __slots__ = ("pattern", "split_dim", "replicate")
@@ -130,12 +130,12 @@ class TensorSlot(_message.Message):
     BYTE_OFFSET_FIELD_NUMBER: _ClassVar[int]
     BYTE_LENGTH_FIELD_NUMBER: _ClassVar[int]
     name: str
-    dtype: DType
+    dtype: DataType
     shape: _containers.RepeatedScalarFieldContainer[int]
     arena_index: int
     byte_offset: int
     byte_length: int
-    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., arena_index: _Optional[int] = ..., byte_offset: _Optional[int] = ..., byte_length: _Optional[int] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DataType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., arena_index: _Optional[int] = ..., byte_offset: _Optional[int] = ..., byte_length: _Optional[int] = ...) -> None: ...
 
 class AppliedShard(_message.Message):
     __slots__ = ("tensor_name", "split_dim", "replicate")

@@ -1,0 +1,115 @@
+"""Fetch plans, checked by executing them against an in-memory file: every rank's slice equals
+``full.narrow(d, r*size//N, size//N)``, and the bytes fetched are what the rules promise."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save
+
+from weightd.daemon.errors import InvalidRequestError, UnsupportedModelError
+from weightd.daemon.loader import _scatter
+from weightd.daemon.plan import ALIGNMENT, LoadPlan, build_plan
+from weightd.daemon.safetensors_header import header_length, parse_header
+from weightd.daemon.sharding import DEFAULT_PLANS, ShardRule, select_rules
+
+RULES = (ShardRule(r"col", 0), ShardRule(r"row", 1), ShardRule(r"deep", 2), ShardRule(r"whole", None))
+
+
+def model(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "col.weight": torch.randn(8, 12, generator=g).to(torch.bfloat16),
+        "col.bias": torch.randn(8, generator=g),
+        "row.weight": torch.randn(12, 16, generator=g).to(torch.float16),
+        "row3d.weight": torch.randn(4, 8, 3, generator=g),  # "row" matches: split dim 1 of 3-D
+        "deep.weight": torch.randn(2, 3, 8, generator=g).to(torch.float64),
+        "whole.weight": torch.randn(5, 7, generator=g),
+        "norm.weight": torch.randn(12, generator=g),
+        "empty.weight": torch.zeros(0, 4),
+        "flag": torch.tensor([True, False, True]),
+    }
+
+
+def execute(blob: bytes, plan: LoadPlan) -> list[torch.Tensor]:
+    arenas = [torch.zeros(layout.size, dtype=torch.uint8) for layout in plan.layouts]
+    source = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
+    for file_plan in plan.files:
+        for fetch in file_plan.ranges:
+            _scatter(source[fetch.file_offset : fetch.file_offset + fetch.length], fetch, arenas)
+    return arenas
+
+
+def header_of(blob: bytes):
+    n = header_length(blob[:8], file="m.safetensors", file_size=len(blob))
+    return parse_header(blob[8 : 8 + n], file="m.safetensors", file_size=len(blob))
+
+
+@pytest.mark.parametrize("tp_size", [1, 2, 4])
+@pytest.mark.parametrize("max_range", [7, 64, 1 << 20])
+@pytest.mark.parametrize("row_range_min", [1, 1 << 20])
+@pytest.mark.parametrize("lone", [True, False])
+def test_every_rank_gets_exactly_its_slice(tp_size: int, max_range: int, row_range_min: int, lone: bool) -> None:
+    tensors = model()
+    blob = save(tensors)
+    header = header_of(blob)
+    groups = [[r] for r in range(tp_size)] if lone else [list(range(tp_size))]
+    fetched_total = 0
+    for ranks in groups:
+        plan = build_plan([header], tp_size=tp_size, ranks=ranks, rules=RULES, max_range_bytes=max_range,
+                          row_range_min_bytes=row_range_min)
+        arenas = execute(blob, plan)
+        for layout, arena in zip(plan.layouts, arenas, strict=True):
+            for slot in layout.slots:
+                assert slot.offset % ALIGNMENT == 0
+                full = tensors[slot.name]
+                dim = dict(layout.shards).get(slot.name) if tp_size > 1 else None
+                size = full.shape[dim] // tp_size if dim is not None else 0
+                want = full if dim is None else full.narrow(dim, layout.rank * size, size).contiguous()
+                got = arena[slot.offset : slot.offset + slot.nbytes].view(full.dtype).view(slot.shape)
+                assert torch.equal(got, want), (slot.name, layout.rank)
+        fetched_total += plan.fetched_bytes
+        assert plan.fetched_bytes == sum(r.length for f in plan.files for r in f.ranges)
+        if max_range >= 64 and row_range_min == 1:
+            assert plan.largest_range <= max(max_range, max(t.nbytes for t in tensors.values()))
+    weights = sum(t.nbytes for t in tensors.values())
+    if not lone:
+        assert fetched_total == weights  # every byte once for the whole group
+    if lone and row_range_min == 1 and tp_size > 1:
+        # Row ranges: each lone rank reads only its own slices plus the replicated tensors.
+        replicated = sum(t.nbytes for n, t in tensors.items() if not any(k in n for k in ("col", "row", "deep")))
+        assert fetched_total == weights - replicated + tp_size * replicated
+
+
+def test_lone_rank_reads_whole_rows_below_the_row_range_threshold() -> None:
+    tensors = {"row.weight": torch.randn(64, 64)}  # 64 B slices per row at tp 4: too small for row ranges
+    header = header_of(save(tensors))
+    plan = build_plan([header], tp_size=4, ranks=[1], rules=RULES, max_range_bytes=1 << 20)
+    assert plan.fetched_bytes == tensors["row.weight"].nbytes
+    assert plan.layouts[0].size == tensors["row.weight"].nbytes // 4
+
+
+def test_small_adjacent_tensors_coalesce_and_large_ones_split() -> None:
+    tensors = {f"norm{i}": torch.randn(16) for i in range(10)} | {"whole": torch.randn(1000)}
+    plan = build_plan([header_of(save(tensors))], tp_size=1, ranks=[0], rules=(), max_range_bytes=1024)
+    lengths = [r.length for r in plan.files[0].ranges]
+    assert max(lengths) <= 1024 and len(lengths) < 11 + 4
+
+
+def test_uneven_split_names_tensor_dim_size_and_tp_size() -> None:
+    header = header_of(save({"col.weight": torch.zeros(6, 4)}))
+    with pytest.raises(InvalidRequestError, match=r"'col.weight' dim 0 has size 6.*tp_size 4"):
+        build_plan([header], tp_size=4, ranks=[0], rules=RULES, max_range_bytes=1 << 20)
+
+
+def test_split_dim_beyond_rank_is_rejected() -> None:
+    header = header_of(save({"col.bias": torch.zeros(8)}))
+    with pytest.raises(InvalidRequestError, match="1 dimension"):
+        build_plan([header], tp_size=2, ranks=[0], rules=(ShardRule("col", 1),), max_range_bytes=1 << 20)
+
+
+def test_unknown_model_type_needs_rules() -> None:
+    with pytest.raises(UnsupportedModelError, match="pass shard_rules"):
+        select_rules("bert", (), tp_size=2)
+    assert select_rules("bert", (), tp_size=1) == ()
+    assert select_rules("qwen2", (), tp_size=2) == DEFAULT_PLANS["llama"]
