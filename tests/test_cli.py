@@ -1,0 +1,53 @@
+"""The command line against a real daemon: load (with progress), ls (table and --json), evict."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import Model, copy_model
+from weightd import client
+
+
+def weightd(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "weightd.daemon", *args], capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_load_ls_evict(daemon_factory, llama_model: Model, tmp_path: Path) -> None:
+    daemon = daemon_factory()
+    directory = copy_model(llama_model, tmp_path / "m")
+    loaded = weightd("load", f"file://{directory}", "--target", daemon.target)
+    assert loaded.returncode == 0, loaded.stderr
+    assert "100.0%" in loaded.stderr and "ready" in loaded.stdout
+
+    listed = weightd("ls", "--json", "--target", daemon.target)
+    (row,) = json.loads(listed.stdout)
+    assert {"model_uri", "state", "tp_size", "rank", "resident_bytes", "leases", "storage_bytes_read"} <= set(row)
+    assert row["model_uri"] == f"file://{directory}"
+    assert (row["state"], row["tp_size"], row["rank"], row["leases"]) == ("ready", 1, 0, 0)
+    assert row["storage_bytes_read"] == llama_model.nbytes
+
+    table = weightd("ls", "--target", daemon.target).stdout.splitlines()
+    assert table[0].split() == ["MODEL", "TP", "RANK", "STATE", "RESIDENT", "READ", "LEASES"]
+    assert str(directory) in table[1]
+
+    # A plain path names the same model as its file:// URI: no second load.
+    with client.attach(str(directory), target=daemon.target) as model:
+        assert len(model.tensors) == len(llama_model.tensors)
+    assert len(daemon.models()) == 1
+
+    evicted = weightd("evict", str(directory), "--target", daemon.target)
+    assert evicted.returncode == 0 and "evicted" in evicted.stdout
+    assert daemon.models() == [] and daemon.segments() == []
+
+    missing = weightd("evict", str(directory), "--target", daemon.target)
+    assert missing.returncode == 1 and "not resident" in missing.stderr
+
+
+def test_cli_reports_an_absent_daemon(tmp_path: Path) -> None:
+    result = weightd("ls", "--target", f"unix://{tmp_path}/absent.sock")
+    assert result.returncode == 1
+    assert "is the daemon running" in result.stderr
