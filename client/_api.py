@@ -13,8 +13,7 @@ from typing import Any
 
 import grpc
 import torch
-
-from weightd.client._errors import DeadlineExceededError, UnavailableError, from_rpc_error
+from weightd.client._errors import DeadlineExceededError, InvalidRequestError, UnavailableError, from_rpc_error
 from weightd.client._mapping import build_tensors, map_arena
 from weightd.v1 import weightd_pb2 as pb
 from weightd.v1 import weightd_pb2_grpc as pb_grpc
@@ -60,6 +59,11 @@ def resolve_target(target: str | None) -> str:
 
 
 def _selector(model_uri: str, rank: int, tp_size: int, shard_rules: Sequence[ShardRule] | None) -> pb.ModelSelector:
+    # The wire's uint32 cannot carry these; the daemon checks rank < tp_size.
+    if tp_size < 1:
+        raise InvalidRequestError(f"tp_size must be at least 1, got {tp_size}", code=grpc.StatusCode.INVALID_ARGUMENT)
+    if rank < 0:
+        raise InvalidRequestError(f"rank must be >= 0, got {rank}", code=grpc.StatusCode.INVALID_ARGUMENT)
     rules = [
         pb.ShardRule(pattern=r.pattern, replicate=True)
         if r.split_dim is None

@@ -62,8 +62,8 @@ _BY_CODE: dict[grpc.StatusCode, type[WeightdError]] = {
 
 
 def from_rpc_error(error: grpc.RpcError, *, target: str) -> WeightdError:
-    code: grpc.StatusCode = error.code()  # type: ignore[attr-defined]
-    details: str = error.details() or ""  # type: ignore[attr-defined]
+    code: grpc.StatusCode = error.code()
+    details: str = error.details() or ""
     if code == grpc.StatusCode.UNAVAILABLE and "connect" in details.lower():
         details = f"cannot reach weightd at {target} ({details}); is the daemon running?"
     return _BY_CODE.get(code, WeightdError)(details, code=code)

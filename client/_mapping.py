@@ -8,7 +8,6 @@ import warnings
 from collections.abc import Sequence
 
 import torch
-
 from weightd.v1 import weightd_pb2 as pb
 
 TORCH_DTYPES: dict[int, torch.dtype] = {

@@ -6,12 +6,12 @@ The README's settings table is generated from ``SETTINGS`` (tests/test_config.py
 from __future__ import annotations
 
 import re
-import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import tomllib
 from weightd.daemon.errors import InvalidRequestError
 
 DEFAULT_CONFIG_FILE = Path("/etc/weightd/weightd.toml")

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import torch
 from runai_model_streamer import FileChunks, FileStreamer
-
 from weightd.daemon.errors import (
     InvalidModelError,
     ModelNotFoundError,

@@ -8,6 +8,7 @@ a byte that a header did not promise.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import struct
@@ -102,7 +103,7 @@ def parse_header(raw: bytes, *, file: str, file_size: int) -> SafetensorsHeader:
         if name != "__metadata__"
     ]
     tensors.sort(key=lambda t: (t.begin, t.end))
-    for previous, current in zip(tensors, tensors[1:], strict=False):
+    for previous, current in itertools.pairwise(tensors):
         if current.begin < previous.end:
             raise InvalidModelError(
                 f"{file}: tensors {previous.name!r} and {current.name!r} overlap in the data section"

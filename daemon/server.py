@@ -12,9 +12,8 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1.health import aio as health_aio
+from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]  # grpc-stubs lacks aio
 from grpc_reflection.v1alpha import reflection
-
 from weightd.daemon.config import DaemonConfig
 from weightd.daemon.errors import InvalidRequestError
 from weightd.daemon.memory.host import HostMemory

@@ -8,7 +8,6 @@ from collections.abc import AsyncIterator
 from typing import NoReturn
 
 import grpc
-
 from weightd.daemon import errors
 from weightd.daemon.registry import Entry, EntryKey, LoadSettings, Registry, State, all_rank_keys
 from weightd.daemon.sharding import ShardRule
@@ -79,7 +78,7 @@ def _grant(entry: Entry, lease_id: str) -> pb.Grant:
     grant.tensors.extend(
         pb.TensorSlot(
             name=slot.name,
-            dtype=pb.DataType.Value(f"DATA_TYPE_{slot.dtype}"),
+            dtype=f"DATA_TYPE_{slot.dtype}",
             shape=slot.shape,
             arena_index=0,
             byte_offset=slot.offset,
@@ -102,7 +101,7 @@ class WeightService(pb_grpc.WeightServiceServicer):
         self._settings = settings
         self._shutdown = shutdown
 
-    async def LoadModel(  # noqa: N802 (gRPC method name)
+    async def LoadModel(
         self, request: pb.LoadModelRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> AsyncIterator[pb.LoadModelResponse]:
         try:
@@ -120,18 +119,18 @@ class WeightService(pb_grpc.WeightServiceServicer):
                     )
                 await asyncio.wait({load}, timeout=PROGRESS_INTERVAL_S)
             entries = load.result()
-        except Exception as e:  # noqa: BLE001 (mapped to a status in one place)
+        except Exception as e:
             await abort_with(context, e)
         total = sum(e.progress.bytes_total for e in {id(e.progress): e for e in entries}.values())
         yield pb.LoadModelResponse(state=pb.MODEL_STATE_READY, bytes_done=total, bytes_total=total)
 
-    async def AttachModel(  # noqa: N802
+    async def AttachModel(
         self, request: pb.AttachModelRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> AsyncIterator[pb.AttachModelResponse]:
         try:
             (entry,) = await self._registry.ensure([_key(request.model)])
             lease_id = self._registry.acquire(entry)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             await abort_with(context, e)
         logger.info("lease %s granted on %s rank %d", lease_id, entry.key.model_uri, entry.key.rank)
         try:
@@ -142,7 +141,7 @@ class WeightService(pb_grpc.WeightServiceServicer):
         finally:
             self._registry.release(lease_id)
 
-    async def ListModels(  # noqa: N802
+    async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> pb.ListModelsResponse:
         return pb.ListModelsResponse(
@@ -163,12 +162,12 @@ class WeightService(pb_grpc.WeightServiceServicer):
             ]
         )
 
-    async def EvictModel(  # noqa: N802
+    async def EvictModel(
         self, request: pb.EvictModelRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> pb.EvictModelResponse:
         try:
             count, freed = self._registry.evict(request.model_uri)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             await abort_with(context, e)
         return pb.EvictModelResponse(evicted_entries=count, freed_bytes=freed)
 

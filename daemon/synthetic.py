@@ -97,7 +97,7 @@ def _save_sharded(directory: Path, tensors: dict[str, torch.Tensor], shards: int
         groups[min(shards - 1, (seen + tensors[name].nbytes // 2) * shards // max(total, 1))].append(name)
         seen += tensors[name].nbytes
     groups = [g for g in groups if g]
-    weight_map = {}
+    weight_map: dict[str, str] = {}
     for i, group in enumerate(groups, start=1):
         file = f"model-{i:05d}-of-{len(groups):05d}.safetensors"
         save_file({n: tensors[n] for n in group}, str(directory / file), metadata={"format": "pt"})

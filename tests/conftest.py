@@ -19,7 +19,6 @@ import boto3
 import pytest
 import torch
 from botocore.config import Config
-
 from weightd import client
 from weightd.daemon.synthetic import write_synthetic_model
 
@@ -109,7 +108,7 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
          f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}", f"-s3.port={s3_port}",
          f"-admin.port={admin}", "-admin.ui=false", "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
          f"-s3.config={config}"],
-        stdout=open(root / "weed.log", "wb"), stderr=subprocess.STDOUT,  # noqa: SIM115
+        stdout=open(root / "weed.log", "wb"), stderr=subprocess.STDOUT,
     )
     server = S3Server(endpoint=f"http://127.0.0.1:{s3_port}", process=process)
     deadline = time.monotonic() + 60
@@ -145,7 +144,7 @@ class Daemon:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "weightd.daemon", "serve", "--socket", str(self.socket),
              "--cache-dir", str(self.cache_dir), *self.extra_args],
-            env=self.env, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT,  # noqa: SIM115
+            env=self.env, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT,
         )
         deadline = time.monotonic() + 60
         while True:
@@ -174,7 +173,9 @@ class Daemon:
 def daemon_factory(tmp_path: Path) -> Iterator[Any]:
     started: list[Daemon] = []
 
-    def start(env: Mapping[str, str] | None = None, *, name: str = "daemon", extra_args: tuple[str, ...] = ()) -> Daemon:
+    def start(
+        env: Mapping[str, str] | None = None, *, name: str = "daemon", extra_args: tuple[str, ...] = ()
+    ) -> Daemon:
         root = tmp_path / name
         root.mkdir(exist_ok=True)
         daemon = Daemon(root, env or {}, extra_args=extra_args).start()

@@ -11,9 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
+from weightd import client
 
 from tests.conftest import Model, S3Server, run_client
-from weightd import client
 
 # Attach in a fresh process; compare with safetensors; show the views lie in the shared mapping and that
 # touching every byte grows shared, not private, memory.

@@ -7,8 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import Model, copy_model
 from weightd import client
+
+from tests.conftest import Model, copy_model
 
 
 def weightd(*args: str) -> subprocess.CompletedProcess[str]:

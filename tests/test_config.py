@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from weightd.daemon.config import SETTINGS, DaemonConfig, parse_size
 from weightd.daemon.errors import InvalidRequestError
 

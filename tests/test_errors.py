@@ -10,9 +10,9 @@ from pathlib import Path
 
 import grpc
 import pytest
+from weightd import client
 
 from tests.conftest import Model, S3Server, copy_model, free_port
-from weightd import client
 
 
 def write_raw_safetensors(path: Path, header: object, data: bytes = b"", *, length: int | None = None) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors.torch import save
-
 from weightd.daemon.errors import InvalidRequestError, UnsupportedModelError
 from weightd.daemon.loader import _scatter
 from weightd.daemon.plan import ALIGNMENT, LoadPlan, build_plan

@@ -8,7 +8,6 @@ import struct
 import pytest
 import torch
 from safetensors.torch import save
-
 from weightd.daemon.errors import CorruptModelError, InvalidModelError
 from weightd.daemon.safetensors_header import DTYPE_SIZES, header_length, parse_header
 

@@ -15,7 +15,6 @@ import warnings
 from pathlib import Path
 
 import torch
-
 from weightd.daemon.errors import OutOfMemoryError
 from weightd.daemon.memory.base import HostSharedMemoryHandle
 

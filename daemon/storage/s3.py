@@ -18,7 +18,6 @@ from botocore.exceptions import (
     PartialCredentialsError,
     ReadTimeoutError,
 )
-
 from weightd.daemon.errors import (
     AccessDeniedError,
     ModelNotFoundError,
