@@ -113,5 +113,8 @@ class DaemonConfig:
         ):
             # S3-compatible endpoints are addressed by host name or IP: path-style requests.
             settings["RUNAI_STREAMER_S3_USE_VIRTUAL_ADDRESSING"] = "0"
+        if env.get("STORAGE_EMULATOR_HOST") and "CLOUD_STORAGE_EMULATOR_ENDPOINT" not in env:
+            # The GCS SDK's emulator variable; the streamer only reads its own.
+            settings["CLOUD_STORAGE_EMULATOR_ENDPOINT"] = env["STORAGE_EMULATOR_HOST"]
         return settings
 

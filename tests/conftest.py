@@ -22,6 +22,8 @@ from botocore.config import Config
 from weightd import client
 from weightd.daemon.synthetic import write_synthetic_model
 
+from tests.storage_servers import AzureServer, GcsServer, start_azurite, start_gcs
+
 S3_KEY, S3_SECRET = "weightd-test", "weightd-test-secret"
 BIN = Path(sys.executable).parent
 
@@ -127,10 +129,67 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
         stop_process(process, timeout=10)
 
 
+@pytest.fixture(scope="session")
+def gcs_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GcsServer]:
+    server = start_gcs(tmp_path_factory.mktemp("fake-gcs"), free_port())
+    try:
+        yield server
+    finally:
+        stop_process(server.process)
+
+
+@pytest.fixture(scope="session")
+def azure_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AzureServer]:
+    server = start_azurite(tmp_path_factory.mktemp("azurite"), free_port())
+    try:
+        yield server
+    finally:
+        stop_process(server.process)
+
+
+# Attach in a fresh process; compare with safetensors; show the views lie in the shared mapping and that
+# touching every byte grows shared, not private, memory.
+ATTACH_AND_VERIFY = r"""
+import glob, json, sys
+import torch
+from safetensors.torch import load_file
+from weightd import client
+
+def status(field):
+    return int(next(l.split()[1] for l in open("/proc/self/status") if l.startswith(field + ":"))) * 1024
+
+def touch(tensors):  # read every byte without allocating copies
+    return sum(int(t.reshape(-1).view(torch.uint8).max()) for t in tensors if t.numel())
+
+touch([torch.ones(1 << 20)])  # warm up torch's own allocations before measuring
+anon_before = status("RssAnon")
+model = client.attach(sys.argv[1], target=sys.argv[2], timeout=120)
+touch(model.tensors.values())
+anon_growth = status("RssAnon") - anon_before
+shmem = status("RssShmem")
+maps = [l.split() for l in open("/proc/self/maps") if "/weightd-" in l]
+ranges = [tuple(int(x, 16) for x in m[0].split("-")) for m in maps]
+outside = [n for n, t in model.tensors.items()
+           if not any(lo <= t.data_ptr() and t.data_ptr() + t.nbytes <= hi for lo, hi in ranges)]
+expected = {}
+for f in glob.glob(sys.argv[3] + "/*.safetensors"):
+    expected.update(load_file(f))
+mismatched = [n for n, t in expected.items()
+              if n not in model.tensors or model.tensors[n].dtype != t.dtype or not torch.equal(model.tensors[n], t)]
+print(json.dumps({
+    "tensors": len(model.tensors), "expected": len(expected), "mismatched": mismatched, "outside": outside,
+    "readonly_maps": all(m[1].startswith("r-") for m in maps), "anon_growth": anon_growth, "shmem": shmem,
+    "config": sorted(p.name for p in model.config_dir.iterdir()), "lease": model.lease_id,
+}))
+"""
+
+
 class Daemon:
     """A ``weightd serve`` process on a socket in a temporary directory."""
 
-    def __init__(self, root: Path, env: Mapping[str, str], *, extra_args: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, root: Path, env: Mapping[str, str], *, extra_args: tuple[str, ...] = (), wrapper: tuple[str, ...] = ()
+    ) -> None:
         self.root = root
         self.socket = root / "weightd.sock"
         self.target = f"unix://{self.socket}"
@@ -138,11 +197,12 @@ class Daemon:
         self.log = root / "daemon.log"
         self.env = {**os.environ, **env}
         self.extra_args = extra_args
+        self.wrapper = wrapper
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Daemon:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "weightd.daemon", "serve", "--socket", str(self.socket),
+            [*self.wrapper, sys.executable, "-m", "weightd.daemon", "serve", "--socket", str(self.socket),
              "--cache-dir", str(self.cache_dir), *self.extra_args],
             env=self.env, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT,
         )
@@ -174,11 +234,15 @@ def daemon_factory(tmp_path: Path) -> Iterator[Any]:
     started: list[Daemon] = []
 
     def start(
-        env: Mapping[str, str] | None = None, *, name: str = "daemon", extra_args: tuple[str, ...] = ()
+        env: Mapping[str, str] | None = None,
+        *,
+        name: str = "daemon",
+        extra_args: tuple[str, ...] = (),
+        wrapper: tuple[str, ...] = (),
     ) -> Daemon:
         root = tmp_path / name
         root.mkdir(exist_ok=True)
-        daemon = Daemon(root, env or {}, extra_args=extra_args).start()
+        daemon = Daemon(root, env or {}, extra_args=extra_args, wrapper=wrapper).start()
         started.append(daemon)
         return daemon
 

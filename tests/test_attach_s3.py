@@ -13,43 +13,7 @@ from pathlib import Path
 import pytest
 from weightd import client
 
-from tests.conftest import Model, S3Server, run_client
-
-# Attach in a fresh process; compare with safetensors; show the views lie in the shared mapping and that
-# touching every byte grows shared, not private, memory.
-ATTACH_AND_VERIFY = r"""
-import glob, json, sys
-import torch
-from safetensors.torch import load_file
-from weightd import client
-
-def status(field):
-    return int(next(l.split()[1] for l in open("/proc/self/status") if l.startswith(field + ":"))) * 1024
-
-def touch(tensors):  # read every byte without allocating copies
-    return sum(int(t.reshape(-1).view(torch.uint8).max()) for t in tensors if t.numel())
-
-touch([torch.ones(1 << 20)])  # warm up torch's own allocations before measuring
-anon_before = status("RssAnon")
-model = client.attach(sys.argv[1], target=sys.argv[2], timeout=120)
-touch(model.tensors.values())
-anon_growth = status("RssAnon") - anon_before
-shmem = status("RssShmem")
-maps = [l.split() for l in open("/proc/self/maps") if "/weightd-" in l]
-ranges = [tuple(int(x, 16) for x in m[0].split("-")) for m in maps]
-outside = [n for n, t in model.tensors.items()
-           if not any(lo <= t.data_ptr() and t.data_ptr() + t.nbytes <= hi for lo, hi in ranges)]
-expected = {}
-for f in glob.glob(sys.argv[3] + "/*.safetensors"):
-    expected.update(load_file(f))
-mismatched = [n for n, t in expected.items()
-              if n not in model.tensors or model.tensors[n].dtype != t.dtype or not torch.equal(model.tensors[n], t)]
-print(json.dumps({
-    "tensors": len(model.tensors), "expected": len(expected), "mismatched": mismatched, "outside": outside,
-    "readonly_maps": all(m[1].startswith("r-") for m in maps), "anon_growth": anon_growth, "shmem": shmem,
-    "config": sorted(p.name for p in model.config_dir.iterdir()), "lease": model.lease_id,
-}))
-"""
+from tests.conftest import ATTACH_AND_VERIFY, Model, S3Server, run_client
 
 
 @pytest.fixture

@@ -8,15 +8,15 @@ from pathlib import Path
 from typing import Protocol
 from urllib.parse import unquote, urlsplit
 
-from weightd.daemon.errors import InvalidRequestError, WeightdError
+from weightd.daemon.errors import InvalidRequestError, UnsupportedModelError, WeightdError
 
 
 @dataclass(frozen=True)
 class ModelLocation:
     """A parsed model URI. ``uri`` is the canonical spelling used as the model's identity."""
 
-    scheme: str  # "file" or "s3"
-    bucket: str  # empty for "file"
+    scheme: str  # "file", "s3", "gs" or "az"
+    bucket: str  # bucket or container; empty for "file"
     prefix: str  # object-key prefix ending in "/" (or an absolute directory path for "file")
     uri: str
 
@@ -54,9 +54,13 @@ class ObjectStore(Protocol):
         ...
 
 
+# Object-store schemes: URI scheme -> (install extra, what the bucket is called there).
+OBJECT_SCHEMES = {"s3": ("", "bucket"), "gs": ("gcs", "bucket"), "az": ("azure", "container")}
+
+
 def parse_model_uri(uri: str) -> ModelLocation:
     if not uri:
-        raise InvalidRequestError("model_uri is empty; pass a local directory or s3://bucket/prefix/")
+        raise InvalidRequestError("model_uri is empty; pass a local directory, s3://, gs:// or az://bucket/prefix/")
     parts = urlsplit(uri)
     scheme = parts.scheme.lower()
     if scheme in ("", "file"):
@@ -65,25 +69,42 @@ def parse_model_uri(uri: str) -> ModelLocation:
             path = str(Path(path).absolute())
         directory = posixpath.normpath(path)
         return ModelLocation(scheme="file", bucket="", prefix=directory, uri=f"file://{directory}")
-    if scheme == "s3":
+    if scheme in OBJECT_SCHEMES:
         bucket, prefix = parts.netloc, parts.path.lstrip("/")
         if not bucket:
-            raise InvalidRequestError(f"model URI {uri!r} has no bucket; expected s3://bucket/prefix/")
+            noun = OBJECT_SCHEMES[scheme][1]
+            raise InvalidRequestError(f"model URI {uri!r} has no {noun}; expected {scheme}://{noun}/prefix/")
         if ".." in prefix.split("/"):
             raise InvalidRequestError(f"model URI {uri!r} contains '..'; object prefixes must not")
         if prefix and not prefix.endswith("/"):
             prefix += "/"
         return ModelLocation(scheme=scheme, bucket=bucket, prefix=prefix, uri=f"{scheme}://{bucket}/{prefix}")
     raise InvalidRequestError(
-        f"model URI {uri!r} has unsupported scheme {parts.scheme!r}; use a local path, file:// or s3://"
+        f"model URI {uri!r} has unsupported scheme {parts.scheme!r}; use a local path, file://, s3://, gs:// or az://"
     )
 
 
 def open_store(location: ModelLocation) -> ObjectStore:
-    if location.scheme == "file":
-        from weightd.daemon.storage.local import LocalStore
+    """The backend for ``location``. Cloud SDKs are imported here, so a node needs only the extras it uses."""
+    try:
+        if location.scheme == "file":
+            from weightd.daemon.storage.local import LocalStore
 
-        return LocalStore(location)
-    from weightd.daemon.storage.s3 import S3Store
+            return LocalStore(location)
+        if location.scheme == "s3":
+            from weightd.daemon.storage.s3 import S3Store
 
-    return S3Store(location)
+            return S3Store(location)
+        if location.scheme == "gs":
+            from weightd.daemon.storage.gcs import GcsStore
+
+            return GcsStore(location)
+        from weightd.daemon.storage.azure import AzureStore
+
+        return AzureStore(location)
+    except ImportError as e:
+        extra = OBJECT_SCHEMES[location.scheme][0] or "s3"
+        raise UnsupportedModelError(
+            f"{location.uri}: {location.scheme}:// support is not installed ({e.name} is missing); "
+            f"install it on the daemon's node with: pip install 'weightd[{extra}]'"
+        ) from e

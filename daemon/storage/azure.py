@@ -1,0 +1,140 @@
+"""Azure Blob Storage: ``az://container/prefix``, account from the standard Azure settings.
+
+Credentials, in the SDKs' order: ``AZURE_STORAGE_CONNECTION_STRING``; ``AZURE_STORAGE_ACCOUNT_NAME`` with
+``AZURE_STORAGE_SAS_TOKEN`` or ``AZURE_STORAGE_ACCOUNT_KEY``; else ``DefaultAzureCredential`` (managed identity,
+workload identity, CLI). Endpoint: ``https://<account>.<AZURE_STORAGE_ENDPOINT_SUFFIX>`` (default
+``blob.core.windows.net``), which is also what the streamer connects to.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from azure.core.exceptions import (
+    ClientAuthenticationError,
+    HttpResponseError,
+    ResourceNotFoundError,
+    ServiceRequestError,
+    ServiceResponseError,
+)
+from azure.storage.blob import BlobServiceClient
+from weightd.daemon.errors import (
+    AccessDeniedError,
+    ModelNotFoundError,
+    StorageUnavailableError,
+    UnauthenticatedError,
+    WeightdError,
+)
+from weightd.daemon.storage.base import ModelLocation, ObjectInfo
+
+_UNAUTHENTICATED_CODES = ("AuthenticationFailed", "InvalidAuthenticationInfo")
+# Bounded retries with exponential backoff (the SDK's ExponentialRetry), short connect timeout.
+CLIENT_OPTIONS: dict[str, Any] = {"retry_total": 3, "retry_backoff_factor": 0.5, "connection_timeout": 5}
+
+
+def _service_client() -> BlobServiceClient:
+    env = os.environ
+    if env.get("AZURE_STORAGE_CONNECTION_STRING"):
+        return BlobServiceClient.from_connection_string(env["AZURE_STORAGE_CONNECTION_STRING"], **CLIENT_OPTIONS)
+    account = env.get("AZURE_STORAGE_ACCOUNT_NAME")
+    if not account:
+        raise UnauthenticatedError(
+            "az:// needs the storage account: set AZURE_STORAGE_ACCOUNT_NAME (and a key, SAS token or identity)"
+        )
+    url = f"https://{account}.{env.get('AZURE_STORAGE_ENDPOINT_SUFFIX', 'blob.core.windows.net')}"
+    credential: Any
+    if env.get("AZURE_STORAGE_SAS_TOKEN"):
+        credential = env["AZURE_STORAGE_SAS_TOKEN"].lstrip("?")
+    elif env.get("AZURE_STORAGE_ACCOUNT_KEY"):
+        credential = {"account_name": account, "account_key": env["AZURE_STORAGE_ACCOUNT_KEY"]}
+    else:
+        from azure.identity import DefaultAzureCredential
+
+        credential = DefaultAzureCredential()
+    return BlobServiceClient(url, credential=credential, **CLIENT_OPTIONS)
+
+
+class AzureStore:
+    def __init__(self, location: ModelLocation) -> None:
+        self.location = location
+        self.container: Any = _service_client().get_container_client(location.bucket)
+
+    def _key(self, name: str) -> str:
+        return self.location.prefix + name
+
+    def list_objects(self) -> list[ObjectInfo]:
+        try:
+            infos = [
+                ObjectInfo(item.name[len(self.location.prefix) :], int(item.size), str(item.etag).strip('"'))
+                for item in self.container.walk_blobs(name_starts_with=self.location.prefix, delimiter="/")
+                if not item.name.endswith("/")
+            ]
+        except Exception as e:
+            raise self._translate(e, "") from e
+        if not infos:
+            raise ModelNotFoundError(
+                f"{self.location.uri}: no blobs under this prefix in container {self.location.bucket!r}; "
+                "check the prefix (it is case-sensitive)"
+            )
+        return infos
+
+    def stat(self, name: str) -> ObjectInfo:
+        try:
+            props = self.container.get_blob_client(self._key(name)).get_blob_properties()
+        except Exception as e:
+            raise self._translate(e, name) from e
+        return ObjectInfo(name, int(props.size), str(props.etag).strip('"'))
+
+    def read_range(self, name: str, offset: int, length: int) -> bytes:
+        if length <= 0:
+            return b""
+        try:
+            data: bytes = self.container.get_blob_client(self._key(name)).download_blob(offset, length).readall()
+        except Exception as e:
+            raise self._translate(e, name) from e
+        return data
+
+    def download(self, name: str, destination: Path) -> None:
+        try:
+            with open(destination, "wb") as out:
+                self.container.get_blob_client(self._key(name)).download_blob().readinto(out)
+        except Exception as e:
+            raise self._translate(e, name) from e
+
+    def streamer_path(self, name: str) -> str:
+        return f"az://{self.location.bucket}/{self._key(name)}"
+
+    def explain(self, name: str, error: Exception) -> WeightdError:
+        self.stat(name)
+        return StorageUnavailableError(
+            f"{self.streamer_path(name)}: streaming failed although the blob is readable ({error}); "
+            "this is usually transient: retry, or lower --concurrency"
+        )
+
+    def _translate(self, error: Exception, name: str) -> WeightdError:
+        where = self.streamer_path(name) if name else self.location.uri
+        if isinstance(error, WeightdError):
+            return error
+        code = str(getattr(error, "error_code", "") or "")
+        if isinstance(error, ResourceNotFoundError):
+            if code == "ContainerNotFound":
+                return ModelNotFoundError(f"{where}: container {self.location.bucket!r} does not exist")
+            return ModelNotFoundError(f"{where}: no such blob")
+        if isinstance(error, ClientAuthenticationError) or code in _UNAUTHENTICATED_CODES:
+            return UnauthenticatedError(
+                f"{where}: Azure rejected the credentials ({code or type(error).__name__}); check "
+                "AZURE_STORAGE_ACCOUNT_KEY / AZURE_STORAGE_SAS_TOKEN or the identity"
+            )
+        if isinstance(error, HttpResponseError) and error.status_code == 403:
+            return AccessDeniedError(
+                f"{where}: access denied ({code}): the account key, SAS token or identity was rejected or lacks "
+                "the Storage Blob Data Reader role; check the credentials and the role assignment"
+            )
+        if isinstance(error, ServiceRequestError | ServiceResponseError):
+            return StorageUnavailableError(
+                f"{where}: cannot reach Azure Blob Storage after retries ({error}); check "
+                "AZURE_STORAGE_ENDPOINT_SUFFIX / the connection string and the network"
+            )
+        return StorageUnavailableError(f"{where}: Azure request failed: {error}")

