@@ -12,10 +12,12 @@ from __future__ import annotations
 from weightd.client._api import (
     AttachedModel,
     LoadProgress,
+    ModelMetadata,
     ResidentModel,
     ShardRule,
     attach,
     evict,
+    fetch_metadata,
     list_models,
     load,
 )
@@ -38,6 +40,7 @@ __all__ = [
     "DeadlineExceededError",
     "InvalidRequestError",
     "LoadProgress",
+    "ModelMetadata",
     "ModelNotFoundError",
     "PreconditionFailedError",
     "ResidentModel",
@@ -47,6 +50,7 @@ __all__ = [
     "WeightdError",
     "attach",
     "evict",
+    "fetch_metadata",
     "list_models",
     "load",
 ]

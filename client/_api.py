@@ -52,6 +52,16 @@ class ResidentModel:
     resident_bytes: int
     leases: int
     storage_bytes_read: int
+    metadata_bytes_downloaded: int
+    current: bool
+
+
+@dataclass(frozen=True)
+class ModelMetadata:
+    directory: Path
+    revision: str
+    files: tuple[str, ...]
+    downloaded_bytes: int
 
 
 def resolve_target(target: str | None) -> str:
@@ -163,11 +173,20 @@ def load(
     all_ranks: bool = False,
     shard_rules: Sequence[ShardRule] | None = None,
     memory_limit: int | None = None,
+    distributed: bool | None = None,
     target: str | None = None,
     on_progress: Callable[[LoadProgress], None] | None = None,
 ) -> LoadProgress:
-    """Make a model resident without attaching it. ``all_ranks`` loads every rank of ``tp_size`` in one pass."""
-    settings = pb.StreamerSettings(memory_limit=memory_limit) if memory_limit is not None else None
+    """Make a model resident without attaching it (re-checking storage for a newer revision if it already is).
+
+    ``all_ranks`` loads every rank of ``tp_size`` in one pass. ``memory_limit`` and ``distributed`` override
+    the daemon's streamer settings for this load.
+    """
+    settings = pb.StreamerSettings()
+    if memory_limit is not None:
+        settings.memory_limit = memory_limit
+    if distributed is not None:
+        settings.distributed = distributed
     request = pb.LoadModelRequest(
         model=_selector(model_uri, rank, tp_size, shard_rules), all_ranks=all_ranks, settings=settings
     )
@@ -194,9 +213,23 @@ def list_models(*, target: str | None = None) -> list[ResidentModel]:
             resident_bytes=m.resident_bytes,
             leases=m.leases,
             storage_bytes_read=m.storage_bytes_read,
+            metadata_bytes_downloaded=m.metadata_bytes_downloaded,
+            current=m.current,
         )
         for m in response.models
     ]
+
+
+def fetch_metadata(model_uri: str, *, target: str | None = None) -> ModelMetadata:
+    """Have the daemon download the model's metadata files (once) and say where they are."""
+    with _stub(target) as stub:
+        response = stub.GetModelMetadata(pb.GetModelMetadataRequest(model_uri=model_uri))
+    return ModelMetadata(
+        directory=Path(response.metadata_dir),
+        revision=response.revision,
+        files=tuple(response.files),
+        downloaded_bytes=response.downloaded_bytes,
+    )
 
 
 def evict(model_uri: str, *, target: str | None = None) -> int:

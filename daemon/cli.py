@@ -1,4 +1,7 @@
-"""``weightd serve|load|ls|evict|demo``: the only place that reads flags, configures logging or writes os.environ."""
+"""``weightd serve|load|ls|metadata|evict|demo``.
+
+The only place that reads flags, configures logging or writes os.environ.
+"""
 
 from __future__ import annotations
 
@@ -54,6 +57,11 @@ def _parser() -> argparse.ArgumentParser:
     ls.add_argument("--target", help=target_help)
     ls.set_defaults(run=_ls)
 
+    metadata = commands.add_parser("metadata", help="download a model's config/tokenizer files once; print their dir")
+    metadata.add_argument("model_uri")
+    metadata.add_argument("--target", help=target_help)
+    metadata.set_defaults(run=_metadata)
+
     evict = commands.add_parser("evict", help="free a model's unleased memory")
     evict.add_argument("model_uri")
     evict.add_argument("--target", help=target_help)
@@ -108,6 +116,11 @@ def _ls(args: argparse.Namespace) -> int:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
+def _metadata(args: argparse.Namespace) -> int:
+    print(client.fetch_metadata(args.model_uri, target=args.target).directory)
     return 0
 
 

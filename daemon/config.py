@@ -26,7 +26,7 @@ def parse_size(value: str | int) -> int:
         return value
     match = _SIZE.match(value)
     if not match:
-        raise InvalidRequestError(f"{value!r} is not a size; use bytes or a unit such as 512MiB or 2G")
+        raise ValueError(f"{value!r} is not a size; use bytes or a unit such as 512MiB or 2G")
     unit = (match.group(2) or "").lower().removesuffix("b")
     return int(float(match.group(1)) * _UNITS[unit])
 
@@ -34,8 +34,18 @@ def parse_size(value: str | int) -> int:
 def _listen(value: str) -> str:
     host, sep, port = value.rpartition(":")
     if not sep or not host or not port.isdigit():
-        raise InvalidRequestError(f"listen address {value!r} must be HOST:PORT, e.g. 127.0.0.1:50051")
+        raise ValueError(f"listen address {value!r} must be HOST:PORT, e.g. 127.0.0.1:50051")
     return value
+
+
+def _boolean(value: str | bool) -> bool:
+    if isinstance(value, bool):
+        return value
+    if value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.lower() in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"{value!r} is not a boolean; use true or false")
 
 
 @dataclass(frozen=True)
@@ -58,6 +68,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("concurrency", 16, int, "Concurrent storage requests per load (RUNAI_STREAMER_CONCURRENCY)."),
     Setting("memory_limit", 512 * 2**20, parse_size, "Streaming buffer per load, e.g. 512MiB (not the arena)."),
     Setting("max_parallel_loads", 2, int, "Model loads that may run at once."),
+    Setting("revalidate_after", 30.0, float, "Seconds before an attach re-checks a resident model in storage."),
+    Setting("distributed", False, _boolean, "Streamer distributed mode (needs CUDA; off without it)."),
     Setting("log_level", "INFO", str.upper, "Python log level."),
 )
 
@@ -71,6 +83,8 @@ class DaemonConfig:
     concurrency: int
     memory_limit: int
     max_parallel_loads: int
+    revalidate_after: float
+    distributed: bool
     log_level: str
 
     @classmethod

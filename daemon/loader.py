@@ -44,12 +44,22 @@ HEADER_PROBE_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
+class Metadata:
+    """Phase (a), first half: the listing, its revision and the local copy of the metadata files."""
+
+    objects: dict[str, ObjectInfo]
+    revision: str
+    directory: Path
+    files: tuple[str, ...]
+    downloaded_bytes: int  # 0 when every file was already cached for this revision
+
+
+@dataclass(frozen=True)
 class ModelSource:
     """What phase (a) learned: enough to plan and stream any rank."""
 
     location: ModelLocation
-    revision: str
-    metadata_dir: Path
+    metadata: Metadata
     headers: tuple[SafetensorsHeader, ...]
     model_type: str | None
 
@@ -61,29 +71,43 @@ class LoadedRank:
     fetched_bytes: int
 
 
-def resolve(store: ObjectStore, cache_dir: Path) -> ModelSource:
+def revision_of(objects: dict[str, ObjectInfo]) -> str:
+    """Changes whenever any object under the prefix is added, removed or rewritten."""
+    listing = sorted((o.name, o.size, o.version) for o in objects.values())
+    return hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]
+
+
+def current_revision(store: ObjectStore) -> str:
+    return revision_of({o.name: o for o in store.list_objects()})
+
+
+def fetch_metadata(store: ObjectStore, cache_dir: Path) -> Metadata:
+    """Download every non-weight file once into ``<cache>/metadata/<uri hash>/<revision>/``.
+
+    The directory is keyed by the objects' versions, so a file already there is the same object and is not
+    downloaded again, across daemon restarts too; a changed object makes a new revision directory.
+    """
     location = store.location
     objects = {o.name: o for o in store.list_objects()}
     _check_names(location, objects)
-    revision = hashlib.sha256(
-        json.dumps(sorted((o.name, o.size, o.version) for o in objects.values())).encode()
-    ).hexdigest()[:16]
-    metadata_dir = cache_dir / "metadata" / hashlib.sha256(location.uri.encode()).hexdigest()[:16] / revision
-    metadata_dir.mkdir(parents=True, exist_ok=True)
-    for info in objects.values():
-        if not info.name.endswith((WEIGHTS_SUFFIX, *OTHER_WEIGHT_SUFFIXES)):
-            _cache_file(store, info, metadata_dir)
-    weight_map = _weight_map(location, metadata_dir)
-    weights = _weight_files(location, objects, weight_map)
+    revision = revision_of(objects)
+    directory = cache_dir / "metadata" / hashlib.sha256(location.uri.encode()).hexdigest()[:16] / revision
+    directory.mkdir(parents=True, exist_ok=True)
+    files = tuple(sorted(n for n in objects if not n.endswith((WEIGHTS_SUFFIX, *OTHER_WEIGHT_SUFFIXES))))
+    downloaded = sum(_cache_file(store, objects[name], directory) for name in files)
+    return Metadata(objects, revision, directory, files, downloaded)
+
+
+def resolve(store: ObjectStore, cache_dir: Path) -> ModelSource:
+    location = store.location
+    metadata = fetch_metadata(store, cache_dir)
+    weight_map = _weight_map(location, metadata.directory)
+    weights = _weight_files(location, metadata.objects, weight_map)
     with ThreadPoolExecutor(max_workers=min(8, len(weights))) as pool:
         headers = tuple(pool.map(lambda info: _read_header(store, info), weights))
     _check_tensors(location, headers, weight_map)
     return ModelSource(
-        location=location,
-        revision=revision,
-        metadata_dir=metadata_dir,
-        headers=headers,
-        model_type=_model_type(metadata_dir),
+        location=location, metadata=metadata, headers=headers, model_type=_model_type(metadata.directory)
     )
 
 
@@ -197,11 +221,14 @@ def _weight_files(
     return [objects[n] for n in weights]
 
 
-def _cache_file(store: ObjectStore, info: ObjectInfo, directory: Path) -> None:
-    """Download ``info`` once: a file already in this revision's directory is the same object version."""
+def _cache_file(store: ObjectStore, info: ObjectInfo, directory: Path) -> int:
+    """Download ``info`` unless this revision's directory has it; returns the bytes downloaded.
+
+    Written to a temporary name and renamed, so a reader (or a crash) never sees a partial file.
+    """
     destination = directory / info.name
     if destination.exists():
-        return
+        return 0
     fd, temporary = tempfile.mkstemp(dir=directory, prefix=f".{info.name}.")
     os.close(fd)
     try:
@@ -209,6 +236,7 @@ def _cache_file(store: ObjectStore, info: ObjectInfo, directory: Path) -> None:
         os.replace(temporary, destination)
     finally:
         Path(temporary).unlink(missing_ok=True)
+    return info.size
 
 
 def _read_header(store: ObjectStore, info: ObjectInfo) -> SafetensorsHeader:

@@ -34,7 +34,7 @@ async def serve(config: DaemonConfig) -> None:
     memory = HostMemory(config.shm_dir)
     memory.remove_stale()
     config.cache_dir.mkdir(parents=True, exist_ok=True)
-    settings = LoadSettings(memory_limit=config.memory_limit)
+    settings = LoadSettings(memory_limit=config.memory_limit, distributed=config.distributed)
     registry = Registry(
         memory, cache_dir=config.cache_dir, settings=settings, max_parallel_loads=config.max_parallel_loads
     )
@@ -46,7 +46,8 @@ async def serve(config: DaemonConfig) -> None:
         ]
     )
     weightd_pb2_grpc.add_WeightServiceServicer_to_server(
-        WeightService(registry, settings=settings, shutdown=leases_end), server
+        WeightService(registry, settings=settings, revalidate_after=config.revalidate_after, shutdown=leases_end),
+        server,
     )
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)

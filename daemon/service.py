@@ -96,9 +96,12 @@ def _grant(entry: Entry, lease_id: str) -> pb.Grant:
 
 
 class WeightService(pb_grpc.WeightServiceServicer):
-    def __init__(self, registry: Registry, *, settings: LoadSettings, shutdown: asyncio.Event) -> None:
+    def __init__(
+        self, registry: Registry, *, settings: LoadSettings, revalidate_after: float, shutdown: asyncio.Event
+    ) -> None:
         self._registry = registry
         self._settings = settings
+        self._revalidate_after = revalidate_after
         self._shutdown = shutdown
 
     async def LoadModel(
@@ -108,7 +111,8 @@ class WeightService(pb_grpc.WeightServiceServicer):
             key = _key(request.model)
             keys = all_rank_keys(key) if request.all_ranks else [key]
             settings = self._load_settings(request.settings)
-            load = asyncio.ensure_future(self._registry.ensure(keys, settings=settings))
+            # An explicit load always re-checks storage: it is how an operator picks up a changed model.
+            load = asyncio.ensure_future(self._registry.ensure(keys, settings=settings, revalidate_after=0))
             while not load.done():
                 progress = self._registry.progress_of(keys[0])
                 if progress is not None:
@@ -128,7 +132,7 @@ class WeightService(pb_grpc.WeightServiceServicer):
         self, request: pb.AttachModelRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> AsyncIterator[pb.AttachModelResponse]:
         try:
-            (entry,) = await self._registry.ensure([_key(request.model)])
+            (entry,) = await self._registry.ensure([_key(request.model)], revalidate_after=self._revalidate_after)
             lease_id = self._registry.acquire(entry)
         except Exception as e:
             await abort_with(context, e)
@@ -157,6 +161,8 @@ class WeightService(pb_grpc.WeightServiceServicer):
                     storage_bytes_read=s.storage_bytes_read,
                     bytes_done=s.bytes_done,
                     bytes_total=s.bytes_total,
+                    metadata_bytes_downloaded=s.metadata_bytes_downloaded,
+                    current=s.current,
                 )
                 for s in self._registry.snapshot()
             ]
@@ -171,8 +177,23 @@ class WeightService(pb_grpc.WeightServiceServicer):
             await abort_with(context, e)
         return pb.EvictModelResponse(evicted_entries=count, freed_bytes=freed)
 
+    async def GetModelMetadata(
+        self, request: pb.GetModelMetadataRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> pb.GetModelMetadataResponse:
+        try:
+            metadata = await self._registry.metadata(request.model_uri)
+        except Exception as e:
+            await abort_with(context, e)
+        return pb.GetModelMetadataResponse(
+            metadata_dir=str(metadata.directory),
+            revision=metadata.revision,
+            files=metadata.files,
+            downloaded_bytes=metadata.downloaded_bytes,
+        )
+
     def _load_settings(self, settings: pb.StreamerSettings) -> LoadSettings:
-        if settings.HasField("memory_limit"):
-            return LoadSettings(memory_limit=settings.memory_limit)
-        return self._settings
+        return LoadSettings(
+            memory_limit=settings.memory_limit if settings.HasField("memory_limit") else self._settings.memory_limit,
+            distributed=settings.distributed if settings.HasField("distributed") else self._settings.distributed,
+        )
 

@@ -34,13 +34,16 @@ def test_config_file_from_env_and_errors(tmp_path: Path) -> None:
         DaemonConfig.load({}, {"WEIGHTD_CONCURRENCY": "many", "WEIGHTD_CONFIG": str(tmp_path / "absent.toml")})
     with pytest.raises(InvalidRequestError, match="HOST:PORT"):
         DaemonConfig.load({"listen": "50051"}, {})
+    with pytest.raises(InvalidRequestError, match=r"distributed from WEIGHTD_DISTRIBUTED.*not a boolean"):
+        DaemonConfig.load({}, {"WEIGHTD_DISTRIBUTED": "maybe"})
+    assert DaemonConfig.load({}, {"WEIGHTD_DISTRIBUTED": "true"}).distributed is True
 
 
 def test_sizes() -> None:
     assert parse_size("512MiB") == 512 * 2**20
     assert parse_size("1.5G") == 1_500_000_000
     assert parse_size("4096") == 4096
-    with pytest.raises(InvalidRequestError):
+    with pytest.raises(ValueError, match="not a size"):
         parse_size("lots")
 
 

@@ -44,6 +44,7 @@ def test_client_public_surface_is_pinned() -> None:
         "DeadlineExceededError",
         "InvalidRequestError",
         "LoadProgress",
+        "ModelMetadata",
         "ModelNotFoundError",
         "PreconditionFailedError",
         "ResidentModel",
@@ -53,6 +54,7 @@ def test_client_public_surface_is_pinned() -> None:
         "WeightdError",
         "attach",
         "evict",
+        "fetch_metadata",
         "list_models",
         "load",
     ]

@@ -19,7 +19,7 @@ from azure.core.exceptions import (
     ServiceRequestError,
     ServiceResponseError,
 )
-from azure.storage.blob import BlobServiceClient
+from azure.storage.blob import BlobServiceClient, ExponentialRetry
 from weightd.daemon.errors import (
     AccessDeniedError,
     ModelNotFoundError,
@@ -30,8 +30,12 @@ from weightd.daemon.errors import (
 from weightd.daemon.storage.base import ModelLocation, ObjectInfo
 
 _UNAUTHENTICATED_CODES = ("AuthenticationFailed", "InvalidAuthenticationInfo")
-# Bounded retries with exponential backoff (the SDK's ExponentialRetry), short connect timeout.
-CLIENT_OPTIONS: dict[str, Any] = {"retry_total": 3, "retry_backoff_factor": 0.5, "connection_timeout": 5}
+# Bounded retries with exponential backoff: waits of about 1, 3 and 5 s. (The storage SDK's own default,
+# 15 s + 3^n, keeps an unreachable endpoint busy for 85 s before it says so.)
+CLIENT_OPTIONS: dict[str, Any] = {
+    "retry_policy": ExponentialRetry(initial_backoff=1, increment_base=2, retry_total=3, random_jitter_range=0),
+    "connection_timeout": 5,
+}
 
 
 def _service_client() -> BlobServiceClient:

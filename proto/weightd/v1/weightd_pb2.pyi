@@ -76,10 +76,12 @@ class ModelSelector(_message.Message):
     def __init__(self, model_uri: _Optional[str] = ..., tp_size: _Optional[int] = ..., rank: _Optional[int] = ..., shard_rules: _Optional[_Iterable[_Union[ShardRule, _Mapping]]] = ...) -> None: ...
 
 class StreamerSettings(_message.Message):
-    __slots__ = ("memory_limit",)
+    __slots__ = ("memory_limit", "distributed")
     MEMORY_LIMIT_FIELD_NUMBER: _ClassVar[int]
+    DISTRIBUTED_FIELD_NUMBER: _ClassVar[int]
     memory_limit: int
-    def __init__(self, memory_limit: _Optional[int] = ...) -> None: ...
+    distributed: bool
+    def __init__(self, memory_limit: _Optional[int] = ..., distributed: bool = ...) -> None: ...
 
 class LoadModelRequest(_message.Message):
     __slots__ = ("model", "all_ranks", "settings")
@@ -186,7 +188,7 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ResidentModel(_message.Message):
-    __slots__ = ("model_uri", "revision", "state", "tp_size", "rank", "resident_bytes", "leases", "storage_bytes_read", "bytes_done", "bytes_total")
+    __slots__ = ("model_uri", "revision", "state", "tp_size", "rank", "resident_bytes", "leases", "storage_bytes_read", "bytes_done", "bytes_total", "metadata_bytes_downloaded", "current")
     MODEL_URI_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -197,6 +199,8 @@ class ResidentModel(_message.Message):
     STORAGE_BYTES_READ_FIELD_NUMBER: _ClassVar[int]
     BYTES_DONE_FIELD_NUMBER: _ClassVar[int]
     BYTES_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    METADATA_BYTES_DOWNLOADED_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_FIELD_NUMBER: _ClassVar[int]
     model_uri: str
     revision: str
     state: ModelState
@@ -207,7 +211,9 @@ class ResidentModel(_message.Message):
     storage_bytes_read: int
     bytes_done: int
     bytes_total: int
-    def __init__(self, model_uri: _Optional[str] = ..., revision: _Optional[str] = ..., state: _Optional[_Union[ModelState, str]] = ..., tp_size: _Optional[int] = ..., rank: _Optional[int] = ..., resident_bytes: _Optional[int] = ..., leases: _Optional[int] = ..., storage_bytes_read: _Optional[int] = ..., bytes_done: _Optional[int] = ..., bytes_total: _Optional[int] = ...) -> None: ...
+    metadata_bytes_downloaded: int
+    current: bool
+    def __init__(self, model_uri: _Optional[str] = ..., revision: _Optional[str] = ..., state: _Optional[_Union[ModelState, str]] = ..., tp_size: _Optional[int] = ..., rank: _Optional[int] = ..., resident_bytes: _Optional[int] = ..., leases: _Optional[int] = ..., storage_bytes_read: _Optional[int] = ..., bytes_done: _Optional[int] = ..., bytes_total: _Optional[int] = ..., metadata_bytes_downloaded: _Optional[int] = ..., current: bool = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models",)
@@ -228,3 +234,21 @@ class EvictModelResponse(_message.Message):
     evicted_entries: int
     freed_bytes: int
     def __init__(self, evicted_entries: _Optional[int] = ..., freed_bytes: _Optional[int] = ...) -> None: ...
+
+class GetModelMetadataRequest(_message.Message):
+    __slots__ = ("model_uri",)
+    MODEL_URI_FIELD_NUMBER: _ClassVar[int]
+    model_uri: str
+    def __init__(self, model_uri: _Optional[str] = ...) -> None: ...
+
+class GetModelMetadataResponse(_message.Message):
+    __slots__ = ("metadata_dir", "revision", "files", "downloaded_bytes")
+    METADATA_DIR_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    FILES_FIELD_NUMBER: _ClassVar[int]
+    DOWNLOADED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    metadata_dir: str
+    revision: str
+    files: _containers.RepeatedScalarFieldContainer[str]
+    downloaded_bytes: int
+    def __init__(self, metadata_dir: _Optional[str] = ..., revision: _Optional[str] = ..., files: _Optional[_Iterable[str]] = ..., downloaded_bytes: _Optional[int] = ...) -> None: ...

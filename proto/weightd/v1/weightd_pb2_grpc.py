@@ -55,6 +55,11 @@ class WeightServiceStub(object):
                 request_serializer=weightd_dot_v1_dot_weightd__pb2.EvictModelRequest.SerializeToString,
                 response_deserializer=weightd_dot_v1_dot_weightd__pb2.EvictModelResponse.FromString,
                 _registered_method=True)
+        self.GetModelMetadata = channel.unary_unary(
+                '/weightd.v1.WeightService/GetModelMetadata',
+                request_serializer=weightd_dot_v1_dot_weightd__pb2.GetModelMetadataRequest.SerializeToString,
+                response_deserializer=weightd_dot_v1_dot_weightd__pb2.GetModelMetadataResponse.FromString,
+                _registered_method=True)
 
 
 class WeightServiceServicer(object):
@@ -90,6 +95,14 @@ class WeightServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetModelMetadata(self, request, context):
+        """GetModelMetadata downloads (once) the model's metadata files and says where they are: what an engine
+        needs before it starts (config.json, tokenizer files, generation config, index).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WeightServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -112,6 +125,11 @@ def add_WeightServiceServicer_to_server(servicer, server):
                     servicer.EvictModel,
                     request_deserializer=weightd_dot_v1_dot_weightd__pb2.EvictModelRequest.FromString,
                     response_serializer=weightd_dot_v1_dot_weightd__pb2.EvictModelResponse.SerializeToString,
+            ),
+            'GetModelMetadata': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetModelMetadata,
+                    request_deserializer=weightd_dot_v1_dot_weightd__pb2.GetModelMetadataRequest.FromString,
+                    response_serializer=weightd_dot_v1_dot_weightd__pb2.GetModelMetadataResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -223,6 +241,33 @@ class WeightService(object):
             '/weightd.v1.WeightService/EvictModel',
             weightd_dot_v1_dot_weightd__pb2.EvictModelRequest.SerializeToString,
             weightd_dot_v1_dot_weightd__pb2.EvictModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetModelMetadata(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/weightd.v1.WeightService/GetModelMetadata',
+            weightd_dot_v1_dot_weightd__pb2.GetModelMetadataRequest.SerializeToString,
+            weightd_dot_v1_dot_weightd__pb2.GetModelMetadataResponse.FromString,
             options,
             channel_credentials,
             insecure,
