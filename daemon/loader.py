@@ -20,7 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from runai_model_streamer import FileChunks, FileStreamer
+from runai_model_streamer import FileStreamer
+from runai_model_streamer.libstreamer.libstreamer import (
+    SUCCESS_ERROR_CODE,
+    runai_request,
+    runai_response,
+    runai_response_str,
+)
 from weightd.daemon.errors import (
     InvalidModelError,
     ModelNotFoundError,
@@ -29,7 +35,7 @@ from weightd.daemon.errors import (
     WeightdError,
 )
 from weightd.daemon.memory.base import Arena, MemoryBackend
-from weightd.daemon.plan import FetchRange, LoadPlan, RankLayout
+from weightd.daemon.plan import Block, FetchRange, LoadPlan, RankLayout, Target
 from weightd.daemon.safetensors_header import SafetensorsHeader, header_length, parse_header
 from weightd.daemon.storage.base import ModelLocation, ObjectInfo, ObjectStore
 
@@ -136,6 +142,70 @@ def stream(
     ]
 
 
+@dataclass(frozen=True)
+class _Direct:
+    """Bytes the streamer writes straight into an arena: no buffer, no copy."""
+
+    file_index: int
+    file_offset: int
+    length: int
+    layout_index: int
+    dst_offset: int
+
+
+@dataclass(frozen=True)
+class _Staged:
+    """A block whose bytes scatter (row slices for several ranks): fetched into a staging buffer first."""
+
+    file_index: int
+    file_offset: int
+    block: Block
+
+
+@dataclass(frozen=True)
+class _Duplicate:
+    """A replicated tensor's bytes, fetched once into one rank's arena and copied to another's."""
+
+    src_layout: int
+    src_offset: int
+    dst_layout: int
+    dst_offset: int
+    length: int
+
+
+def _route(plan: LoadPlan) -> tuple[list[_Direct], list[_Staged], list[_Duplicate]]:
+    """Split the plan's blocks into direct writes, staged scatters and in-memory duplicates.
+
+    Every byte is still fetched once: a single-row block's targets are disjoint column windows (one direct
+    range each) or the same window for every rank (a replicated tensor: one range, then copies).
+    """
+    direct: list[_Direct] = []
+    staged: list[_Staged] = []
+    duplicates: list[_Duplicate] = []
+    for file_index, file_plan in enumerate(plan.files):
+        for fetch_range in file_plan.ranges:
+            for block in fetch_range.blocks:
+                offset = fetch_range.file_offset + block.range_offset
+                first = block.targets[0]
+                if block.rows == 1:
+                    fetched: dict[tuple[int, int], Target] = {}
+                    for t in block.targets:
+                        if (t.column, t.width) in fetched:
+                            src = fetched[(t.column, t.width)]
+                            duplicates.append(_Duplicate(src.layout_index, src.dst_offset, t.layout_index,
+                                                         t.dst_offset, t.width))
+                        else:
+                            fetched[(t.column, t.width)] = t
+                            direct.append(_Direct(file_index, offset + t.column, t.width, t.layout_index,
+                                                  t.dst_offset))
+                elif len(block.targets) == 1 and first.width == block.width == first.dst_row_stride:
+                    direct.append(_Direct(file_index, offset, block.rows * block.width, first.layout_index,
+                                          first.dst_offset))
+                else:
+                    staged.append(_Staged(file_index, offset, block))
+    return direct, staged, duplicates
+
+
 def _fetch(
     store: ObjectStore,
     plan: LoadPlan,
@@ -144,34 +214,134 @@ def _fetch(
     memory_limit: int,
     on_progress: Callable[[int], None],
 ) -> None:
-    files = [f for f in plan.files if f.ranges]
-    requests = [
-        FileChunks(i, store.streamer_path(f.file), [r.file_offset for r in f.ranges], [r.length for r in f.ranges])
-        for i, f in enumerate(files)
-    ]
-    if not requests:
+    """Drive the streamer's range API directly so that it writes into the arenas themselves.
+
+    ``memory_limit`` bounds only the staging buffer that scattered blocks pass through.
+    """
+    paths = [store.streamer_path(f.file) for f in plan.files]
+    direct, staged, duplicates = _route(plan)
+    if not direct and not staged:
         return
     started = time.monotonic()
+    bases = [d.data_ptr() for d in destinations]
+    largest = max((s.block.rows * s.block.width for s in staged), default=0)
+    staging = torch.empty(max(largest, min(memory_limit, sum(s.block.rows * s.block.width for s in staged))),
+                          dtype=torch.uint8)
     try:
-        with FileStreamer() as streamer:
-            # The ring must hold the largest single range; above that, the configured limit bounds it.
-            streamer.stream_files(
-                requests, device="cpu", memory_limit=max(memory_limit, plan.largest_range), owned=False
-            )
-            for file_id, range_index, chunk in streamer.get_chunks():
-                fetch_range = files[file_id].ranges[range_index]
-                _scatter(chunk.view(-1), fetch_range, destinations)
-                on_progress(fetch_range.length)
+        # The streamer session owns the C handle and applies object-store credentials once.
+        with FileStreamer() as session:
+            session.handle_object_store(paths[0], session.streamer)
+            _Submissions(session.streamer, paths, on_progress).run(direct, staged, bases, staging, destinations)
     except ValueError as e:
-        raise _explain(store, [f.file for f in files], e) from e
+        raise _explain(store, [f.file for f in plan.files], e) from e
+    for d in duplicates:
+        destinations[d.dst_layout][d.dst_offset : d.dst_offset + d.length].copy_(
+            destinations[d.src_layout][d.src_offset : d.src_offset + d.length]
+        )
     elapsed = time.monotonic() - started
     logger.info(
-        "streamed %d bytes from %s in %.2f s (%.2f GB/s)",
+        "streamed %d bytes from %s in %.2f s (%.2f GB/s; %d bytes staged)",
         plan.fetched_bytes,
         store.location.uri,
         elapsed,
         plan.fetched_bytes / max(elapsed, 1e-9) / 1e9,
+        sum(s.block.rows * s.block.width for s in staged),
     )
+
+
+class _Submissions:
+    """Submit ranges to libstreamer and dispatch its responses (one per range, in completion order)."""
+
+    def __init__(self, handle: object, paths: list[str], on_progress: Callable[[int], None]) -> None:
+        self.handle = handle
+        self.paths = paths
+        self.on_progress = on_progress
+        # submission id -> [per submitted file: [per range: callback]]
+        self.callbacks: dict[int, list[list[Callable[[], None]]]] = {}
+        self.outstanding = 0
+
+    def submit(self, ranges: list[tuple[int, int, int, int, Callable[[], None]]]) -> None:
+        """ranges: (file index, file offset, length, destination address, callback when it has landed)."""
+        by_file: dict[int, list[tuple[int, int, int, Callable[[], None]]]] = {}
+        for file_index, offset, length, address, callback in ranges:
+            by_file.setdefault(file_index, []).append((offset, length, address, callback))
+        files = sorted(by_file)
+        submission = runai_request(
+            self.handle,
+            [self.paths[f] for f in files],
+            [len(by_file[f]) for f in files],
+            [r[0] for f in files for r in by_file[f]],
+            [r[1] for f in files for r in by_file[f]],
+            [r[2] for f in files for r in by_file[f]],
+        )
+        self.callbacks[submission] = [[r[3] for r in by_file[f]] for f in files]
+        self.outstanding += len(ranges)
+
+    def run(self, direct: list[_Direct], staged: list[_Staged], bases: list[int], staging: torch.Tensor,
+            destinations: list[torch.Tensor]) -> None:
+        def landed(length: int) -> Callable[[], None]:
+            return lambda: self.on_progress(length)
+
+        if direct:
+            self.submit([(d.file_index, d.file_offset, d.length, bases[d.layout_index] + d.dst_offset,
+                          landed(d.length)) for d in direct])
+        batches = _batches(staged, staging.numel())
+        remaining = [0]
+
+        def submit_batch() -> None:
+            batch = batches.pop(0)
+            remaining[0] = len(batch)
+            ranges = []
+            for cursor, item in batch:
+                length = item.block.rows * item.block.width
+                view = staging[cursor : cursor + length]
+                ranges.append((item.file_index, item.file_offset, length, view.data_ptr(),
+                               self._scatter_then(view, item.block, destinations, length, remaining, batches,
+                                                  submit_batch)))
+            self.submit(ranges)
+
+        if batches:
+            submit_batch()
+        try:
+            while self.outstanding:
+                response = runai_response(self.handle)
+                if response is None:
+                    raise ValueError("the streamer stopped before every range arrived")
+                status, submission, file_index, range_index, _ = response
+                self.outstanding -= 1
+                if status != SUCCESS_ERROR_CODE:
+                    raise ValueError(f"libstreamer could not read a range: {runai_response_str(status)}")
+                self.callbacks[submission][file_index][range_index]()
+        finally:
+            # Ranges still in flight write into memory the caller is about to free: wait them out.
+            while self.outstanding and runai_response(self.handle) is not None:
+                self.outstanding -= 1
+
+    def _scatter_then(self, view: torch.Tensor, block: Block, destinations: list[torch.Tensor], length: int,
+                      remaining: list[int], batches: list[list[tuple[int, _Staged]]],
+                      submit_batch: Callable[[], None]) -> Callable[[], None]:
+        def done() -> None:
+            _scatter(view, FetchRange(0, length, (Block(0, block.rows, block.width, block.targets),)), destinations)
+            self.on_progress(length)
+            remaining[0] -= 1
+            if remaining[0] == 0 and batches:
+                submit_batch()  # the staging buffer is free again
+
+        return done
+
+
+def _batches(staged: list[_Staged], capacity: int) -> list[list[tuple[int, _Staged]]]:
+    """Pack staged blocks into batches that fit the staging buffer: (offset in the buffer, block)."""
+    batches: list[list[tuple[int, _Staged]]] = []
+    cursor = capacity
+    for item in staged:
+        length = item.block.rows * item.block.width
+        if cursor + length > capacity:
+            batches.append([])
+            cursor = 0
+        batches[-1].append((cursor, item))
+        cursor += length
+    return batches
 
 
 def _scatter(chunk: torch.Tensor, fetch_range: FetchRange, destinations: list[torch.Tensor]) -> None:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,118 +13,32 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import boto3
 import pytest
 import torch
-from botocore.config import Config
 from weightd import client
 from weightd.daemon.synthetic import write_synthetic_model
 
-from tests.storage_servers import AzureServer, GcsServer, start_azurite, start_gcs
+from tests.storage_servers import (
+    AzureServer,
+    GcsServer,
+    S3Server,
+    free_port,
+    start_azurite,
+    start_gcs,
+    start_seaweedfs,
+    stop_process,
+)
 
-S3_KEY, S3_SECRET = "weightd-test", "weightd-test-secret"
 BIN = Path(sys.executable).parent
-
-
-def free_port(*, also_free: int = 0) -> int:
-    """A free loopback port p (and p + also_free, for servers that bind a second port at an offset)."""
-    for _ in range(100):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port + also_free > 65535:
-            continue
-        if also_free:
-            with socket.socket() as s:
-                try:
-                    s.bind(("127.0.0.1", port + also_free))
-                except OSError:
-                    continue
-        return port
-    raise RuntimeError("no free port pair")
-
-
-def stop_process(process: subprocess.Popen[Any], *, timeout: float = 15) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
-@dataclass
-class S3Server:
-    endpoint: str
-    process: subprocess.Popen[bytes]
-
-    def env(self, *, key: str = S3_KEY, secret: str = S3_SECRET) -> dict[str, str]:
-        return {
-            "AWS_ENDPOINT_URL": self.endpoint,
-            "AWS_ACCESS_KEY_ID": key,
-            "AWS_SECRET_ACCESS_KEY": secret,
-            "AWS_REGION": "us-east-1",
-            "AWS_EC2_METADATA_DISABLED": "true",
-        }
-
-    def client(self) -> Any:
-        return boto3.client(
-            "s3",
-            endpoint_url=self.endpoint,
-            aws_access_key_id=S3_KEY,
-            aws_secret_access_key=S3_SECRET,
-            region_name="us-east-1",
-            config=Config(s3={"addressing_style": "path"}),
-        )
-
-    def upload(self, directory: Path, bucket: str, prefix: str) -> None:
-        s3 = self.client()
-        try:
-            s3.create_bucket(Bucket=bucket)
-        except s3.exceptions.BucketAlreadyOwnedByYou:
-            pass
-        except s3.exceptions.ClientError as e:
-            if "BucketAlreadyExists" not in str(e):
-                raise
-        for path in sorted(directory.iterdir()):
-            s3.upload_file(str(path), bucket, f"{prefix}{path.name}")
 
 
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    root = tmp_path_factory.mktemp("seaweedfs")
-    config = root / "s3.json"
-    config.write_text(json.dumps({"identities": [{
-        "name": "admin",
-        "credentials": [{"accessKey": S3_KEY, "secretKey": S3_SECRET}],
-        "actions": ["Admin", "Read", "List", "Tagging", "Write"],
-    }]}))
-    # Every HTTP port p also binds a gRPC port p + 10000.
-    master, volume, filer, s3_port, admin = (free_port(also_free=10000) for _ in range(5))
-    (root / "data").mkdir()
-    process = subprocess.Popen(
-        [str(BIN / "weed"), "mini", f"-dir={root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-         f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}", f"-s3.port={s3_port}",
-         f"-admin.port={admin}", "-admin.ui=false", "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
-         f"-s3.config={config}"],
-        stdout=open(root / "weed.log", "wb"), stderr=subprocess.STDOUT,
-    )
-    server = S3Server(endpoint=f"http://127.0.0.1:{s3_port}", process=process)
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            server.client().list_buckets()
-            break
-        except Exception:
-            if process.poll() is not None or time.monotonic() > deadline:
-                stop_process(process)
-                raise RuntimeError(f"SeaweedFS did not start: {(root / 'weed.log').read_text()[-2000:]}") from None
-            time.sleep(0.3)
+    server = start_seaweedfs(tmp_path_factory.mktemp("seaweedfs"))
     try:
         yield server
     finally:
-        stop_process(process, timeout=10)
+        stop_process(server.process, timeout=10)
 
 
 @pytest.fixture(scope="session")

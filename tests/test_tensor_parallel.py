@@ -198,3 +198,13 @@ def test_bad_tensor_parallel_requests(daemon, tiny_llama) -> None:
         uri, daemon.target,
     )
     assert result > 0
+
+
+def test_a_tiny_staging_buffer_still_loads_every_rank_exactly(daemon, tiny_llama) -> None:
+    """memory_limit bounds only the staging buffer for scattered (dim-1) blocks: one block per batch here."""
+    uri, full = tiny_llama
+    client.load(uri, tp_size=2, all_ranks=True, memory_limit=1, target=daemon.target)
+    for rank in range(2):
+        with client.attach(uri, rank, tp_size=2, target=daemon.target) as model:
+            check_rank(model, full, 2)
+    assert sum(m.storage_bytes_read for m in daemon.models()) == sum(t.nbytes for t in full.values())

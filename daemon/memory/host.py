@@ -32,7 +32,12 @@ class HostArena:
         try:
             os.fchmod(fd, SEGMENT_MODE)  # the umask must not widen or narrow what clients can open
             os.ftruncate(fd, size)
-            # mmap refuses length 0; an empty arena still gets a page so every handle maps.
+            if size:
+                # Reserve every page now: a full tmpfs is ENOSPC here, not SIGBUS in the middle of a load.
+                os.posix_fallocate(fd, 0, size)
+            # mmap refuses length 0; an empty arena still gets a page so every handle maps. (MAP_POPULATE
+            # would map every page before streaming starts; left to the writers, the minor faults overlap
+            # with storage reads, which measured faster.)
             self._map = mmap.mmap(fd, max(size, 1), mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         except BaseException:
             os.unlink(path)

@@ -1,0 +1,80 @@
+"""Where the cold path spends its time beyond the streamer: cProfile over one cold load, in-process.
+
+    .venv/bin/python benchmarks/profile_cold.py [--size-gb 1.0]
+
+Runs the daemon's own phases (resolve: list + metadata + headers; plan; stream into a host arena) against a
+local SeaweedFS server, on one thread, and prints the functions with the most own time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import os
+import pstats
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from weightd.daemon import loader  # noqa: E402
+from weightd.daemon.memory.host import HostMemory  # noqa: E402
+from weightd.daemon.plan import build_plan  # noqa: E402
+from weightd.daemon.storage.base import open_store, parse_model_uri  # noqa: E402
+from weightd.daemon.synthetic import write_synthetic_model  # noqa: E402
+
+from tests.storage_servers import start_seaweedfs, stop_process  # noqa: E402
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--size-gb", type=float, default=1.0)
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="weightd-profile-"))
+    s3 = start_seaweedfs(work / "seaweedfs")
+    arenas = []
+    try:
+        os.environ.update(s3.env() | {"RUNAI_STREAMER_S3_USE_VIRTUAL_ADDRESSING": "0"})
+        s3.client().create_bucket(Bucket="prof")
+        size = int(args.size_gb * 1e9)
+        write_synthetic_model(work / "m", total_bytes=size, shards=4, dtypes=("bf16", "fp16", "fp32"))
+        s3.upload(work / "m", "prof", "m/")
+        store = open_store(parse_model_uri("s3://prof/m/"))
+        memory = HostMemory(Path("/dev/shm"))
+        # One unprofiled load first: the server's first read after an upload is slow for every reader.
+        warm = loader.resolve(store, work / "warm-cache")
+        warm_plan = build_plan(warm.headers, tp_size=1, ranks=[0], rules=(), max_range_bytes=128 * 2**20)
+        for rank in loader.stream(store, warm_plan, memory, label="warmup", memory_limit=512 * 2**20,
+                                  on_progress=lambda n: None):
+            rank.arena.release()
+        profiler = cProfile.Profile()
+        phases = {}
+        profiler.enable()
+        t0 = time.perf_counter()
+        source = loader.resolve(store, work / "cache")
+        t1 = time.perf_counter()
+        plan = build_plan(source.headers, tp_size=1, ranks=[0], rules=(), max_range_bytes=128 * 2**20)
+        t2 = time.perf_counter()
+        arenas = loader.stream(store, plan, memory, label="profile", memory_limit=512 * 2**20,
+                               on_progress=lambda n: None)
+        t3 = time.perf_counter()
+        profiler.disable()
+        phases = {"resolve (list, metadata, headers)": t1 - t0, "plan": t2 - t1, "stream into arena": t3 - t2}
+        for name, seconds in phases.items():
+            print(f"{name:36s} {seconds:7.3f} s")
+        stats = pstats.Stats(profiler).sort_stats("tottime")
+        stats.print_stats(15)
+    finally:
+        for rank in arenas:
+            rank.arena.release()
+        stop_process(s3.process)
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

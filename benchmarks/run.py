@@ -1,0 +1,350 @@
+"""weightd against the Run:ai streamer alone and against download-then-load, side by side in one run.
+
+    .venv/bin/python benchmarks/run.py [--size-gb 1.0 --small-size-gb 0.25 --repetitions 3 --json out.json]
+
+Serves a synthetic safetensors model (mixed bf16/fp16/fp32, several shards) from a local SeaweedFS S3 server
+and measures, interleaved over repetitions (medians reported), each in a fresh process with imports done:
+  a  runai-model-streamer SafetensorsStreamer reading the model (vLLM/SGLang's runai_streamer load format)
+  b  boto3 download to a local disk + safetensors load
+  c  weightd cold: fresh daemon, attach (= LoadModel + map) until every tensor is usable
+  d  weightd warm: attach of the resident model from a new process
+  e  TP=4: all-ranks load (time, storage bytes) against one full load; a lone rank's cold attach against its share
+  f  4 client processes attached to one model: node memory (shared arena + every process's private growth)
+     against 4 processes each streaming the model into their own memory
+c and d are also measured for a second, smaller model to show d stays flat as the model grows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from weightd import client  # noqa: E402
+from weightd.daemon.synthetic import write_synthetic_model  # noqa: E402
+
+from tests.storage_servers import S3Server, start_seaweedfs, stop_process  # noqa: E402
+
+BUCKET = "bench"
+
+# Each scenario runs in a fresh interpreter; it times only the work (imports excluded) and prints JSON.
+STREAMER_ALONE = r"""
+import json, sys, time
+import torch
+from runai_model_streamer import SafetensorsStreamer
+paths = sys.argv[1:]
+t0 = time.perf_counter()
+tensors = {}
+with SafetensorsStreamer() as streamer:
+    streamer.stream_files(paths)
+    for name, tensor in streamer.get_tensors():
+        tensors[name] = tensor
+print(json.dumps({"seconds": time.perf_counter() - t0, "tensors": len(tensors)}))
+"""
+
+DOWNLOAD_THEN_LOAD = r"""
+import json, os, sys, tempfile, time
+import boto3
+from botocore.config import Config
+from safetensors.torch import load_file
+bucket, prefix, names = sys.argv[1], sys.argv[2], sys.argv[3:]
+s3 = boto3.client("s3", config=Config(s3={"addressing_style": "path"}))
+with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DISK")) as tmp:
+    t0 = time.perf_counter()
+    tensors = {}
+    for name in names:
+        s3.download_file(bucket, prefix + name, f"{tmp}/{name}")
+        tensors.update(load_file(f"{tmp}/{name}"))
+    seconds = time.perf_counter() - t0
+print(json.dumps({"seconds": seconds, "tensors": len(tensors)}))
+"""
+
+ATTACH = r"""
+import json, sys, time
+from weightd import client
+uri, target, rank, tp_size = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+t0 = time.perf_counter()
+model = client.attach(uri, rank, tp_size=tp_size, target=target)
+seconds = time.perf_counter() - t0
+print(json.dumps({"seconds": seconds, "tensors": len(model.tensors)}))
+"""
+
+LOAD = r"""
+import json, sys, time
+from weightd import client
+uri, target, tp_size = sys.argv[1], sys.argv[2], int(sys.argv[3])
+t0 = time.perf_counter()
+client.load(uri, tp_size=tp_size, all_ranks=tp_size > 1, target=target)
+print(json.dumps({"seconds": time.perf_counter() - t0}))
+"""
+
+# Holds its tensors and reports private memory growth, then waits to be told to exit (stdin closes).
+HOLD = r"""
+import json, sys
+def anon():
+    return int(next(l.split()[1] for l in open("/proc/self/status") if l.startswith("RssAnon:"))) * 1024
+mode = sys.argv[1]
+import torch
+if mode == "attach":
+    from weightd import client
+    before = anon()
+    model = client.attach(sys.argv[2], target=sys.argv[3])
+    tensors = dict(model.tensors)
+else:  # what an engine does without weightd: stream the model into its own memory
+    from runai_model_streamer import SafetensorsStreamer
+    before = anon()
+    with SafetensorsStreamer() as streamer:
+        streamer.stream_files(sys.argv[2:])
+        tensors = dict(streamer.get_tensors())
+touched = sum(int(t.reshape(-1).view(torch.uint8)[:: 4096].sum()) for t in tensors.values() if t.numel())
+print(json.dumps({"private_growth": anon() - before}), flush=True)
+sys.stdin.read()
+"""
+
+
+def run_script(script: str, *args: str, env: dict[str, str]) -> dict[str, Any]:
+    out = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, env=env, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"benchmark step failed:\n{out.stderr[-3000:]}")
+    result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
+
+
+class Daemon:
+    def __init__(self, root: Path, env: dict[str, str]) -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        self.socket = root / "w.sock"
+        self.target = f"unix://{self.socket}"
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "weightd.daemon", "serve", "--socket", str(self.socket), "--cache-dir",
+             str(root / "cache"), "--log-level", "WARNING"],
+            env=env, stdout=subprocess.DEVNULL, stderr=open(root / "daemon.log", "ab"),
+        )
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                client.list_models(target=self.target)
+                return
+            except client.UnavailableError:
+                if time.monotonic() > deadline or self.process.poll() is not None:
+                    raise RuntimeError("daemon did not start") from None
+                time.sleep(0.05)
+
+    def private_bytes(self) -> int:
+        status = Path(f"/proc/{self.process.pid}/status").read_text()
+        return int(next(line.split()[1] for line in status.splitlines() if line.startswith("RssAnon:"))) * 1024
+
+    def stop(self) -> None:
+        stop_process(self.process)
+
+
+class Bench:
+    def __init__(self, s3: S3Server, work: Path, repetitions: int) -> None:
+        self.s3 = s3
+        self.work = work
+        self.repetitions = repetitions
+        self.env = {**os.environ, **s3.env(), "BENCH_DISK": str(work)}
+        self.daemons = 0
+
+    def daemon(self) -> Daemon:
+        self.daemons += 1
+        return Daemon(self.work / f"daemon{self.daemons}", self.env)
+
+    def model(self, size_gb: float, name: str) -> dict[str, Any]:
+        directory = self.work / name
+        tensors = write_synthetic_model(directory, total_bytes=int(size_gb * 1e9), shards=4,
+                                        dtypes=("bf16", "fp16", "fp32"))
+        self.s3.upload(directory, BUCKET, f"{name}/")
+        shards = sorted(p.name for p in directory.glob("*.safetensors"))
+        return {"uri": f"s3://{BUCKET}/{name}/", "prefix": f"{name}/", "directory": directory, "shards": shards,
+                "bytes": sum(t.nbytes for t in tensors.values()), "tensors": len(tensors)}
+
+    def cold_and_warm(self, model: dict[str, Any]) -> tuple[float, float, int]:
+        daemon = self.daemon()
+        try:
+            cold = run_script(ATTACH, model["uri"], daemon.target, "0", "1", env=self.env)["seconds"]
+            warm = run_script(ATTACH, model["uri"], daemon.target, "0", "1", env=self.env)["seconds"]
+            read = sum(m.storage_bytes_read for m in client.list_models(target=daemon.target))
+        finally:
+            daemon.stop()
+        return cold, warm, read
+
+    def interleaved(self, model: dict[str, Any]) -> dict[str, list[float]]:
+        paths = [f"s3://{BUCKET}/{model['prefix']}{s}" for s in model["shards"]]
+        steps: list[tuple[str, Callable[[], Any]]] = [
+            ("a", lambda: run_script(STREAMER_ALONE, *paths, env=self.env)["seconds"]),
+            ("b", lambda: run_script(DOWNLOAD_THEN_LOAD, BUCKET, model["prefix"], *model["shards"],
+                                     env=self.env)["seconds"]),
+            ("cd", lambda: self.cold_and_warm(model)),
+        ]
+        samples: dict[str, list[float]] = {"a": [], "b": [], "c": [], "d": []}
+        for repetition in range(self.repetitions):
+            # Rotate the order so no scenario always runs first (warm caches, server state).
+            for name, step in steps[repetition % 3 :] + steps[: repetition % 3]:
+                value = step()
+                if name == "cd":
+                    cold, warm, read = value
+                    assert read == model["bytes"], f"weightd read {read} bytes of a {model['bytes']}-byte model"
+                    samples["c"].append(cold)
+                    samples["d"].append(warm)
+                else:
+                    samples[name].append(value)
+                print(f"  rep {repetition + 1}: {name} done", file=sys.stderr)
+        return samples
+
+    def tensor_parallel(self, model: dict[str, Any]) -> dict[str, float]:
+        all_ranks, full, lone = [], [], []
+        all_bytes = lone_bytes = 0
+        for _ in range(self.repetitions):
+            daemon = self.daemon()
+            try:
+                all_ranks.append(run_script(LOAD, model["uri"], daemon.target, "4", env=self.env)["seconds"])
+                all_bytes = sum(m.storage_bytes_read for m in client.list_models(target=daemon.target))
+            finally:
+                daemon.stop()
+            daemon = self.daemon()
+            try:
+                full.append(run_script(LOAD, model["uri"], daemon.target, "1", env=self.env)["seconds"])
+            finally:
+                daemon.stop()
+            daemon = self.daemon()
+            try:
+                lone.append(run_script(ATTACH, model["uri"], daemon.target, "1", "4", env=self.env)["seconds"])
+                lone_bytes = sum(m.storage_bytes_read for m in client.list_models(target=daemon.target))
+            finally:
+                daemon.stop()
+        return {
+            "all_ranks_s": statistics.median(all_ranks), "full_load_s": statistics.median(full),
+            "lone_rank_s": statistics.median(lone), "all_ranks_bytes": all_bytes, "lone_rank_bytes": lone_bytes,
+        }
+
+    def memory(self, model: dict[str, Any], processes: int = 4) -> dict[str, float]:
+        def hold(args: list[str]) -> tuple[list[subprocess.Popen[str]], int]:
+            procs = [subprocess.Popen([sys.executable, "-c", HOLD, *args], stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE, text=True, env=self.env) for _ in range(processes)]
+            growth = 0
+            for p in procs:
+                assert p.stdout is not None
+                growth += json.loads(p.stdout.readline())["private_growth"]
+            return procs, growth
+
+        def release(procs: list[subprocess.Popen[str]]) -> None:
+            for p in procs:
+                assert p.stdin is not None
+                p.stdin.close()
+                p.wait()
+
+        daemon = self.daemon()
+        try:
+            idle = daemon.private_bytes()
+            client.load(model["uri"], target=daemon.target)
+            procs, client_growth = hold(["attach", model["uri"], daemon.target])
+            shared = sum(m.resident_bytes for m in client.list_models(target=daemon.target))
+            daemon_growth = daemon.private_bytes() - idle
+            release(procs)
+        finally:
+            daemon.stop()
+        weightd_total = shared + client_growth + max(daemon_growth, 0)
+        procs, baseline = hold(["stream", *[f"s3://{BUCKET}/{model['prefix']}{s}" for s in model["shards"]]])
+        release(procs)
+        return {"weightd_node_bytes": weightd_total, "weightd_shared_bytes": shared,
+                "weightd_daemon_private_bytes": max(daemon_growth, 0), "weightd_clients_private_bytes": client_growth,
+                "baseline_node_bytes": baseline}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size-gb", type=float, default=1.0)
+    parser.add_argument("--small-size-gb", type=float, default=0.25, help="second size, to show d stays flat")
+    parser.add_argument("--repetitions", type=int, default=3)
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="weightd-bench-"))
+    s3 = start_seaweedfs(work / "seaweedfs")
+    try:
+        s3.client().create_bucket(Bucket=BUCKET)
+        bench = Bench(s3, work, args.repetitions)
+        big = bench.model(args.size_gb, "big")
+        small = bench.model(args.small_size_gb, "small")
+        print(f"models: {big['bytes'] / 1e9:.2f} GB ({big['tensors']} tensors), "
+              f"{small['bytes'] / 1e9:.2f} GB; {args.repetitions} repetitions", file=sys.stderr)
+        samples = bench.interleaved(big)
+        small_cd = [bench.cold_and_warm(small) for _ in range(args.repetitions)]
+        tp = bench.tensor_parallel(big)
+        memory = bench.memory(big)
+    finally:
+        stop_process(s3.process)
+        shutil.rmtree(work, ignore_errors=True)
+
+    med = {k: statistics.median(v) for k, v in samples.items()}
+    small_c = statistics.median(c for c, _, _ in small_cd)
+    small_d = statistics.median(d for _, d, _ in small_cd)
+    results = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+        "model_bytes": big["bytes"], "model_tensors": big["tensors"], "small_model_bytes": small["bytes"],
+        "repetitions": args.repetitions, "median_seconds": med, "samples": samples,
+        "small_model": {"c": small_c, "d": small_d},
+        "ratios": {
+            "c/a": med["c"] / med["a"], "c/b": med["c"] / med["b"], "d/c": med["d"] / med["c"],
+            "d/c small": small_d / small_c,
+            "e all-ranks bytes/model": tp["all_ranks_bytes"] / big["bytes"],
+            "e all-ranks time/full load": tp["all_ranks_s"] / tp["full_load_s"],
+            "e lone-rank bytes/model": tp["lone_rank_bytes"] / big["bytes"],
+            "e lone-rank time/full load": tp["lone_rank_s"] / tp["full_load_s"],
+            "f weightd node memory/model": memory["weightd_node_bytes"] / big["bytes"],
+            "f 4 loaders node memory/model": memory["baseline_node_bytes"] / big["bytes"],
+        },
+        "tensor_parallel": tp, "memory": memory,
+    }
+    print(render(results))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+def render(r: dict[str, Any]) -> str:
+    gb = r["model_bytes"] / 1e9
+    m = r["median_seconds"]
+    lines = [
+        f"weightd benchmark: {gb:.2f} GB model, {r['model_tensors']} tensors, SeaweedFS S3 on loopback; "
+        f"{r['machine']}; medians of {r['repetitions']}",
+        "",
+        "| scenario | median |",
+        "|---|---|",
+        f"| a. runai streamer alone (SafetensorsStreamer from S3) | {m['a']:.2f} s |",
+        f"| b. boto3 download to disk + safetensors load | {m['b']:.2f} s |",
+        f"| c. weightd cold (fresh daemon: load + attach) | {m['c']:.2f} s |",
+        f"| d. weightd warm (attach from a new process) | {m['d'] * 1000:.1f} ms |",
+        f"| c / d at {r['small_model_bytes'] / 1e9:.2f} GB | {r['small_model']['c']:.2f} s / "
+        f"{r['small_model']['d'] * 1000:.1f} ms |",
+        f"| e. TP=4 all-ranks load / one full load | {r['tensor_parallel']['all_ranks_s']:.2f} s / "
+        f"{r['tensor_parallel']['full_load_s']:.2f} s |",
+        f"| e. TP=4 lone rank 1 cold attach | {r['tensor_parallel']['lone_rank_s']:.2f} s |",
+        "",
+        "| ratio | value | target |",
+        "|---|---|---|",
+    ]
+    targets = {"c/a": "<= 1.05", "d/c": "<= 0.01", "d/c small": "<= 0.01", "e all-ranks bytes/model": "<= 1.02",
+               "e lone-rank bytes/model": "~ its share (0.25) + what it must read whole",
+               "f weightd node memory/model": "<= 1.05", "f 4 loaders node memory/model": "(baseline)"}
+    for name, value in r["ratios"].items():
+        lines.append(f"| {name} | {value:.3f} | {targets.get(name, '')} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
