@@ -8,6 +8,7 @@ buffer) and copy each range into its place in the arenas; nothing touches local 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -224,14 +225,21 @@ def _fetch(
         return
     started = time.monotonic()
     bases = [d.data_ptr() for d in destinations]
+    staged_bytes = sum(s.block.rows * s.block.width for s in staged)
     largest = max((s.block.rows * s.block.width for s in staged), default=0)
-    staging = torch.empty(max(largest, min(memory_limit, sum(s.block.rows * s.block.width for s in staged))),
-                          dtype=torch.uint8)
+    staging = torch.empty(max(largest, min(memory_limit, staged_bytes)), dtype=torch.uint8)
     try:
         # The streamer session owns the C handle and applies object-store credentials once.
         with FileStreamer() as session:
             session.handle_object_store(paths[0], session.streamer)
-            _Submissions(session.streamer, paths, on_progress).run(direct, staged, bases, staging, destinations)
+            reader = _RangeReader(session.streamer, paths)
+            reader.submit([_Range(d.file_index, d.file_offset, d.length, bases[d.layout_index] + d.dst_offset,
+                                  functools.partial(on_progress, d.length)) for d in direct])
+            for batch in _batches(staged, staging.numel()):
+                reader.submit([_staged_range(item, staging[cursor:], destinations, on_progress)
+                               for cursor, item in batch])
+                reader.wait()  # the next batch reuses the staging buffer
+            reader.wait()
     except ValueError as e:
         raise _explain(store, [f.file for f in plan.files], e) from e
     for d in duplicates:
@@ -245,63 +253,65 @@ def _fetch(
         store.location.uri,
         elapsed,
         plan.fetched_bytes / max(elapsed, 1e-9) / 1e9,
-        sum(s.block.rows * s.block.width for s in staged),
+        staged_bytes,
     )
 
 
-class _Submissions:
-    """Submit ranges to libstreamer and dispatch its responses (one per range, in completion order)."""
+@dataclass(frozen=True)
+class _Range:
+    file_index: int
+    file_offset: int
+    length: int
+    address: int  # where the streamer writes it
+    landed: Callable[[], None]
 
-    def __init__(self, handle: object, paths: list[str], on_progress: Callable[[int], None]) -> None:
+
+def _staged_range(
+    item: _Staged, buffer: torch.Tensor, destinations: list[torch.Tensor], on_progress: Callable[[int], None]
+) -> _Range:
+    length = item.block.rows * item.block.width
+    view = buffer[:length]
+
+    def landed() -> None:
+        _scatter_block(view, item.block, destinations)
+        on_progress(length)
+
+    return _Range(item.file_index, item.file_offset, length, view.data_ptr(), landed)
+
+
+class _RangeReader:
+    """Submit ranges to libstreamer and run each one's callback when its response arrives.
+
+    Destinations are raw addresses: nothing may free them while a range is in flight, so ``wait`` drains
+    every outstanding response even when it fails.
+    """
+
+    def __init__(self, handle: object, paths: list[str]) -> None:
         self.handle = handle
         self.paths = paths
-        self.on_progress = on_progress
-        # submission id -> [per submitted file: [per range: callback]]
-        self.callbacks: dict[int, list[list[Callable[[], None]]]] = {}
+        self.callbacks: dict[int, list[list[Callable[[], None]]]] = {}  # submission -> file -> range
         self.outstanding = 0
 
-    def submit(self, ranges: list[tuple[int, int, int, int, Callable[[], None]]]) -> None:
-        """ranges: (file index, file offset, length, destination address, callback when it has landed)."""
-        by_file: dict[int, list[tuple[int, int, int, Callable[[], None]]]] = {}
-        for file_index, offset, length, address, callback in ranges:
-            by_file.setdefault(file_index, []).append((offset, length, address, callback))
+    def submit(self, ranges: list[_Range]) -> None:
+        if not ranges:
+            return
+        by_file: dict[int, list[_Range]] = {}
+        for r in ranges:
+            by_file.setdefault(r.file_index, []).append(r)
         files = sorted(by_file)
+        grouped = [r for f in files for r in by_file[f]]
         submission = runai_request(
             self.handle,
             [self.paths[f] for f in files],
             [len(by_file[f]) for f in files],
-            [r[0] for f in files for r in by_file[f]],
-            [r[1] for f in files for r in by_file[f]],
-            [r[2] for f in files for r in by_file[f]],
+            [r.file_offset for r in grouped],
+            [r.length for r in grouped],
+            [r.address for r in grouped],
         )
-        self.callbacks[submission] = [[r[3] for r in by_file[f]] for f in files]
+        self.callbacks[submission] = [[r.landed for r in by_file[f]] for f in files]
         self.outstanding += len(ranges)
 
-    def run(self, direct: list[_Direct], staged: list[_Staged], bases: list[int], staging: torch.Tensor,
-            destinations: list[torch.Tensor]) -> None:
-        def landed(length: int) -> Callable[[], None]:
-            return lambda: self.on_progress(length)
-
-        if direct:
-            self.submit([(d.file_index, d.file_offset, d.length, bases[d.layout_index] + d.dst_offset,
-                          landed(d.length)) for d in direct])
-        batches = _batches(staged, staging.numel())
-        remaining = [0]
-
-        def submit_batch() -> None:
-            batch = batches.pop(0)
-            remaining[0] = len(batch)
-            ranges = []
-            for cursor, item in batch:
-                length = item.block.rows * item.block.width
-                view = staging[cursor : cursor + length]
-                ranges.append((item.file_index, item.file_offset, length, view.data_ptr(),
-                               self._scatter_then(view, item.block, destinations, length, remaining, batches,
-                                                  submit_batch)))
-            self.submit(ranges)
-
-        if batches:
-            submit_batch()
+    def wait(self) -> None:
         try:
             while self.outstanding:
                 response = runai_response(self.handle)
@@ -313,21 +323,8 @@ class _Submissions:
                     raise ValueError(f"libstreamer could not read a range: {runai_response_str(status)}")
                 self.callbacks[submission][file_index][range_index]()
         finally:
-            # Ranges still in flight write into memory the caller is about to free: wait them out.
             while self.outstanding and runai_response(self.handle) is not None:
                 self.outstanding -= 1
-
-    def _scatter_then(self, view: torch.Tensor, block: Block, destinations: list[torch.Tensor], length: int,
-                      remaining: list[int], batches: list[list[tuple[int, _Staged]]],
-                      submit_batch: Callable[[], None]) -> Callable[[], None]:
-        def done() -> None:
-            _scatter(view, FetchRange(0, length, (Block(0, block.rows, block.width, block.targets),)), destinations)
-            self.on_progress(length)
-            remaining[0] -= 1
-            if remaining[0] == 0 and batches:
-                submit_batch()  # the staging buffer is free again
-
-        return done
 
 
 def _batches(staged: list[_Staged], capacity: int) -> list[list[tuple[int, _Staged]]]:
@@ -346,10 +343,15 @@ def _batches(staged: list[_Staged], capacity: int) -> list[list[tuple[int, _Stag
 
 def _scatter(chunk: torch.Tensor, fetch_range: FetchRange, destinations: list[torch.Tensor]) -> None:
     for block in fetch_range.blocks:
-        rows = chunk[block.range_offset : block.range_offset + block.rows * block.width].view(block.rows, block.width)
-        for t in block.targets:
-            dst = destinations[t.layout_index].as_strided((block.rows, t.width), (t.dst_row_stride, 1), t.dst_offset)
-            dst.copy_(rows[:, t.column : t.column + t.width])
+        _scatter_block(chunk[block.range_offset :], block, destinations)
+
+
+def _scatter_block(data: torch.Tensor, block: Block, destinations: list[torch.Tensor]) -> None:
+    """Copy each target's columns of the ``block.rows`` x ``block.width`` bytes at the start of ``data``."""
+    rows = data[: block.rows * block.width].view(block.rows, block.width)
+    for t in block.targets:
+        dst = destinations[t.layout_index].as_strided((block.rows, t.width), (t.dst_row_stride, 1), t.dst_offset)
+        dst.copy_(rows[:, t.column : t.column + t.width])
 
 
 def _explain(store: ObjectStore, files: Sequence[str], error: ValueError) -> WeightdError:

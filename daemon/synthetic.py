@@ -51,12 +51,12 @@ def write_synthetic_model(
 ) -> dict[str, torch.Tensor]:
     """Write about ``total_bytes`` of weights in ``shards`` files plus index and config; returns the tensors."""
     intermediate, heads, kv_heads, vocab = hidden * 11 // 4, 8, 2, 8192
-    per_layer = sum(
-        torch.Size(shape).numel() * torch.empty(0, dtype=dt).element_size()
-        for shape, dt in llama_tensors(
-            layers=1, hidden=hidden, intermediate=intermediate, heads=heads, kv_heads=kv_heads, vocab=0, dtypes=dtypes
-        ).values()
+    cycle = llama_tensors(  # one layer of each dtype, so mixed-dtype models land near total_bytes
+        layers=len(dtypes), hidden=hidden, intermediate=intermediate, heads=heads, kv_heads=kv_heads, vocab=0,
+        dtypes=dtypes,
     )
+    per_layer = sum(torch.Size(shape).numel() * torch.empty(0, dtype=dt).element_size()
+                    for shape, dt in cycle.values()) // len(dtypes)
     layers = max(1, (total_bytes - 2 * vocab * hidden * 2) // per_layer)
     specs = llama_tensors(
         layers=layers, hidden=hidden, intermediate=intermediate, heads=heads, kv_heads=kv_heads, vocab=vocab,
