@@ -1,6 +1,6 @@
 """Where the cold path spends its time beyond the streamer: cProfile over one cold load, in-process.
 
-    .venv/bin/python benchmarks/profile_cold.py [--size-gb 1.0]
+    .venv/bin/python benchmarks/profile_cold.py [--size-gb 1.0] [--tp-size 4 [--rank 1]]
 
 Runs the daemon's own phases (resolve: list + metadata + headers; plan; stream into a host arena) against a
 local SeaweedFS server, on one thread, and prints the functions with the most own time.
@@ -24,6 +24,7 @@ sys.path.insert(0, str(ROOT))
 from weightd.daemon import loader  # noqa: E402
 from weightd.daemon.memory.host import HostMemory  # noqa: E402
 from weightd.daemon.plan import build_plan  # noqa: E402
+from weightd.daemon.sharding import select_rules  # noqa: E402
 from weightd.daemon.storage.base import open_store, parse_model_uri  # noqa: E402
 from weightd.daemon.synthetic import write_synthetic_model  # noqa: E402
 
@@ -33,6 +34,8 @@ from tests.storage_servers import start_seaweedfs, stop_process  # noqa: E402
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--size-gb", type=float, default=1.0)
+    parser.add_argument("--tp-size", type=int, default=1)
+    parser.add_argument("--rank", type=int, default=None, help="one rank alone (default: all ranks)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="weightd-profile-"))
     s3 = start_seaweedfs(work / "seaweedfs")
@@ -57,7 +60,9 @@ def main() -> int:
         t0 = time.perf_counter()
         source = loader.resolve(store, work / "cache")
         t1 = time.perf_counter()
-        plan = build_plan(source.headers, tp_size=1, ranks=[0], rules=(), max_range_bytes=128 * 2**20)
+        ranks = [args.rank] if args.rank is not None else list(range(args.tp_size))
+        rules = select_rules(source.model_type, (), tp_size=args.tp_size)
+        plan = build_plan(source.headers, tp_size=args.tp_size, ranks=ranks, rules=rules, max_range_bytes=128 * 2**20)
         t2 = time.perf_counter()
         arenas = loader.stream(store, plan, memory, label="profile", memory_limit=512 * 2**20,
                                on_progress=lambda n: None)

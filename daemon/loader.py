@@ -36,7 +36,7 @@ from weightd.daemon.errors import (
     WeightdError,
 )
 from weightd.daemon.memory.base import Arena, MemoryBackend
-from weightd.daemon.plan import Block, FetchRange, LoadPlan, RankLayout, Target
+from weightd.daemon.plan import ALIGNMENT, Block, FetchRange, LoadPlan, RankLayout, Target, align
 from weightd.daemon.safetensors_header import SafetensorsHeader, header_length, parse_header
 from weightd.daemon.storage.base import ModelLocation, ObjectInfo, ObjectStore
 
@@ -227,7 +227,8 @@ def _fetch(
     bases = [d.data_ptr() for d in destinations]
     staged_bytes = sum(s.block.rows * s.block.width for s in staged)
     largest = max((s.block.rows * s.block.width for s in staged), default=0)
-    staging = torch.empty(max(largest, min(memory_limit, staged_bytes)), dtype=torch.uint8)
+    padded = staged_bytes + ALIGNMENT * len(staged)  # batches start blocks on aligned offsets
+    staging = torch.empty(max(largest, min(memory_limit, padded)), dtype=torch.uint8)
     try:
         # The streamer session owns the C handle and applies object-store credentials once.
         with FileStreamer() as session:
@@ -337,7 +338,7 @@ def _batches(staged: list[_Staged], capacity: int) -> list[list[tuple[int, _Stag
             batches.append([])
             cursor = 0
         batches[-1].append((cursor, item))
-        cursor += length
+        cursor = align(cursor + length)  # word-aligned starts keep the scatter in 8-byte words
     return batches
 
 
@@ -346,12 +347,22 @@ def _scatter(chunk: torch.Tensor, fetch_range: FetchRange, destinations: list[to
         _scatter_block(chunk[block.range_offset :], block, destinations)
 
 
+# Strided copies run several times faster in 8-byte words than in bytes.
+_WORDS = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
+
+
 def _scatter_block(data: torch.Tensor, block: Block, destinations: list[torch.Tensor]) -> None:
     """Copy each target's columns of the ``block.rows`` x ``block.width`` bytes at the start of ``data``."""
-    rows = data[: block.rows * block.width].view(block.rows, block.width)
+    raw = data[: block.rows * block.width]
     for t in block.targets:
-        dst = destinations[t.layout_index].as_strided((block.rows, t.width), (t.dst_row_stride, 1), t.dst_offset)
-        dst.copy_(rows[:, t.column : t.column + t.width])
+        dst = destinations[t.layout_index]
+        geometry = (block.width, t.column, t.width, t.dst_row_stride, t.dst_offset, raw.data_ptr(), dst.data_ptr())
+        word = next(w for w in _WORDS if all(v % w == 0 for v in geometry))
+        rows = raw.view(_WORDS[word]).view(block.rows, block.width // word)
+        target = dst.view(_WORDS[word]).as_strided(
+            (block.rows, t.width // word), (t.dst_row_stride // word, 1), t.dst_offset // word
+        )
+        target.copy_(rows[:, t.column // word : (t.column + t.width) // word])
 
 
 def _explain(store: ObjectStore, files: Sequence[str], error: ValueError) -> WeightdError:
