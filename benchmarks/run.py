@@ -73,9 +73,12 @@ print(json.dumps({"seconds": seconds, "tensors": len(tensors)}))
 """
 
 ATTACH = r"""
-import json, sys, time
+import gc, json, sys, time
 from weightd import client
 uri, target, rank, tp_size = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+# An engine attaches after its own start-up, which has run the interpreter's first full garbage collection;
+# in a bare interpreter that collection (tens of ms after importing torch) would land inside the attach.
+gc.collect()
 t0 = time.perf_counter()
 model = client.attach(uri, rank, tp_size=tp_size, target=target)
 seconds = time.perf_counter() - t0

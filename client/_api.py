@@ -100,8 +100,10 @@ class AttachedModel:
         self.rank: int = grant.rank
         self.config_dir = Path(grant.metadata_dir)
         self.tensors: Mapping[str, torch.Tensor] = MappingProxyType(tensors)
+        # split_dims is empty when tp_size is 1: then no tensor is sharded and this mapping is empty.
+        splits = zip(grant.tensors.names, grant.tensors.split_dims, strict=False)
         self.shards: Mapping[str, int | None] = MappingProxyType(
-            {s.tensor_name: (None if s.WhichOneof("action") == "replicate" else s.split_dim) for s in grant.shards}
+            {name: (None if dim < 0 else dim) for name, dim in splits}
         )
 
     def close(self) -> None:
@@ -161,7 +163,7 @@ def attach(
         if timer is not None:
             timer.cancel()
     grant = response.grant
-    tensors = build_tensors(grant, [map_arena(a) for a in grant.arenas])
+    tensors = build_tensors(grant.tensors, [map_arena(a) for a in grant.arenas])
     return AttachedModel(channel, call, grant, tensors)
 
 

@@ -47,12 +47,33 @@ def map_arena(arena: pb.Arena) -> torch.Tensor:
         return torch.frombuffer(mapping, dtype=torch.uint8)
 
 
-def build_tensors(grant: pb.Grant, arenas: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+def build_tensors(table: pb.TensorTable, arenas: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One typed view per (arena, dtype), then one as_strided per tensor: the cheapest zero-copy views."""
+    typed: dict[tuple[int, int], torch.Tensor] = {}
     tensors = {}
-    for slot in grant.tensors:
-        dtype = TORCH_DTYPES.get(slot.dtype)
-        if dtype is None:
-            raise ValueError(f"tensor {slot.name!r} has dtype {pb.DataType.Name(slot.dtype)}, unknown to this client")
-        raw = arenas[slot.arena_index][slot.byte_offset : slot.byte_offset + slot.byte_length]
-        tensors[slot.name] = raw.view(dtype).view(tuple(slot.shape))
+    dims = list(table.dims)
+    cursor = 0
+    for name, dtype_code, ndim, arena_index, offset, length in zip(
+        table.names, table.dtypes, table.ndims, table.arena_indices, table.byte_offsets, table.byte_lengths,
+        strict=True,
+    ):
+        shape = tuple(dims[cursor : cursor + ndim])
+        cursor += ndim
+        base = typed.get((arena_index, dtype_code))
+        if base is None:
+            dtype = TORCH_DTYPES.get(dtype_code)
+            if dtype is None:
+                raise ValueError(f"tensor {name!r} has dtype {pb.DataType.Name(dtype_code)}, unknown to this client")
+            base = typed[(arena_index, dtype_code)] = arenas[arena_index].view(dtype)
+        itemsize = base.element_size()
+        if offset % itemsize or offset + length > arenas[arena_index].numel():
+            raise ValueError(f"tensor {name!r}: the grant places it outside its arena or misaligned")
+        tensors[name] = base.as_strided(shape, _contiguous_strides(shape), offset // itemsize)
     return tensors
+
+
+def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides = [1] * len(shape)
+    for i in range(len(shape) - 2, -1, -1):
+        strides[i] = strides[i + 1] * max(shape[i + 1], 1)
+    return tuple(strides)

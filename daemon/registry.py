@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from weightd.daemon import loader
 from weightd.daemon.errors import ModelInUseError, ModelNotFoundError, WeightdError
@@ -74,6 +75,7 @@ class Entry:
     metadata_bytes_downloaded: int = 0
     validated_at: float = 0.0
     leases: set[str] = field(default_factory=set)
+    grant_template: Any = None  # the service's cached protobuf grant (opaque here)
 
 
 @dataclass(frozen=True)

@@ -60,9 +60,23 @@ def _key(selector: pb.ModelSelector) -> EntryKey:
 
 
 def _grant(entry: Entry, lease_id: str) -> pb.Grant:
+    """The entry's grant (built once: it lists every tensor) with this lease's id."""
+    template = entry.grant_template
+    if template is None:
+        template = entry.grant_template = _grant_template(entry)
+    grant = pb.Grant()
+    grant.CopyFrom(template)
+    grant.lease_id = lease_id
+    return grant
+
+
+def _split_dim(dim: int | None) -> int:
+    return -1 if dim is None else dim  # the wire's "replicated"
+
+
+def _grant_template(entry: Entry) -> pb.Grant:
     assert entry.arena is not None and entry.layout is not None
     grant = pb.Grant(
-        lease_id=lease_id,
         model_uri=entry.key.model_uri,
         revision=entry.revision,
         tp_size=entry.key.tp_size,
@@ -75,22 +89,19 @@ def _grant(entry: Entry, lease_id: str) -> pb.Grant:
             )
         ],
     )
-    grant.tensors.extend(
-        pb.TensorSlot(
-            name=slot.name,
-            dtype=f"DATA_TYPE_{slot.dtype}",
-            shape=slot.shape,
-            arena_index=0,
-            byte_offset=slot.offset,
-            byte_length=slot.nbytes,
+    slots = entry.layout.slots
+    split = dict(entry.layout.shards)
+    grant.tensors.CopyFrom(
+        pb.TensorTable(
+            names=[slot.name for slot in slots],
+            dtypes=[f"DATA_TYPE_{slot.dtype}" for slot in slots],
+            ndims=[len(slot.shape) for slot in slots],
+            dims=[d for slot in slots for d in slot.shape],
+            arena_indices=[0] * len(slots),
+            byte_offsets=[slot.offset for slot in slots],
+            byte_lengths=[slot.nbytes for slot in slots],
+            split_dims=[_split_dim(split[slot.name]) for slot in slots] if split else [],
         )
-        for slot in entry.layout.slots
-    )
-    grant.shards.extend(
-        pb.AppliedShard(tensor_name=name, replicate=True)
-        if dim is None
-        else pb.AppliedShard(tensor_name=name, split_dim=dim)
-        for name, dim in entry.layout.shards
     )
     return grant
 

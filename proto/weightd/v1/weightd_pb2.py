@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18weightd/v1/weightd.proto\x12\nweightd.v1\"P\n\tShardRule\x12\x0f\n\x07pattern\x18\x01 \x01(\t\x12\x13\n\tsplit_dim\x18\x02 \x01(\rH\x00\x12\x13\n\treplicate\x18\x03 \x01(\x08H\x00\x42\x08\n\x06\x61\x63tion\"m\n\rModelSelector\x12\x11\n\tmodel_uri\x18\x01 \x01(\t\x12\x0f\n\x07tp_size\x18\x02 \x01(\r\x12\x0c\n\x04rank\x18\x03 \x01(\r\x12*\n\x0bshard_rules\x18\x04 \x03(\x0b\x32\x15.weightd.v1.ShardRule\"h\n\x10StreamerSettings\x12\x19\n\x0cmemory_limit\x18\x01 \x01(\x04H\x00\x88\x01\x01\x12\x18\n\x0b\x64istributed\x18\x02 \x01(\x08H\x01\x88\x01\x01\x42\x0f\n\r_memory_limitB\x0e\n\x0c_distributed\"\x7f\n\x10LoadModelRequest\x12(\n\x05model\x18\x01 \x01(\x0b\x32\x19.weightd.v1.ModelSelector\x12\x11\n\tall_ranks\x18\x02 \x01(\x08\x12.\n\x08settings\x18\x03 \x01(\x0b\x32\x1c.weightd.v1.StreamerSettings\"c\n\x11LoadModelResponse\x12%\n\x05state\x18\x01 \x01(\x0e\x32\x16.weightd.v1.ModelState\x12\x12\n\nbytes_done\x18\x02 \x01(\x04\x12\x13\n\x0b\x62ytes_total\x18\x03 \x01(\x04\" \n\x10HostSharedMemory\x12\x0c\n\x04path\x18\x01 \x01(\t\"R\n\x0cMemoryHandle\x12:\n\x12host_shared_memory\x18\x01 \x01(\x0b\x32\x1c.weightd.v1.HostSharedMemoryH\x00\x42\x06\n\x04kind\"E\n\x05\x41rena\x12(\n\x06handle\x18\x01 \x01(\x0b\x32\x18.weightd.v1.MemoryHandle\x12\x12\n\nsize_bytes\x18\x02 \x01(\x04\"\x8d\x01\n\nTensorSlot\x12\x0c\n\x04name\x18\x01 \x01(\t\x12#\n\x05\x64type\x18\x02 \x01(\x0e\x32\x14.weightd.v1.DataType\x12\r\n\x05shape\x18\x03 \x03(\x04\x12\x13\n\x0b\x61rena_index\x18\x04 \x01(\r\x12\x13\n\x0b\x62yte_offset\x18\x05 \x01(\x04\x12\x13\n\x0b\x62yte_length\x18\x06 \x01(\x04\"W\n\x0c\x41ppliedShard\x12\x13\n\x0btensor_name\x18\x01 \x01(\t\x12\x13\n\tsplit_dim\x18\x02 \x01(\rH\x00\x12\x13\n\treplicate\x18\x03 \x01(\x08H\x00\x42\x08\n\x06\x61\x63tion\"\xe9\x01\n\x05Grant\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x11\n\tmodel_uri\x18\x02 \x01(\t\x12\x10\n\x08revision\x18\x03 \x01(\t\x12\x0f\n\x07tp_size\x18\x04 \x01(\r\x12\x0c\n\x04rank\x18\x05 \x01(\r\x12!\n\x06\x61renas\x18\x06 \x03(\x0b\x32\x11.weightd.v1.Arena\x12\'\n\x07tensors\x18\x07 \x03(\x0b\x32\x16.weightd.v1.TensorSlot\x12\x14\n\x0cmetadata_dir\x18\x08 \x01(\t\x12(\n\x06shards\x18\t \x03(\x0b\x32\x18.weightd.v1.AppliedShard\">\n\x12\x41ttachModelRequest\x12(\n\x05model\x18\x01 \x01(\x0b\x32\x19.weightd.v1.ModelSelector\"B\n\x13\x41ttachModelResponse\x12\"\n\x05grant\x18\x01 \x01(\x0b\x32\x11.weightd.v1.GrantH\x00\x42\x07\n\x05\x65vent\"\x13\n\x11ListModelsRequest\"\x9b\x02\n\rResidentModel\x12\x11\n\tmodel_uri\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\t\x12%\n\x05state\x18\x03 \x01(\x0e\x32\x16.weightd.v1.ModelState\x12\x0f\n\x07tp_size\x18\x04 \x01(\r\x12\x0c\n\x04rank\x18\x05 \x01(\r\x12\x16\n\x0eresident_bytes\x18\x06 \x01(\x04\x12\x0e\n\x06leases\x18\x07 \x01(\r\x12\x1a\n\x12storage_bytes_read\x18\x08 \x01(\x04\x12\x12\n\nbytes_done\x18\t \x01(\x04\x12\x13\n\x0b\x62ytes_total\x18\n \x01(\x04\x12!\n\x19metadata_bytes_downloaded\x18\x0b \x01(\x04\x12\x0f\n\x07\x63urrent\x18\x0c \x01(\x08\"?\n\x12ListModelsResponse\x12)\n\x06models\x18\x01 \x03(\x0b\x32\x19.weightd.v1.ResidentModel\"&\n\x11\x45victModelRequest\x12\x11\n\tmodel_uri\x18\x01 \x01(\t\"B\n\x12\x45victModelResponse\x12\x17\n\x0f\x65victed_entries\x18\x01 \x01(\r\x12\x13\n\x0b\x66reed_bytes\x18\x02 \x01(\x04\",\n\x17GetModelMetadataRequest\x12\x11\n\tmodel_uri\x18\x01 \x01(\t\"k\n\x18GetModelMetadataResponse\x12\x14\n\x0cmetadata_dir\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\t\x12\r\n\x05\x66iles\x18\x03 \x03(\t\x12\x18\n\x10\x64ownloaded_bytes\x18\x04 \x01(\x04*\x83\x01\n\nModelState\x12\x1b\n\x17MODEL_STATE_UNSPECIFIED\x10\x00\x12 \n\x1cMODEL_STATE_LOADING_METADATA\x10\x01\x12\x1f\n\x1bMODEL_STATE_LOADING_WEIGHTS\x10\x02\x12\x15\n\x11MODEL_STATE_READY\x10\x03*\xca\x02\n\x08\x44\x61taType\x12\x19\n\x15\x44\x41TA_TYPE_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x44\x41TA_TYPE_BOOL\x10\x01\x12\x10\n\x0c\x44\x41TA_TYPE_U8\x10\x02\x12\x10\n\x0c\x44\x41TA_TYPE_I8\x10\x03\x12\x11\n\rDATA_TYPE_I16\x10\x04\x12\x11\n\rDATA_TYPE_U16\x10\x05\x12\x11\n\rDATA_TYPE_I32\x10\x06\x12\x11\n\rDATA_TYPE_U32\x10\x07\x12\x11\n\rDATA_TYPE_I64\x10\x08\x12\x11\n\rDATA_TYPE_U64\x10\t\x12\x11\n\rDATA_TYPE_F16\x10\n\x12\x12\n\x0e\x44\x41TA_TYPE_BF16\x10\x0b\x12\x11\n\rDATA_TYPE_F32\x10\x0c\x12\x11\n\rDATA_TYPE_F64\x10\r\x12\x15\n\x11\x44\x41TA_TYPE_F8_E4M3\x10\x0e\x12\x15\n\x11\x44\x41TA_TYPE_F8_E5M2\x10\x0f\x32\xa6\x03\n\rWeightService\x12J\n\tLoadModel\x12\x1c.weightd.v1.LoadModelRequest\x1a\x1d.weightd.v1.LoadModelResponse0\x01\x12P\n\x0b\x41ttachModel\x12\x1e.weightd.v1.AttachModelRequest\x1a\x1f.weightd.v1.AttachModelResponse0\x01\x12K\n\nListModels\x12\x1d.weightd.v1.ListModelsRequest\x1a\x1e.weightd.v1.ListModelsResponse\x12K\n\nEvictModel\x12\x1d.weightd.v1.EvictModelRequest\x1a\x1e.weightd.v1.EvictModelResponse\x12]\n\x10GetModelMetadata\x12#.weightd.v1.GetModelMetadataRequest\x1a$.weightd.v1.GetModelMetadataResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18weightd/v1/weightd.proto\x12\nweightd.v1\"P\n\tShardRule\x12\x0f\n\x07pattern\x18\x01 \x01(\t\x12\x13\n\tsplit_dim\x18\x02 \x01(\rH\x00\x12\x13\n\treplicate\x18\x03 \x01(\x08H\x00\x42\x08\n\x06\x61\x63tion\"m\n\rModelSelector\x12\x11\n\tmodel_uri\x18\x01 \x01(\t\x12\x0f\n\x07tp_size\x18\x02 \x01(\r\x12\x0c\n\x04rank\x18\x03 \x01(\r\x12*\n\x0bshard_rules\x18\x04 \x03(\x0b\x32\x15.weightd.v1.ShardRule\"h\n\x10StreamerSettings\x12\x19\n\x0cmemory_limit\x18\x01 \x01(\x04H\x00\x88\x01\x01\x12\x18\n\x0b\x64istributed\x18\x02 \x01(\x08H\x01\x88\x01\x01\x42\x0f\n\r_memory_limitB\x0e\n\x0c_distributed\"\x7f\n\x10LoadModelRequest\x12(\n\x05model\x18\x01 \x01(\x0b\x32\x19.weightd.v1.ModelSelector\x12\x11\n\tall_ranks\x18\x02 \x01(\x08\x12.\n\x08settings\x18\x03 \x01(\x0b\x32\x1c.weightd.v1.StreamerSettings\"c\n\x11LoadModelResponse\x12%\n\x05state\x18\x01 \x01(\x0e\x32\x16.weightd.v1.ModelState\x12\x12\n\nbytes_done\x18\x02 \x01(\x04\x12\x13\n\x0b\x62ytes_total\x18\x03 \x01(\x04\" \n\x10HostSharedMemory\x12\x0c\n\x04path\x18\x01 \x01(\t\"R\n\x0cMemoryHandle\x12:\n\x12host_shared_memory\x18\x01 \x01(\x0b\x32\x1c.weightd.v1.HostSharedMemoryH\x00\x42\x06\n\x04kind\"E\n\x05\x41rena\x12(\n\x06handle\x18\x01 \x01(\x0b\x32\x18.weightd.v1.MemoryHandle\x12\x12\n\nsize_bytes\x18\x02 \x01(\x04\"\xb6\x01\n\x0bTensorTable\x12\r\n\x05names\x18\x01 \x03(\t\x12$\n\x06\x64types\x18\x02 \x03(\x0e\x32\x14.weightd.v1.DataType\x12\r\n\x05ndims\x18\x03 \x03(\r\x12\x0c\n\x04\x64ims\x18\x04 \x03(\x04\x12\x15\n\rarena_indices\x18\x05 \x03(\r\x12\x14\n\x0c\x62yte_offsets\x18\x06 \x03(\x04\x12\x14\n\x0c\x62yte_lengths\x18\x07 \x03(\x04\x12\x12\n\nsplit_dims\x18\x08 \x03(\x05\"\xcc\x01\n\x05Grant\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x11\n\tmodel_uri\x18\x02 \x01(\t\x12\x10\n\x08revision\x18\x03 \x01(\t\x12\x0f\n\x07tp_size\x18\x04 \x01(\r\x12\x0c\n\x04rank\x18\x05 \x01(\r\x12!\n\x06\x61renas\x18\x06 \x03(\x0b\x32\x11.weightd.v1.Arena\x12(\n\x07tensors\x18\n \x01(\x0b\x32\x17.weightd.v1.TensorTable\x12\x14\n\x0cmetadata_dir\x18\x08 \x01(\tJ\x04\x08\x07\x10\x08J\x04\x08\t\x10\n\">\n\x12\x41ttachModelRequest\x12(\n\x05model\x18\x01 \x01(\x0b\x32\x19.weightd.v1.ModelSelector\"B\n\x13\x41ttachModelResponse\x12\"\n\x05grant\x18\x01 \x01(\x0b\x32\x11.weightd.v1.GrantH\x00\x42\x07\n\x05\x65vent\"\x13\n\x11ListModelsRequest\"\x9b\x02\n\rResidentModel\x12\x11\n\tmodel_uri\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\t\x12%\n\x05state\x18\x03 \x01(\x0e\x32\x16.weightd.v1.ModelState\x12\x0f\n\x07tp_size\x18\x04 \x01(\r\x12\x0c\n\x04rank\x18\x05 \x01(\r\x12\x16\n\x0eresident_bytes\x18\x06 \x01(\x04\x12\x0e\n\x06leases\x18\x07 \x01(\r\x12\x1a\n\x12storage_bytes_read\x18\x08 \x01(\x04\x12\x12\n\nbytes_done\x18\t \x01(\x04\x12\x13\n\x0b\x62ytes_total\x18\n \x01(\x04\x12!\n\x19metadata_bytes_downloaded\x18\x0b \x01(\x04\x12\x0f\n\x07\x63urrent\x18\x0c \x01(\x08\"?\n\x12ListModelsResponse\x12)\n\x06models\x18\x01 \x03(\x0b\x32\x19.weightd.v1.ResidentModel\"&\n\x11\x45victModelRequest\x12\x11\n\tmodel_uri\x18\x01 \x01(\t\"B\n\x12\x45victModelResponse\x12\x17\n\x0f\x65victed_entries\x18\x01 \x01(\r\x12\x13\n\x0b\x66reed_bytes\x18\x02 \x01(\x04\",\n\x17GetModelMetadataRequest\x12\x11\n\tmodel_uri\x18\x01 \x01(\t\"k\n\x18GetModelMetadataResponse\x12\x14\n\x0cmetadata_dir\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\t\x12\r\n\x05\x66iles\x18\x03 \x03(\t\x12\x18\n\x10\x64ownloaded_bytes\x18\x04 \x01(\x04*\x83\x01\n\nModelState\x12\x1b\n\x17MODEL_STATE_UNSPECIFIED\x10\x00\x12 \n\x1cMODEL_STATE_LOADING_METADATA\x10\x01\x12\x1f\n\x1bMODEL_STATE_LOADING_WEIGHTS\x10\x02\x12\x15\n\x11MODEL_STATE_READY\x10\x03*\xca\x02\n\x08\x44\x61taType\x12\x19\n\x15\x44\x41TA_TYPE_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x44\x41TA_TYPE_BOOL\x10\x01\x12\x10\n\x0c\x44\x41TA_TYPE_U8\x10\x02\x12\x10\n\x0c\x44\x41TA_TYPE_I8\x10\x03\x12\x11\n\rDATA_TYPE_I16\x10\x04\x12\x11\n\rDATA_TYPE_U16\x10\x05\x12\x11\n\rDATA_TYPE_I32\x10\x06\x12\x11\n\rDATA_TYPE_U32\x10\x07\x12\x11\n\rDATA_TYPE_I64\x10\x08\x12\x11\n\rDATA_TYPE_U64\x10\t\x12\x11\n\rDATA_TYPE_F16\x10\n\x12\x12\n\x0e\x44\x41TA_TYPE_BF16\x10\x0b\x12\x11\n\rDATA_TYPE_F32\x10\x0c\x12\x11\n\rDATA_TYPE_F64\x10\r\x12\x15\n\x11\x44\x41TA_TYPE_F8_E4M3\x10\x0e\x12\x15\n\x11\x44\x41TA_TYPE_F8_E5M2\x10\x0f\x32\xa6\x03\n\rWeightService\x12J\n\tLoadModel\x12\x1c.weightd.v1.LoadModelRequest\x1a\x1d.weightd.v1.LoadModelResponse0\x01\x12P\n\x0b\x41ttachModel\x12\x1e.weightd.v1.AttachModelRequest\x1a\x1f.weightd.v1.AttachModelResponse0\x01\x12K\n\nListModels\x12\x1d.weightd.v1.ListModelsRequest\x1a\x1e.weightd.v1.ListModelsResponse\x12K\n\nEvictModel\x12\x1d.weightd.v1.EvictModelRequest\x1a\x1e.weightd.v1.EvictModelResponse\x12]\n\x10GetModelMetadata\x12#.weightd.v1.GetModelMetadataRequest\x1a$.weightd.v1.GetModelMetadataResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'weightd.v1.weightd_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MODELSTATE']._serialized_start=1995
-  _globals['_MODELSTATE']._serialized_end=2126
-  _globals['_DATATYPE']._serialized_start=2129
-  _globals['_DATATYPE']._serialized_end=2459
+  _globals['_MODELSTATE']._serialized_start=1918
+  _globals['_MODELSTATE']._serialized_end=2049
+  _globals['_DATATYPE']._serialized_start=2052
+  _globals['_DATATYPE']._serialized_end=2382
   _globals['_SHARDRULE']._serialized_start=40
   _globals['_SHARDRULE']._serialized_end=120
   _globals['_MODELSELECTOR']._serialized_start=122
@@ -51,30 +51,28 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MEMORYHANDLE']._serialized_end=685
   _globals['_ARENA']._serialized_start=687
   _globals['_ARENA']._serialized_end=756
-  _globals['_TENSORSLOT']._serialized_start=759
-  _globals['_TENSORSLOT']._serialized_end=900
-  _globals['_APPLIEDSHARD']._serialized_start=902
-  _globals['_APPLIEDSHARD']._serialized_end=989
-  _globals['_GRANT']._serialized_start=992
-  _globals['_GRANT']._serialized_end=1225
-  _globals['_ATTACHMODELREQUEST']._serialized_start=1227
-  _globals['_ATTACHMODELREQUEST']._serialized_end=1289
-  _globals['_ATTACHMODELRESPONSE']._serialized_start=1291
-  _globals['_ATTACHMODELRESPONSE']._serialized_end=1357
-  _globals['_LISTMODELSREQUEST']._serialized_start=1359
-  _globals['_LISTMODELSREQUEST']._serialized_end=1378
-  _globals['_RESIDENTMODEL']._serialized_start=1381
-  _globals['_RESIDENTMODEL']._serialized_end=1664
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1666
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1729
-  _globals['_EVICTMODELREQUEST']._serialized_start=1731
-  _globals['_EVICTMODELREQUEST']._serialized_end=1769
-  _globals['_EVICTMODELRESPONSE']._serialized_start=1771
-  _globals['_EVICTMODELRESPONSE']._serialized_end=1837
-  _globals['_GETMODELMETADATAREQUEST']._serialized_start=1839
-  _globals['_GETMODELMETADATAREQUEST']._serialized_end=1883
-  _globals['_GETMODELMETADATARESPONSE']._serialized_start=1885
-  _globals['_GETMODELMETADATARESPONSE']._serialized_end=1992
-  _globals['_WEIGHTSERVICE']._serialized_start=2462
-  _globals['_WEIGHTSERVICE']._serialized_end=2884
+  _globals['_TENSORTABLE']._serialized_start=759
+  _globals['_TENSORTABLE']._serialized_end=941
+  _globals['_GRANT']._serialized_start=944
+  _globals['_GRANT']._serialized_end=1148
+  _globals['_ATTACHMODELREQUEST']._serialized_start=1150
+  _globals['_ATTACHMODELREQUEST']._serialized_end=1212
+  _globals['_ATTACHMODELRESPONSE']._serialized_start=1214
+  _globals['_ATTACHMODELRESPONSE']._serialized_end=1280
+  _globals['_LISTMODELSREQUEST']._serialized_start=1282
+  _globals['_LISTMODELSREQUEST']._serialized_end=1301
+  _globals['_RESIDENTMODEL']._serialized_start=1304
+  _globals['_RESIDENTMODEL']._serialized_end=1587
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1589
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1652
+  _globals['_EVICTMODELREQUEST']._serialized_start=1654
+  _globals['_EVICTMODELREQUEST']._serialized_end=1692
+  _globals['_EVICTMODELRESPONSE']._serialized_start=1694
+  _globals['_EVICTMODELRESPONSE']._serialized_end=1760
+  _globals['_GETMODELMETADATAREQUEST']._serialized_start=1762
+  _globals['_GETMODELMETADATAREQUEST']._serialized_end=1806
+  _globals['_GETMODELMETADATARESPONSE']._serialized_start=1808
+  _globals['_GETMODELMETADATARESPONSE']._serialized_end=1915
+  _globals['_WEIGHTSERVICE']._serialized_start=2385
+  _globals['_WEIGHTSERVICE']._serialized_end=2807
 # @@protoc_insertion_point(module_scope)

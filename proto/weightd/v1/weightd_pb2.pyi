@@ -123,34 +123,28 @@ class Arena(_message.Message):
     size_bytes: int
     def __init__(self, handle: _Optional[_Union[MemoryHandle, _Mapping]] = ..., size_bytes: _Optional[int] = ...) -> None: ...
 
-class TensorSlot(_message.Message):
-    __slots__ = ("name", "dtype", "shape", "arena_index", "byte_offset", "byte_length")
-    NAME_FIELD_NUMBER: _ClassVar[int]
-    DTYPE_FIELD_NUMBER: _ClassVar[int]
-    SHAPE_FIELD_NUMBER: _ClassVar[int]
-    ARENA_INDEX_FIELD_NUMBER: _ClassVar[int]
-    BYTE_OFFSET_FIELD_NUMBER: _ClassVar[int]
-    BYTE_LENGTH_FIELD_NUMBER: _ClassVar[int]
-    name: str
-    dtype: DataType
-    shape: _containers.RepeatedScalarFieldContainer[int]
-    arena_index: int
-    byte_offset: int
-    byte_length: int
-    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DataType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., arena_index: _Optional[int] = ..., byte_offset: _Optional[int] = ..., byte_length: _Optional[int] = ...) -> None: ...
-
-class AppliedShard(_message.Message):
-    __slots__ = ("tensor_name", "split_dim", "replicate")
-    TENSOR_NAME_FIELD_NUMBER: _ClassVar[int]
-    SPLIT_DIM_FIELD_NUMBER: _ClassVar[int]
-    REPLICATE_FIELD_NUMBER: _ClassVar[int]
-    tensor_name: str
-    split_dim: int
-    replicate: bool
-    def __init__(self, tensor_name: _Optional[str] = ..., split_dim: _Optional[int] = ..., replicate: bool = ...) -> None: ...
+class TensorTable(_message.Message):
+    __slots__ = ("names", "dtypes", "ndims", "dims", "arena_indices", "byte_offsets", "byte_lengths", "split_dims")
+    NAMES_FIELD_NUMBER: _ClassVar[int]
+    DTYPES_FIELD_NUMBER: _ClassVar[int]
+    NDIMS_FIELD_NUMBER: _ClassVar[int]
+    DIMS_FIELD_NUMBER: _ClassVar[int]
+    ARENA_INDICES_FIELD_NUMBER: _ClassVar[int]
+    BYTE_OFFSETS_FIELD_NUMBER: _ClassVar[int]
+    BYTE_LENGTHS_FIELD_NUMBER: _ClassVar[int]
+    SPLIT_DIMS_FIELD_NUMBER: _ClassVar[int]
+    names: _containers.RepeatedScalarFieldContainer[str]
+    dtypes: _containers.RepeatedScalarFieldContainer[DataType]
+    ndims: _containers.RepeatedScalarFieldContainer[int]
+    dims: _containers.RepeatedScalarFieldContainer[int]
+    arena_indices: _containers.RepeatedScalarFieldContainer[int]
+    byte_offsets: _containers.RepeatedScalarFieldContainer[int]
+    byte_lengths: _containers.RepeatedScalarFieldContainer[int]
+    split_dims: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, names: _Optional[_Iterable[str]] = ..., dtypes: _Optional[_Iterable[_Union[DataType, str]]] = ..., ndims: _Optional[_Iterable[int]] = ..., dims: _Optional[_Iterable[int]] = ..., arena_indices: _Optional[_Iterable[int]] = ..., byte_offsets: _Optional[_Iterable[int]] = ..., byte_lengths: _Optional[_Iterable[int]] = ..., split_dims: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Grant(_message.Message):
-    __slots__ = ("lease_id", "model_uri", "revision", "tp_size", "rank", "arenas", "tensors", "metadata_dir", "shards")
+    __slots__ = ("lease_id", "model_uri", "revision", "tp_size", "rank", "arenas", "tensors", "metadata_dir")
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_URI_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
@@ -159,17 +153,15 @@ class Grant(_message.Message):
     ARENAS_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     METADATA_DIR_FIELD_NUMBER: _ClassVar[int]
-    SHARDS_FIELD_NUMBER: _ClassVar[int]
     lease_id: str
     model_uri: str
     revision: str
     tp_size: int
     rank: int
     arenas: _containers.RepeatedCompositeFieldContainer[Arena]
-    tensors: _containers.RepeatedCompositeFieldContainer[TensorSlot]
+    tensors: TensorTable
     metadata_dir: str
-    shards: _containers.RepeatedCompositeFieldContainer[AppliedShard]
-    def __init__(self, lease_id: _Optional[str] = ..., model_uri: _Optional[str] = ..., revision: _Optional[str] = ..., tp_size: _Optional[int] = ..., rank: _Optional[int] = ..., arenas: _Optional[_Iterable[_Union[Arena, _Mapping]]] = ..., tensors: _Optional[_Iterable[_Union[TensorSlot, _Mapping]]] = ..., metadata_dir: _Optional[str] = ..., shards: _Optional[_Iterable[_Union[AppliedShard, _Mapping]]] = ...) -> None: ...
+    def __init__(self, lease_id: _Optional[str] = ..., model_uri: _Optional[str] = ..., revision: _Optional[str] = ..., tp_size: _Optional[int] = ..., rank: _Optional[int] = ..., arenas: _Optional[_Iterable[_Union[Arena, _Mapping]]] = ..., tensors: _Optional[_Union[TensorTable, _Mapping]] = ..., metadata_dir: _Optional[str] = ...) -> None: ...
 
 class AttachModelRequest(_message.Message):
     __slots__ = ("model",)
