@@ -159,7 +159,10 @@ class Bench:
         self.s3 = s3
         self.work = work
         self.repetitions = repetitions
-        self.env = {**os.environ, **s3.env(), "BENCH_DISK": str(work)}
+        # The same streamer settings for every contender (the daemon would default the timeout to 30 s anyway;
+        # at the streamer's 1 s, four concurrent streams on two cores fail with "File access error").
+        self.env = {**os.environ, **s3.env(), "BENCH_DISK": str(work), "RUNAI_STREAMER_S3_USE_VIRTUAL_ADDRESSING": "0",
+                    "RUNAI_STREAMER_S3_REQUEST_TIMEOUT_MS": "30000"}
         self.daemons = 0
 
     def daemon(self) -> Daemon:

@@ -15,6 +15,7 @@ import tomllib
 from weightd.daemon.errors import InvalidRequestError
 
 DEFAULT_CONFIG_FILE = Path("/etc/weightd/weightd.toml")
+S3_REQUEST_TIMEOUT_MS = 30_000
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
           "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
@@ -122,6 +123,9 @@ class DaemonConfig:
     def streamer_environment(self, env: Mapping[str, str]) -> dict[str, str]:
         """runai-model-streamer settings, read process-wide when a streamer starts; the entry point applies them."""
         settings = {"RUNAI_STREAMER_CONCURRENCY": str(self.concurrency)}
+        if "RUNAI_STREAMER_S3_REQUEST_TIMEOUT_MS" not in env:
+            # The streamer's 1 s default fails loaded or cross-region endpoints with "File access error".
+            settings["RUNAI_STREAMER_S3_REQUEST_TIMEOUT_MS"] = str(S3_REQUEST_TIMEOUT_MS)
         if (env.get("AWS_ENDPOINT_URL") or env.get("AWS_ENDPOINT_URL_S3")) and (
             "RUNAI_STREAMER_S3_USE_VIRTUAL_ADDRESSING" not in env
         ):

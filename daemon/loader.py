@@ -2,8 +2,9 @@
 
 Phase (a), ``resolve``: list the prefix, download every metadata file once into the cache (keyed by the
 objects' versions), read each safetensors header with ranged reads and validate it.
-Phase (b), ``stream``: fetch exactly the planned byte ranges with runai-model-streamer (bounded ring
-buffer) and copy each range into its place in the arenas; nothing touches local disk.
+Phase (b), ``stream``: fetch exactly the planned byte ranges with runai-model-streamer, which writes them
+straight into the arenas; only tensor-parallel slices that scatter pass through a bounded staging buffer.
+Nothing touches local disk.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from weightd.daemon.errors import (
     WeightdError,
 )
 from weightd.daemon.memory.base import Arena, MemoryBackend
-from weightd.daemon.plan import ALIGNMENT, Block, FetchRange, LoadPlan, RankLayout, Target, align
+from weightd.daemon.plan import ALIGNMENT, Block, LoadPlan, RankLayout, Target, align
 from weightd.daemon.safetensors_header import SafetensorsHeader, header_length, parse_header
 from weightd.daemon.storage.base import ModelLocation, ObjectInfo, ObjectStore
 
@@ -159,7 +160,6 @@ class _Staged:
     """A block whose bytes scatter (row slices for several ranks): fetched into a staging buffer first."""
 
     file_index: int
-    file_offset: int
     block: Block
 
 
@@ -177,33 +177,35 @@ class _Duplicate:
 def _route(plan: LoadPlan) -> tuple[list[_Direct], list[_Staged], list[_Duplicate]]:
     """Split the plan's blocks into direct writes, staged scatters and in-memory duplicates.
 
-    Every byte is still fetched once: a single-row block's targets are disjoint column windows (one direct
-    range each) or the same window for every rank (a replicated tensor: one range, then copies).
+    Exactly the plan's bytes are fetched, each once. A single-row block whose targets' windows tile it is
+    read as one direct range per window (a replicated tensor's one window: one range, then copies); a block
+    of whole rows for one rank is one direct range; anything else is staged and scattered.
     """
     direct: list[_Direct] = []
     staged: list[_Staged] = []
     duplicates: list[_Duplicate] = []
     for file_index, file_plan in enumerate(plan.files):
-        for fetch_range in file_plan.ranges:
-            for block in fetch_range.blocks:
-                offset = fetch_range.file_offset + block.range_offset
-                first = block.targets[0]
-                if block.rows == 1:
-                    fetched: dict[tuple[int, int], Target] = {}
-                    for t in block.targets:
-                        if (t.column, t.width) in fetched:
-                            src = fetched[(t.column, t.width)]
-                            duplicates.append(_Duplicate(src.layout_index, src.dst_offset, t.layout_index,
-                                                         t.dst_offset, t.width))
-                        else:
-                            fetched[(t.column, t.width)] = t
-                            direct.append(_Direct(file_index, offset + t.column, t.width, t.layout_index,
-                                                  t.dst_offset))
-                elif len(block.targets) == 1 and first.width == block.width == first.dst_row_stride:
-                    direct.append(_Direct(file_index, offset, block.rows * block.width, first.layout_index,
-                                          first.dst_offset))
-                else:
-                    staged.append(_Staged(file_index, offset, block))
+        for block in file_plan.blocks:
+            first = block.targets[0]
+            windows = {(t.column, t.width) for t in block.targets}
+            if block.rows == 1 and sum(width for _, width in windows) == block.width:
+                fetched: dict[tuple[int, int], Target] = {}
+                for t in block.targets:
+                    if (t.column, t.width) in fetched:
+                        src = fetched[(t.column, t.width)]
+                        duplicates.append(
+                            _Duplicate(src.layout_index, src.dst_offset, t.layout_index, t.dst_offset, t.width)
+                        )
+                    else:
+                        fetched[(t.column, t.width)] = t
+                        direct.append(
+                            _Direct(file_index, block.file_offset + t.column, t.width, t.layout_index, t.dst_offset)
+                        )
+            elif len(block.targets) == 1 and first.width == block.width == first.dst_row_stride:
+                direct.append(_Direct(file_index, block.file_offset, block.length, first.layout_index,
+                                      first.dst_offset))
+            else:
+                staged.append(_Staged(file_index, block))
     return direct, staged, duplicates
 
 
@@ -225,8 +227,8 @@ def _fetch(
         return
     started = time.monotonic()
     bases = [d.data_ptr() for d in destinations]
-    staged_bytes = sum(s.block.rows * s.block.width for s in staged)
-    largest = max((s.block.rows * s.block.width for s in staged), default=0)
+    staged_bytes = sum(s.block.length for s in staged)
+    largest = max((s.block.length for s in staged), default=0)
     padded = staged_bytes + ALIGNMENT * len(staged)  # batches start blocks on aligned offsets
     staging = torch.empty(max(largest, min(memory_limit, padded)), dtype=torch.uint8)
     try:
@@ -243,10 +245,7 @@ def _fetch(
             reader.wait()
     except ValueError as e:
         raise _explain(store, [f.file for f in plan.files], e) from e
-    for d in duplicates:
-        destinations[d.dst_layout][d.dst_offset : d.dst_offset + d.length].copy_(
-            destinations[d.src_layout][d.src_offset : d.src_offset + d.length]
-        )
+    _copy_duplicates(duplicates, destinations)
     elapsed = time.monotonic() - started
     logger.info(
         "streamed %d bytes from %s in %.2f s (%.2f GB/s; %d bytes staged)",
@@ -270,14 +269,13 @@ class _Range:
 def _staged_range(
     item: _Staged, buffer: torch.Tensor, destinations: list[torch.Tensor], on_progress: Callable[[int], None]
 ) -> _Range:
-    length = item.block.rows * item.block.width
-    view = buffer[:length]
+    view = buffer[: item.block.length]
 
     def landed() -> None:
         _scatter_block(view, item.block, destinations)
-        on_progress(length)
+        on_progress(item.block.length)
 
-    return _Range(item.file_index, item.file_offset, length, view.data_ptr(), landed)
+    return _Range(item.file_index, item.block.file_offset, item.block.length, view.data_ptr(), landed)
 
 
 class _RangeReader:
@@ -333,7 +331,7 @@ def _batches(staged: list[_Staged], capacity: int) -> list[list[tuple[int, _Stag
     batches: list[list[tuple[int, _Staged]]] = []
     cursor = capacity
     for item in staged:
-        length = item.block.rows * item.block.width
+        length = item.block.length
         if cursor + length > capacity:
             batches.append([])
             cursor = 0
@@ -342,9 +340,11 @@ def _batches(staged: list[_Staged], capacity: int) -> list[list[tuple[int, _Stag
     return batches
 
 
-def _scatter(chunk: torch.Tensor, fetch_range: FetchRange, destinations: list[torch.Tensor]) -> None:
-    for block in fetch_range.blocks:
-        _scatter_block(chunk[block.range_offset :], block, destinations)
+def _copy_duplicates(duplicates: list[_Duplicate], destinations: list[torch.Tensor]) -> None:
+    for d in duplicates:
+        destinations[d.dst_layout][d.dst_offset : d.dst_offset + d.length].copy_(
+            destinations[d.src_layout][d.src_offset : d.src_offset + d.length]
+        )
 
 
 # Strided copies run several times faster in 8-byte words than in bytes.

@@ -11,8 +11,9 @@ What is fetched:
 - for one rank alone, each row's slice is a separate range when it is at least ``row_range_min_bytes``
   (large enough that a ranged GET runs near full throughput); below that the whole tensor is read and sliced
   in memory, because thousands of tiny GETs cost more than the extra bytes.
-Ranges adjacent in the file are coalesced up to ``max_range_bytes`` so small tensors do not each cost a
-request; a range larger than that is split.
+A read of whole rows larger than ``max_range_bytes`` is split into several blocks, which bounds the staging
+buffer that scattered blocks pass through. (The streamer itself reads runs of back-to-back ranges as one
+stream, so small tensors need no coalescing here.)
 """
 
 from __future__ import annotations
@@ -62,25 +63,22 @@ class Target:
 
 @dataclass(frozen=True)
 class Block:
-    """``rows`` x ``width`` bytes starting ``range_offset`` bytes into a fetched range."""
+    """``rows`` x ``width`` bytes, contiguous in the file from ``file_offset``, and where they go."""
 
-    range_offset: int
+    file_offset: int
     rows: int
     width: int
     targets: tuple[Target, ...]
 
-
-@dataclass(frozen=True)
-class FetchRange:
-    file_offset: int
-    length: int
-    blocks: tuple[Block, ...]
+    @property
+    def length(self) -> int:
+        return self.rows * self.width
 
 
 @dataclass(frozen=True)
 class FilePlan:
     file: str
-    ranges: tuple[FetchRange, ...]
+    blocks: tuple[Block, ...]
 
 
 @dataclass(frozen=True)
@@ -94,10 +92,6 @@ class LoadPlan:
     @property
     def fetched_bytes(self) -> int:
         return sum(self.fetched_bytes_by_layout)
-
-    @property
-    def largest_range(self) -> int:
-        return max((r.length for f in self.files for r in f.ranges), default=0)
 
 
 def align(offset: int) -> int:
@@ -116,11 +110,11 @@ def build_plan(
     builder = _PlanBuilder(tp_size, tuple(ranks), max_range_bytes, row_range_min_bytes)
     files = []
     for header in headers:
-        blocks: list[tuple[int, Block]] = []
+        blocks: list[Block] = []
         for tensor in header.tensors:
             dim = split_dim_for(tensor.name, tensor.shape, rules, tp_size=tp_size)
             blocks.extend(builder.add_tensor(tensor, dim))
-        files.append(FilePlan(file=header.file, ranges=tuple(builder.coalesce(blocks))))
+        files.append(FilePlan(file=header.file, blocks=tuple(blocks)))
     return builder.finish(tuple(files))
 
 
@@ -135,8 +129,8 @@ class _PlanBuilder:
         self.shards: list[tuple[str, int | None]] = []
         self.fetched = [0] * len(ranks)
 
-    def add_tensor(self, tensor: TensorEntry, dim: int | None) -> list[tuple[int, Block]]:
-        """Place ``tensor`` in every rank's layout; return its blocks as (file offset, block)."""
+    def add_tensor(self, tensor: TensorEntry, dim: int | None) -> list[Block]:
+        """Place ``tensor`` in every rank's layout; return the blocks to fetch for it."""
         n = 1 if dim is None else self.tp_size
         shape = list(tensor.shape)
         if dim is not None:
@@ -157,7 +151,7 @@ class _PlanBuilder:
         if tensor.nbytes == 0:
             return []
 
-        def block_at(row: int, rows: int, column: int, width: int) -> tuple[int, Block]:
+        def block_at(row: int, rows: int, column: int, width: int) -> Block:
             targets = []
             for i, slot, window in slots:
                 lo, hi = max(column, window), min(column + width, window + piece)
@@ -165,8 +159,7 @@ class _PlanBuilder:
                     dst = slot.offset + row * piece + (lo - window)
                     targets.append(Target(i, lo - column, hi - lo, dst, piece))
             self._attribute(rows * width, targets, rows)
-            block = Block(range_offset=0, rows=rows, width=width, targets=tuple(targets))
-            return tensor.begin + row * row_bytes + column, block
+            return Block(tensor.begin + row * row_bytes + column, rows, width, tuple(targets))
 
         windows = [window for _, _, window in slots]
         lo, hi = min(windows), max(windows) + piece
@@ -188,19 +181,6 @@ class _PlanBuilder:
         shares[0] += length - sum(shares)
         for target, share in zip(targets, shares, strict=True):
             self.fetched[target.layout_index] += share
-
-    def coalesce(self, blocks: list[tuple[int, Block]]) -> list[FetchRange]:
-        """Merge blocks that are back to back in the file into ranges of at most ``max_range`` bytes."""
-        ranges: list[FetchRange] = []
-        for offset, block in sorted(blocks, key=lambda b: b[0]):
-            length = block.rows * block.width
-            last = ranges[-1] if ranges else None
-            if last and last.file_offset + last.length == offset and last.length + length <= self.max_range:
-                moved = Block(last.length, block.rows, block.width, block.targets)
-                ranges[-1] = FetchRange(last.file_offset, last.length + length, (*last.blocks, moved))
-            else:
-                ranges.append(FetchRange(offset, length, (block,)))
-        return ranges
 
     def finish(self, files: tuple[FilePlan, ...]) -> LoadPlan:
         layouts = tuple(

@@ -49,7 +49,12 @@ def test_sizes() -> None:
 
 def test_streamer_environment() -> None:
     config = DaemonConfig.load({"concurrency": "32"}, {})
-    assert config.streamer_environment({}) == {"RUNAI_STREAMER_CONCURRENCY": "32"}
+    assert config.streamer_environment({}) == {
+        "RUNAI_STREAMER_CONCURRENCY": "32", "RUNAI_STREAMER_S3_REQUEST_TIMEOUT_MS": "30000"
+    }
+    assert "RUNAI_STREAMER_S3_REQUEST_TIMEOUT_MS" not in config.streamer_environment(
+        {"RUNAI_STREAMER_S3_REQUEST_TIMEOUT_MS": "5000"}
+    )
     env = config.streamer_environment({"AWS_ENDPOINT_URL": "http://127.0.0.1:1"})
     assert env["RUNAI_STREAMER_S3_USE_VIRTUAL_ADDRESSING"] == "0"
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import save
 from weightd.daemon.errors import InvalidRequestError, UnsupportedModelError
-from weightd.daemon.loader import _scatter
+from weightd.daemon.loader import _copy_duplicates, _route, _scatter_block
 from weightd.daemon.plan import ALIGNMENT, LoadPlan, build_plan
 from weightd.daemon.safetensors_header import header_length, parse_header
 from weightd.daemon.sharding import DEFAULT_PLANS, ShardRule, select_rules
@@ -31,11 +31,17 @@ def model(seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 def execute(blob: bytes, plan: LoadPlan) -> list[torch.Tensor]:
+    """Run the loader's own routing and copies, with an in-memory file standing in for the streamer."""
     arenas = [torch.zeros(layout.size, dtype=torch.uint8) for layout in plan.layouts]
     source = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
-    for file_plan in plan.files:
-        for fetch in file_plan.ranges:
-            _scatter(source[fetch.file_offset : fetch.file_offset + fetch.length], fetch, arenas)
+    direct, staged, duplicates = _route(plan)
+    for d in direct:
+        arenas[d.layout_index][d.dst_offset : d.dst_offset + d.length].copy_(
+            source[d.file_offset : d.file_offset + d.length]
+        )
+    for item in staged:
+        _scatter_block(source[item.block.file_offset :].clone(), item.block, arenas)
+    _copy_duplicates(duplicates, arenas)
     return arenas
 
 
@@ -68,9 +74,8 @@ def test_every_rank_gets_exactly_its_slice(tp_size: int, max_range: int, row_ran
                 got = arena[slot.offset : slot.offset + slot.nbytes].view(full.dtype).view(slot.shape)
                 assert torch.equal(got, want), (slot.name, layout.rank)
         fetched_total += plan.fetched_bytes
-        assert plan.fetched_bytes == sum(r.length for f in plan.files for r in f.ranges)
-        if max_range >= 64 and row_range_min == 1:
-            assert plan.largest_range <= max(max_range, max(t.nbytes for t in tensors.values()))
+        direct, staged, _ = _route(plan)
+        assert plan.fetched_bytes == sum(d.length for d in direct) + sum(s.block.length for s in staged)
     weights = sum(t.nbytes for t in tensors.values())
     if not lone:
         assert fetched_total == weights  # every byte once for the whole group
@@ -88,11 +93,12 @@ def test_lone_rank_reads_whole_rows_below_the_row_range_threshold() -> None:
     assert plan.layouts[0].size == tensors["row.weight"].nbytes // 4
 
 
-def test_small_adjacent_tensors_coalesce_and_large_ones_split() -> None:
+def test_a_whole_model_is_written_directly_and_large_reads_split() -> None:
     tensors = {f"norm{i}": torch.randn(16) for i in range(10)} | {"whole": torch.randn(1000)}
     plan = build_plan([header_of(save(tensors))], tp_size=1, ranks=[0], rules=(), max_range_bytes=1024)
-    lengths = [r.length for r in plan.files[0].ranges]
-    assert max(lengths) <= 1024 and len(lengths) < 11 + 4
+    direct, staged, duplicates = _route(plan)
+    assert staged == [] and duplicates == []  # no staging buffer and no copy for tp_size 1
+    assert max(d.length for d in direct) <= 1024 and len(direct) == 10 + 4
 
 
 def test_uneven_split_names_tensor_dim_size_and_tp_size() -> None:
