@@ -372,7 +372,10 @@ def _explain(store: ObjectStore, files: Sequence[str], error: ValueError) -> Wei
             store.stat(name)
         except WeightdError as cause:
             return cause
-    return store.explain(files[0], error) if files else StorageUnavailableError(str(error))
+    return StorageUnavailableError(
+        f"{store.location.uri}: streaming failed although every object is readable ({error}); "
+        "this is usually transient: retry, or lower --concurrency"
+    )
 
 
 def _check_names(location: ModelLocation, objects: dict[str, ObjectInfo]) -> None:

@@ -132,3 +132,18 @@ def test_s3_unreachable_endpoint(daemon_factory, s3_server: S3Server, good_uri: 
 def test_no_daemon_is_unavailable(tmp_path: Path) -> None:
     with pytest.raises(client.UnavailableError, match="is the daemon running"):
         client.attach("/models/x", target=f"unix://{tmp_path}/absent.sock")
+
+
+def test_a_streamer_failure_is_explained_by_asking_storage(tmp_path: Path) -> None:
+    """The streamer says only "File access error"; the loader names the cause from storage itself."""
+    from weightd.daemon.errors import ModelNotFoundError, StorageUnavailableError
+    from weightd.daemon.loader import _explain
+    from weightd.daemon.storage.base import open_store, parse_model_uri
+
+    (tmp_path / "a.safetensors").write_bytes(b"x")
+    store = open_store(parse_model_uri(str(tmp_path)))
+    opaque = ValueError("Could not receive response from libstreamer due to: b'File access error'")
+    gone = _explain(store, ["a.safetensors", "b.safetensors"], opaque)
+    assert isinstance(gone, ModelNotFoundError) and "b.safetensors" in str(gone)
+    readable = _explain(store, ["a.safetensors"], opaque)
+    assert isinstance(readable, StorageUnavailableError) and "retry" in str(readable)

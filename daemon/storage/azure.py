@@ -27,7 +27,7 @@ from weightd.daemon.errors import (
     UnauthenticatedError,
     WeightdError,
 )
-from weightd.daemon.storage.base import ModelLocation, ObjectInfo
+from weightd.daemon.storage.base import ModelLocation, ObjectInfo, empty_prefix
 
 _UNAUTHENTICATED_CODES = ("AuthenticationFailed", "InvalidAuthenticationInfo")
 # Bounded retries with exponential backoff: waits of about 1, 3 and 5 s. (The storage SDK's own default,
@@ -78,10 +78,7 @@ class AzureStore:
         except Exception as e:
             raise self._translate(e, "") from e
         if not infos:
-            raise ModelNotFoundError(
-                f"{self.location.uri}: no blobs under this prefix in container {self.location.bucket!r}; "
-                "check the prefix (it is case-sensitive)"
-            )
+            raise empty_prefix(self.location)
         return infos
 
     def stat(self, name: str) -> ObjectInfo:
@@ -110,17 +107,9 @@ class AzureStore:
     def streamer_path(self, name: str) -> str:
         return f"az://{self.location.bucket}/{self._key(name)}"
 
-    def explain(self, name: str, error: Exception) -> WeightdError:
-        self.stat(name)
-        return StorageUnavailableError(
-            f"{self.streamer_path(name)}: streaming failed although the blob is readable ({error}); "
-            "this is usually transient: retry, or lower --concurrency"
-        )
 
     def _translate(self, error: Exception, name: str) -> WeightdError:
         where = self.streamer_path(name) if name else self.location.uri
-        if isinstance(error, WeightdError):
-            return error
         code = str(getattr(error, "error_code", "") or "")
         if isinstance(error, ResourceNotFoundError):
             if code == "ContainerNotFound":

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Protocol
 from urllib.parse import unquote, urlsplit
 
-from weightd.daemon.errors import InvalidRequestError, UnsupportedModelError, WeightdError
+from weightd.daemon.errors import InvalidRequestError, ModelNotFoundError, UnsupportedModelError
 
 
 @dataclass(frozen=True)
@@ -49,9 +49,13 @@ class ObjectStore(Protocol):
         """The path runai-model-streamer reads this object by."""
         ...
 
-    def explain(self, name: str, error: Exception) -> WeightdError:
-        """Turn a streamer failure on ``name`` (always an opaque "File access error") into a named cause."""
-        ...
+
+def empty_prefix(location: ModelLocation) -> ModelNotFoundError:
+    noun = OBJECT_SCHEMES[location.scheme][1]
+    return ModelNotFoundError(
+        f"{location.uri}: no objects under this prefix in {noun} {location.bucket!r}; "
+        "check the prefix (it is case-sensitive)"
+    )
 
 
 # Object-store schemes: URI scheme -> (install extra, what the bucket is called there).

@@ -22,7 +22,7 @@ from weightd.daemon.errors import (
     UnauthenticatedError,
     WeightdError,
 )
-from weightd.daemon.storage.base import ModelLocation, ObjectInfo
+from weightd.daemon.storage.base import ModelLocation, ObjectInfo, empty_prefix
 
 # Bounded: exponential backoff from 0.5 s, giving up after 10 s (the SDK's default keeps trying for 120 s).
 RETRY = Retry(predicate=if_transient_error, initial=0.5, maximum=4.0, multiplier=2.0, timeout=10.0)
@@ -58,10 +58,7 @@ class GcsStore:
         except Exception as e:
             raise self._translate(e, "") from e
         if not infos:
-            raise ModelNotFoundError(
-                f"{self.location.uri}: no objects under this prefix in bucket {self.location.bucket!r}; "
-                "check the prefix (it is case-sensitive)"
-            )
+            raise empty_prefix(self.location)
         return infos
 
     def stat(self, name: str) -> ObjectInfo:
@@ -95,12 +92,6 @@ class GcsStore:
     def streamer_path(self, name: str) -> str:
         return f"gs://{self.location.bucket}/{self._key(name)}"
 
-    def explain(self, name: str, error: Exception) -> WeightdError:
-        self.stat(name)
-        return StorageUnavailableError(
-            f"{self.streamer_path(name)}: streaming failed although the object is readable ({error}); "
-            "this is usually transient: retry, or lower --concurrency"
-        )
 
     def _translate(self, error: Exception, name: str) -> WeightdError:
         where = self.streamer_path(name) if name else self.location.uri

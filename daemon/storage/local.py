@@ -48,10 +48,6 @@ class LocalStore:
     def streamer_path(self, name: str) -> str:
         return str(self.root / name)
 
-    def explain(self, name: str, error: Exception) -> WeightdError:
-        self.stat(name)  # raises the specific cause when the file went away or became unreadable
-        return StorageUnavailableError(f"{self.location.uri}{name}: reading failed: {error}")
-
     @staticmethod
     def _info(name: str, st: os.stat_result) -> ObjectInfo:
         return ObjectInfo(name=name, size=st.st_size, version=f"{st.st_mtime_ns}-{st.st_size}")

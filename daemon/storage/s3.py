@@ -25,7 +25,7 @@ from weightd.daemon.errors import (
     UnauthenticatedError,
     WeightdError,
 )
-from weightd.daemon.storage.base import ModelLocation, ObjectInfo
+from weightd.daemon.storage.base import ModelLocation, ObjectInfo, empty_prefix
 
 _UNAUTHENTICATED_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken"}
 _NOT_FOUND_CODES = {"NoSuchKey", "NotFound", "404"}
@@ -60,10 +60,7 @@ class S3Store:
         except (ClientError, BotoCoreError) as e:
             raise self._translate(e, "") from e
         if not infos:
-            raise ModelNotFoundError(
-                f"{self.location.uri}: no objects under this prefix in bucket {self.location.bucket!r}; "
-                "check the prefix (it is case-sensitive)"
-            )
+            raise empty_prefix(self.location)
         return infos
 
     def stat(self, name: str) -> ObjectInfo:
@@ -94,12 +91,6 @@ class S3Store:
     def streamer_path(self, name: str) -> str:
         return f"s3://{self.location.bucket}/{self._key(name)}"
 
-    def explain(self, name: str, error: Exception) -> WeightdError:
-        self.stat(name)  # raises NOT_FOUND / PERMISSION_DENIED / UNAVAILABLE with the real cause
-        return StorageUnavailableError(
-            f"{self.streamer_path(name)}: streaming failed although the object is readable ({error}); "
-            "this is usually transient: retry, or lower --concurrency"
-        )
 
     def _translate(self, error: Exception, name: str) -> WeightdError:
         where = self.streamer_path(name) if name else self.location.uri
