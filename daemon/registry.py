@@ -126,7 +126,10 @@ class Registry:
         tasks = {self._entries[k].task for k in keys}
         # Shielded: a waiter that goes away (client disconnect) must not cancel a load others share.
         await asyncio.gather(*(asyncio.shield(t) for t in tasks))
-        return [self._entries[k] for k in keys]
+        entries = [self._entries.get(k) for k in keys]
+        if None in entries:  # evicted between the load finishing and this waiter resuming
+            raise ModelNotFoundError(f"{keys[0].model_uri} was evicted while loading; load or attach it again")
+        return [e for e in entries if e is not None]
 
     def acquire(self, entry: Entry) -> str:
         """Take a lease on a ready entry. Synchronous, so no eviction can slip in after ``ensure``."""
