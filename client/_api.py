@@ -139,11 +139,10 @@ def attach(
 
     ``timeout`` bounds the wait for the grant (which includes a cold load); None waits as long as it takes.
     """
+    request = pb.AttachModelRequest(model=_selector(model_uri, rank, tp_size, shard_rules))
     resolved = resolve_target(target)
     channel = grpc.insecure_channel(resolved, options=_CHANNEL_OPTIONS)
-    call = pb_grpc.WeightServiceStub(channel).AttachModel(
-        pb.AttachModelRequest(model=_selector(model_uri, rank, tp_size, shard_rules))
-    )
+    call = pb_grpc.WeightServiceStub(channel).AttachModel(request)
     timer = threading.Timer(timeout, call.cancel) if timeout is not None else None
     try:
         if timer is not None:
@@ -163,7 +162,12 @@ def attach(
         if timer is not None:
             timer.cancel()
     grant = response.grant
-    tensors = build_tensors(grant.tensors, [map_arena(a) for a in grant.arenas])
+    try:
+        tensors = build_tensors(grant.tensors, [map_arena(a) for a in grant.arenas])
+    except BaseException:
+        call.cancel()  # give the lease back
+        channel.close()
+        raise
     return AttachedModel(channel, call, grant, tensors)
 
 

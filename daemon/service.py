@@ -124,16 +124,19 @@ class WeightService(pb_grpc.WeightServiceServicer):
             settings = self._load_settings(request.settings)
             # An explicit load always re-checks storage: it is how an operator picks up a changed model.
             load = asyncio.ensure_future(self._registry.ensure(keys, settings=settings, revalidate_after=0))
-            while not load.done():
-                progress = self._registry.progress_of(keys[0])
-                if progress is not None:
-                    yield pb.LoadModelResponse(
-                        state=_STATE_TO_PB[progress.state],
-                        bytes_done=progress.bytes_done,
-                        bytes_total=progress.bytes_total,
-                    )
-                await asyncio.wait({load}, timeout=PROGRESS_INTERVAL_S)
-            entries = load.result()
+            try:
+                while not load.done():
+                    progress = self._registry.progress_of(keys[0])
+                    if progress is not None:
+                        yield pb.LoadModelResponse(
+                            state=_STATE_TO_PB[progress.state],
+                            bytes_done=progress.bytes_done,
+                            bytes_total=progress.bytes_total,
+                        )
+                    await asyncio.wait({load}, timeout=PROGRESS_INTERVAL_S)
+                entries = load.result()
+            finally:
+                load.cancel()  # if the client went away: stop waiting (the shared load itself is shielded)
         except Exception as e:
             await abort_with(context, e)
         total = sum(e.progress.bytes_total for e in {id(e.progress): e for e in entries}.values())

@@ -147,3 +147,13 @@ def test_a_streamer_failure_is_explained_by_asking_storage(tmp_path: Path) -> No
     assert isinstance(gone, ModelNotFoundError) and "b.safetensors" in str(gone)
     readable = _explain(store, ["a.safetensors"], opaque)
     assert isinstance(readable, StorageUnavailableError) and "retry" in str(readable)
+
+
+def test_attach_timeout_is_deadline_exceeded_and_the_load_goes_on(daemon_factory, good_uri: str) -> None:
+    daemon = daemon_factory()
+    with pytest.raises(client.DeadlineExceededError, match=r"within 0\.001 s"):
+        client.attach(good_uri, target=daemon.target, timeout=0.001)
+    # The cold load it started was not abandoned: the next attach finds it resident or still loading.
+    with client.attach(good_uri, target=daemon.target, timeout=60) as model:
+        assert model.tensors
+    assert len(daemon.models()) == 1
