@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import struct
+import subprocess
 from pathlib import Path
 
 import grpc
@@ -157,3 +158,18 @@ def test_attach_timeout_is_deadline_exceeded_and_the_load_goes_on(daemon_factory
     with client.attach(good_uri, target=daemon.target, timeout=60) as model:
         assert model.tensors
     assert len(daemon.models()) == 1
+
+
+def test_a_model_larger_than_the_shared_memory_is_resource_exhausted(daemon_factory, tmp_path: Path,
+                                                                       good_uri: str) -> None:
+    shm = tmp_path / "small-shm"
+    shm.mkdir()
+    # A 1 MiB tmpfs in the daemon's own mount namespace stands in for a full /dev/shm.
+    wrapper = ("unshare", "-m", "sh", "-c", f'mount -t tmpfs -o size=1m tmpfs {shm} && exec "$@"', "sh")
+    if subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode != 0:
+        pytest.skip("needs unshare -m (root or CAP_SYS_ADMIN)")
+    daemon = daemon_factory(extra_args=("--shm-dir", str(shm)), wrapper=wrapper)
+    with pytest.raises(client.ResourceExhaustedError, match="evict models") as raised:
+        client.attach(good_uri, target=daemon.target)
+    assert raised.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert daemon.models() == []  # nothing half-loaded; the daemon still answers

@@ -6,6 +6,7 @@ predecessors' segments (pid gone, or its own pid reused) from those of another l
 
 from __future__ import annotations
 
+import errno
 import logging
 import mmap
 import os
@@ -89,7 +90,15 @@ class HostMemory:
             )
         safe_label = re.sub(r"[^A-Za-z0-9_.]+", "_", label)[-80:]
         path = self.directory / f"{self.prefix}-{os.getpid()}-{safe_label}-{secrets.token_hex(4)}"
-        return HostArena(path, size)
+        try:
+            return HostArena(path, size)
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+            raise OutOfMemoryError(
+                f"arena for {label} needs {size} bytes but {self.directory} is full (another writer took the "
+                "space first); evict models (weightd evict URI) or enlarge the tmpfs"
+            ) from e
 
     def remove_stale(self) -> list[str]:
         removed = []
