@@ -43,6 +43,7 @@ def wait_until(check: Any, process: subprocess.Popen[bytes], what: str, log: Pat
             return
         except Exception:
             if process.poll() is not None or time.monotonic() > deadline:
+                stop_process(process)  # the caller never gets a handle to stop it
                 raise RuntimeError(f"{what} did not start: {log.read_text()[-2000:]}") from None
             time.sleep(0.2)
 
