@@ -48,7 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     load.add_argument("model_uri")
     load.add_argument("--tp-size", type=int, default=1, help="tensor-parallel size; without --rank, loads all ranks")
     load.add_argument("--rank", type=int, default=None, help="load only this rank")
-    load.add_argument("--memory-limit", type=parse_size, default=None, help="streaming buffer for this load")
+    load.add_argument("--memory-limit", type=parse_size, default=None, help="staging buffer for this load")
+    load.add_argument("--distributed", action=argparse.BooleanOptionalAction, default=None,
+                      help="the streamer's distributed mode for this load (needs CUDA; ignored without it)")
     load.add_argument("--target", help=target_help)
     load.set_defaults(run=_load)
 
@@ -93,6 +95,7 @@ def _load(args: argparse.Namespace) -> int:
         rank=args.rank or 0,
         all_ranks=all_ranks,
         memory_limit=args.memory_limit,
+        distributed=args.distributed,
         target=args.target,
         on_progress=bar.update,
     )

@@ -20,8 +20,12 @@ def weightd(*args: str) -> subprocess.CompletedProcess[str]:
 def test_load_ls_evict(daemon_factory, llama_model: Model, tmp_path: Path) -> None:
     daemon = daemon_factory()
     directory = copy_model(llama_model, tmp_path / "m")
-    loaded = weightd("load", f"file://{directory}", "--target", daemon.target)
+    loaded = weightd(
+        "load", f"file://{directory}", "--distributed", "--memory-limit", "64MiB", "--target", daemon.target
+    )
     assert loaded.returncode == 0, loaded.stderr
+    # distributed needs CUDA: accepted, and the load falls back to non-distributed streaming.
+    assert "streams file://" in daemon.log.read_text() and "non-distributed" in daemon.log.read_text()
     assert "100.0%" in loaded.stderr and "ready" in loaded.stdout
 
     listed = weightd("ls", "--json", "--target", daemon.target)
