@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from weightd import client
 
-from tests.conftest import ATTACH_AND_VERIFY, Model, S3Server, run_client
+from tests.conftest import ATTACH_AND_VERIFY, Model, S3Server, free_port, run_client
 
 
 @pytest.fixture
@@ -51,7 +51,8 @@ def test_two_processes_share_one_load_zero_copy(daemon, s3_llama: str, llama_mod
     assert entry.state == "ready"
     assert entry.storage_bytes_read == llama_model.nbytes  # once, not twice
     assert llama_model.nbytes <= entry.resident_bytes < llama_model.nbytes * 1.01
-    assert len(daemon.segments()) == 1
+    (segment,) = daemon.segments()
+    assert oct(segment.stat().st_mode & 0o777) == "0o640"  # only the daemon may write
 
 
 def test_client_cannot_write_the_weights(daemon, s3_llama: str, llama_model: Model) -> None:
@@ -151,3 +152,15 @@ def test_health_and_reflection_with_grpcurl(daemon) -> None:
     )
     assert "rpc AttachModel" in described.stdout
     assert oct(daemon.socket.stat().st_mode & 0o777) == "0o660"
+
+
+def test_tcp_listener_for_probes(daemon_factory, s3_server: S3Server, s3_llama: str) -> None:
+    port = free_port()
+    daemon = daemon_factory(s3_server.env(), extra_args=("--listen", f"127.0.0.1:{port}"))
+    grpcurl = str(Path(sys.executable).parent / "grpcurl")
+    check = subprocess.run([grpcurl, "-plaintext", f"127.0.0.1:{port}", "grpc.health.v1.Health/Check"],
+                           capture_output=True, text=True, timeout=30)
+    assert check.returncode == 0 and json.loads(check.stdout)["status"] == "SERVING"
+    with client.attach(s3_llama, target=f"127.0.0.1:{port}") as model:
+        assert model.tensors
+    assert daemon.models()[0].leases == 0
