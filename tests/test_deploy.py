@@ -1,0 +1,39 @@
+"""The deployment files are checked offline: the DaemonSet against Kubernetes' schemas, the unit by systemd."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+
+
+@pytest.mark.parametrize("version", ["1.30", "1.33"])
+def test_daemonset_is_valid_kubernetes(version: str) -> None:
+    for document in yaml.safe_load_all((DEPLOY / "kubernetes" / "daemonset.yaml").read_text()):
+        kubernetes_validate.validate(document, version, strict=True)
+
+
+def test_daemonset_probes_the_tcp_listener_the_daemon_opens() -> None:
+    (daemonset,) = yaml.safe_load_all((DEPLOY / "kubernetes" / "daemonset.yaml").read_text())
+    (container,) = daemonset["spec"]["template"]["spec"]["containers"]
+    assert "--listen=0.0.0.0:50051" in container["args"]
+    assert container["readinessProbe"]["grpc"] == {"port": 50051, "service": "weightd.v1.WeightService"}
+    assert daemonset["spec"]["updateStrategy"]["type"] == "OnDelete"
+
+
+def test_systemd_unit_verifies(tmp_path: Path) -> None:
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("systemd-analyze is not installed")
+    unit = tmp_path / "weightd.service"
+    weightd = Path(sys.executable).parent / "weightd"  # the unit's /usr/local/bin/weightd, as installed here
+    source = (DEPLOY / "systemd" / "weightd.service").read_text()
+    unit.write_text(source.replace("/usr/local/bin/weightd", str(weightd)))
+    result = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
