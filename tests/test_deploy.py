@@ -37,3 +37,17 @@ def test_systemd_unit_verifies(tmp_path: Path) -> None:
     unit.write_text(source.replace("/usr/local/bin/weightd", str(weightd)))
     result = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True)
     assert result.returncode == 0 and result.stderr == "", result.stderr
+
+
+def test_daemon_tells_systemd_it_is_ready_and_stopping(daemon_factory, tmp_path: Path) -> None:
+    """The unit is Type=notify: READY=1 once serving, STOPPING=1 on SIGTERM, over $NOTIFY_SOCKET."""
+    import socket
+
+    address = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as listener:
+        listener.bind(str(address))
+        listener.settimeout(30)
+        daemon = daemon_factory({"NOTIFY_SOCKET": str(address)})
+        assert listener.recv(256) == b"READY=1"
+        daemon.stop()
+        assert listener.recv(256) == b"STOPPING=1"
