@@ -27,7 +27,7 @@ from weightd.daemon.errors import (
     UnauthenticatedError,
     WeightdError,
 )
-from weightd.daemon.storage.base import ModelLocation, ObjectInfo, empty_prefix
+from weightd.daemon.storage.base import ModelLocation, ObjectInfo, PrefixedObjects, empty_prefix
 
 _UNAUTHENTICATED_CODES = ("AuthenticationFailed", "InvalidAuthenticationInfo")
 # Bounded retries with exponential backoff: waits of about 1, 3 and 5 s. (The storage SDK's own default,
@@ -60,13 +60,10 @@ def _service_client() -> BlobServiceClient:
     return BlobServiceClient(url, credential=credential, **CLIENT_OPTIONS)
 
 
-class AzureStore:
+class AzureStore(PrefixedObjects):
     def __init__(self, location: ModelLocation) -> None:
         self.location = location
         self.container: Any = _service_client().get_container_client(location.bucket)
-
-    def _key(self, name: str) -> str:
-        return self.location.prefix + name
 
     def list_objects(self) -> list[ObjectInfo]:
         try:
@@ -103,10 +100,6 @@ class AzureStore:
                 self.container.get_blob_client(self._key(name)).download_blob().readinto(out)
         except Exception as e:
             raise self._translate(e, name) from e
-
-    def streamer_path(self, name: str) -> str:
-        return f"az://{self.location.bucket}/{self._key(name)}"
-
 
     def _translate(self, error: Exception, name: str) -> WeightdError:
         where = self.streamer_path(name) if name else self.location.uri

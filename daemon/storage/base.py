@@ -50,6 +50,18 @@ class ObjectStore(Protocol):
         ...
 
 
+class PrefixedObjects:
+    """What the object-store backends share: object keys under the model prefix, and the streamer's path."""
+
+    location: ModelLocation
+
+    def _key(self, name: str) -> str:
+        return self.location.prefix + name
+
+    def streamer_path(self, name: str) -> str:
+        return f"{self.location.scheme}://{self.location.bucket}/{self._key(name)}"
+
+
 def empty_prefix(location: ModelLocation) -> ModelNotFoundError:
     noun = OBJECT_SCHEMES[location.scheme][1]
     return ModelNotFoundError(

@@ -22,14 +22,14 @@ from weightd.daemon.errors import (
     UnauthenticatedError,
     WeightdError,
 )
-from weightd.daemon.storage.base import ModelLocation, ObjectInfo, empty_prefix
+from weightd.daemon.storage.base import ModelLocation, ObjectInfo, PrefixedObjects, empty_prefix
 
 # Bounded: exponential backoff from 0.5 s, giving up after 10 s (the SDK's default keeps trying for 120 s).
 RETRY = Retry(predicate=if_transient_error, initial=0.5, maximum=4.0, multiplier=2.0, timeout=10.0)
 TIMEOUT = (5.0, 60.0)  # connect, read
 
 
-class GcsStore:
+class GcsStore(PrefixedObjects):
     def __init__(self, location: ModelLocation) -> None:
         self.location = location
         self.client: Any = None
@@ -41,9 +41,6 @@ class GcsStore:
                 self.client = storage.Client()
         except google.auth.exceptions.GoogleAuthError as e:
             raise self._translate(e, "") from e
-
-    def _key(self, name: str) -> str:
-        return self.location.prefix + name
 
     def list_objects(self) -> list[ObjectInfo]:
         try:
@@ -88,10 +85,6 @@ class GcsStore:
             blob.download_to_filename(str(destination), retry=RETRY, timeout=TIMEOUT)
         except Exception as e:
             raise self._translate(e, name) from e
-
-    def streamer_path(self, name: str) -> str:
-        return f"gs://{self.location.bucket}/{self._key(name)}"
-
 
     def _translate(self, error: Exception, name: str) -> WeightdError:
         where = self.streamer_path(name) if name else self.location.uri

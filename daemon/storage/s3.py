@@ -25,13 +25,13 @@ from weightd.daemon.errors import (
     UnauthenticatedError,
     WeightdError,
 )
-from weightd.daemon.storage.base import ModelLocation, ObjectInfo, empty_prefix
+from weightd.daemon.storage.base import ModelLocation, ObjectInfo, PrefixedObjects, empty_prefix
 
 _UNAUTHENTICATED_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken"}
 _NOT_FOUND_CODES = {"NoSuchKey", "NotFound", "404"}
 
 
-class S3Store:
+class S3Store(PrefixedObjects):
     def __init__(self, location: ModelLocation) -> None:
         self.location = location
         custom_endpoint = bool(os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"))
@@ -44,9 +44,6 @@ class S3Store:
             s3={"addressing_style": "path" if custom_endpoint else "auto"},
         )
         self.client: Any = boto3.session.Session().client("s3", config=config)
-
-    def _key(self, name: str) -> str:
-        return self.location.prefix + name
 
     def list_objects(self) -> list[ObjectInfo]:
         infos: list[ObjectInfo] = []
@@ -87,10 +84,6 @@ class S3Store:
             self.client.download_file(self.location.bucket, self._key(name), str(destination))
         except (ClientError, BotoCoreError) as e:
             raise self._translate(e, name) from e
-
-    def streamer_path(self, name: str) -> str:
-        return f"s3://{self.location.bucket}/{self._key(name)}"
-
 
     def _translate(self, error: Exception, name: str) -> WeightdError:
         where = self.streamer_path(name) if name else self.location.uri
