@@ -173,3 +173,22 @@ def test_a_model_larger_than_the_shared_memory_is_resource_exhausted(daemon_fact
         client.attach(good_uri, target=daemon.target)
     assert raised.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert daemon.models() == []  # nothing half-loaded; the daemon still answers
+
+
+def test_a_missing_cloud_extra_is_named(daemon_factory, tmp_path: Path, good_uri: str) -> None:
+    # A node installed without weightd[gcs]: the daemon's interpreter cannot import the GCS SDK.
+    shim = tmp_path / "no-gcs"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text(
+        "import sys\n"
+        "class _NoGcs:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'google.cloud.storage':\n"
+        "            raise ModuleNotFoundError(\"No module named 'google.cloud.storage'\", name=name)\n"
+        "sys.meta_path.insert(0, _NoGcs())\n"
+    )
+    daemon = daemon_factory({"PYTHONPATH": str(shim)})
+    with pytest.raises(client.PreconditionFailedError, match=r"pip install 'weightd\[gcs\]'") as raised:
+        client.attach("gs://models/llama/", target=daemon.target)
+    assert "gs://models/llama/" in str(raised.value)
+    assert_still_serving(daemon, good_uri, "gs://")
