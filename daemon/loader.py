@@ -353,7 +353,7 @@ _WORDS = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
 
 def _scatter_block(data: torch.Tensor, block: Block, destinations: list[torch.Tensor]) -> None:
     """Copy each target's columns of the ``block.rows`` x ``block.width`` bytes at the start of ``data``."""
-    raw = data[: block.rows * block.width]
+    raw = data[: block.length]
     for t in block.targets:
         dst = destinations[t.layout_index]
         geometry = (block.width, t.column, t.width, t.dst_row_stride, t.dst_offset, raw.data_ptr(), dst.data_ptr())

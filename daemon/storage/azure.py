@@ -27,7 +27,7 @@ from weightd.daemon.errors import (
     UnauthenticatedError,
     WeightdError,
 )
-from weightd.daemon.storage.base import ModelLocation, ObjectInfo, PrefixedObjects, empty_prefix
+from weightd.daemon.storage.base import ModelLocation, ObjectInfo, PrefixedObjects
 
 _UNAUTHENTICATED_CODES = ("AuthenticationFailed", "InvalidAuthenticationInfo")
 # Bounded retries with exponential backoff: waits of about 1, 3 and 5 s. (The storage SDK's own default,
@@ -65,41 +65,24 @@ class AzureStore(PrefixedObjects):
         self.location = location
         self.container: Any = _service_client().get_container_client(location.bucket)
 
-    def list_objects(self) -> list[ObjectInfo]:
-        try:
-            infos = [
-                ObjectInfo(item.name[len(self.location.prefix) :], int(item.size), str(item.etag).strip('"'))
-                for item in self.container.walk_blobs(name_starts_with=self.location.prefix, delimiter="/")
-                if not item.name.endswith("/")
-            ]
-        except Exception as e:
-            raise self._translate(e, "") from e
-        if not infos:
-            raise empty_prefix(self.location)
-        return infos
+    def _list(self) -> list[ObjectInfo]:
+        return [
+            ObjectInfo(item.name[len(self.location.prefix) :], int(item.size), str(item.etag).strip('"'))
+            for item in self.container.walk_blobs(name_starts_with=self.location.prefix, delimiter="/")
+            if not item.name.endswith("/")
+        ]
 
-    def stat(self, name: str) -> ObjectInfo:
-        try:
-            props = self.container.get_blob_client(self._key(name)).get_blob_properties()
-        except Exception as e:
-            raise self._translate(e, name) from e
+    def _stat(self, name: str) -> ObjectInfo:
+        props = self.container.get_blob_client(self._key(name)).get_blob_properties()
         return ObjectInfo(name, int(props.size), str(props.etag).strip('"'))
 
-    def read_range(self, name: str, offset: int, length: int) -> bytes:
-        if length <= 0:
-            return b""
-        try:
-            data: bytes = self.container.get_blob_client(self._key(name)).download_blob(offset, length).readall()
-        except Exception as e:
-            raise self._translate(e, name) from e
+    def _read(self, name: str, offset: int, length: int) -> bytes:
+        data: bytes = self.container.get_blob_client(self._key(name)).download_blob(offset, length).readall()
         return data
 
-    def download(self, name: str, destination: Path) -> None:
-        try:
-            with open(destination, "wb") as out:
-                self.container.get_blob_client(self._key(name)).download_blob().readinto(out)
-        except Exception as e:
-            raise self._translate(e, name) from e
+    def _download(self, name: str, destination: Path) -> None:
+        with open(destination, "wb") as out:
+            self.container.get_blob_client(self._key(name)).download_blob().readinto(out)
 
     def _translate(self, error: Exception, name: str) -> WeightdError:
         where = self.streamer_path(name) if name else self.location.uri

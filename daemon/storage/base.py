@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import abc
 import posixpath
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 from urllib.parse import unquote, urlsplit
 
-from weightd.daemon.errors import InvalidRequestError, ModelNotFoundError, UnsupportedModelError
+from weightd.daemon.errors import InvalidRequestError, ModelNotFoundError, UnsupportedModelError, WeightdError
 
 
 @dataclass(frozen=True)
@@ -50,16 +52,61 @@ class ObjectStore(Protocol):
         ...
 
 
-class PrefixedObjects:
-    """What the object-store backends share: object keys under the model prefix, and the streamer's path."""
+class PrefixedObjects(abc.ABC):
+    """What the object-store backends share: object keys under the model prefix, the streamer's path, and
+    one place that turns every SDK failure into a named error. A backend supplies the raw SDK calls, the
+    exception types its SDK raises, and ``_translate``."""
 
     location: ModelLocation
+    sdk_errors: tuple[type[Exception], ...] = (Exception,)
 
     def _key(self, name: str) -> str:
         return self.location.prefix + name
 
     def streamer_path(self, name: str) -> str:
         return f"{self.location.scheme}://{self.location.bucket}/{self._key(name)}"
+
+    def list_objects(self) -> list[ObjectInfo]:
+        infos = self._call("", self._list)
+        if not infos:
+            raise empty_prefix(self.location)
+        return infos
+
+    def stat(self, name: str) -> ObjectInfo:
+        return self._call(name, self._stat, name)
+
+    def read_range(self, name: str, offset: int, length: int) -> bytes:
+        if length <= 0:
+            return b""
+        return self._call(name, self._read, name, offset, length)
+
+    def download(self, name: str, destination: Path) -> None:
+        self._call(name, self._download, name, destination)
+
+    def _call(self, name: str, sdk_call: Callable[..., T], *args: Any) -> T:
+        try:
+            return sdk_call(*args)
+        except WeightdError:
+            raise  # already named by the backend
+        except self.sdk_errors as e:
+            raise self._translate(e, name) from e
+
+    @abc.abstractmethod
+    def _list(self) -> list[ObjectInfo]:
+        """Objects directly under the prefix (the prefix itself excluded)."""
+
+    @abc.abstractmethod
+    def _stat(self, name: str) -> ObjectInfo: ...
+
+    @abc.abstractmethod
+    def _read(self, name: str, offset: int, length: int) -> bytes: ...
+
+    @abc.abstractmethod
+    def _download(self, name: str, destination: Path) -> None: ...
+
+    @abc.abstractmethod
+    def _translate(self, error: Exception, name: str) -> WeightdError:
+        """The named error for an SDK failure on ``name`` ("" for the prefix itself)."""
 
 
 def empty_prefix(location: ModelLocation) -> ModelNotFoundError:
@@ -69,6 +116,8 @@ def empty_prefix(location: ModelLocation) -> ModelNotFoundError:
         "check the prefix (it is case-sensitive)"
     )
 
+
+T = TypeVar("T")
 
 # Object-store schemes: URI scheme -> (install extra, what the bucket is called there).
 OBJECT_SCHEMES = {"s3": ("", "bucket"), "gs": ("gcs", "bucket"), "az": ("azure", "container")}

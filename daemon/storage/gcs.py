@@ -22,7 +22,7 @@ from weightd.daemon.errors import (
     UnauthenticatedError,
     WeightdError,
 )
-from weightd.daemon.storage.base import ModelLocation, ObjectInfo, PrefixedObjects, empty_prefix
+from weightd.daemon.storage.base import ModelLocation, ObjectInfo, PrefixedObjects
 
 # Bounded: exponential backoff from 0.5 s, giving up after 10 s (the SDK's default keeps trying for 120 s).
 RETRY = Retry(predicate=if_transient_error, initial=0.5, maximum=4.0, multiplier=2.0, timeout=10.0)
@@ -42,49 +42,30 @@ class GcsStore(PrefixedObjects):
         except google.auth.exceptions.GoogleAuthError as e:
             raise self._translate(e, "") from e
 
-    def list_objects(self) -> list[ObjectInfo]:
-        try:
-            blobs = self.client.list_blobs(
-                self.location.bucket, prefix=self.location.prefix, delimiter="/", retry=RETRY, timeout=TIMEOUT
-            )
-            infos = [
-                ObjectInfo(b.name[len(self.location.prefix) :], int(b.size), str(b.generation))
-                for b in blobs
-                if b.name != self.location.prefix
-            ]
-        except Exception as e:
-            raise self._translate(e, "") from e
-        if not infos:
-            raise empty_prefix(self.location)
-        return infos
+    def _list(self) -> list[ObjectInfo]:
+        blobs = self.client.list_blobs(
+            self.location.bucket, prefix=self.location.prefix, delimiter="/", retry=RETRY, timeout=TIMEOUT
+        )
+        return [
+            ObjectInfo(b.name[len(self.location.prefix) :], int(b.size), str(b.generation))
+            for b in blobs
+            if b.name != self.location.prefix
+        ]
 
-    def stat(self, name: str) -> ObjectInfo:
-        try:
-            blob = self.client.bucket(self.location.bucket).get_blob(self._key(name), retry=RETRY, timeout=TIMEOUT)
-        except Exception as e:
-            raise self._translate(e, name) from e
+    def _stat(self, name: str) -> ObjectInfo:
+        blob = self.client.bucket(self.location.bucket).get_blob(self._key(name), retry=RETRY, timeout=TIMEOUT)
         if blob is None:
             raise ModelNotFoundError(f"{self.streamer_path(name)}: no such object")
         return ObjectInfo(name, int(blob.size), str(blob.generation))
 
-    def read_range(self, name: str, offset: int, length: int) -> bytes:
-        if length <= 0:
-            return b""
-        try:
-            blob = self.client.bucket(self.location.bucket).blob(self._key(name))
-            data: bytes = blob.download_as_bytes(
-                start=offset, end=offset + length - 1, retry=RETRY, timeout=TIMEOUT
-            )
-        except Exception as e:
-            raise self._translate(e, name) from e
+    def _read(self, name: str, offset: int, length: int) -> bytes:
+        blob = self.client.bucket(self.location.bucket).blob(self._key(name))
+        data: bytes = blob.download_as_bytes(start=offset, end=offset + length - 1, retry=RETRY, timeout=TIMEOUT)
         return data
 
-    def download(self, name: str, destination: Path) -> None:
-        try:
-            blob = self.client.bucket(self.location.bucket).blob(self._key(name))
-            blob.download_to_filename(str(destination), retry=RETRY, timeout=TIMEOUT)
-        except Exception as e:
-            raise self._translate(e, name) from e
+    def _download(self, name: str, destination: Path) -> None:
+        blob = self.client.bucket(self.location.bucket).blob(self._key(name))
+        blob.download_to_filename(str(destination), retry=RETRY, timeout=TIMEOUT)
 
     def _translate(self, error: Exception, name: str) -> WeightdError:
         where = self.streamer_path(name) if name else self.location.uri

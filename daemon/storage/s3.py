@@ -25,13 +25,15 @@ from weightd.daemon.errors import (
     UnauthenticatedError,
     WeightdError,
 )
-from weightd.daemon.storage.base import ModelLocation, ObjectInfo, PrefixedObjects, empty_prefix
+from weightd.daemon.storage.base import ModelLocation, ObjectInfo, PrefixedObjects
 
 _UNAUTHENTICATED_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken"}
 _NOT_FOUND_CODES = {"NoSuchKey", "NotFound", "404"}
 
 
 class S3Store(PrefixedObjects):
+    sdk_errors = (ClientError, BotoCoreError)
+
     def __init__(self, location: ModelLocation) -> None:
         self.location = location
         custom_endpoint = bool(os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"))
@@ -45,45 +47,29 @@ class S3Store(PrefixedObjects):
         )
         self.client: Any = boto3.session.Session().client("s3", config=config)
 
-    def list_objects(self) -> list[ObjectInfo]:
-        infos: list[ObjectInfo] = []
-        try:
-            paginator = self.client.get_paginator("list_objects_v2")
-            for page in paginator.paginate(Bucket=self.location.bucket, Prefix=self.location.prefix, Delimiter="/"):
-                for item in page.get("Contents", []):
-                    name = item["Key"][len(self.location.prefix) :]
-                    if name:
-                        infos.append(ObjectInfo(name, int(item["Size"]), item["ETag"].strip('"')))
-        except (ClientError, BotoCoreError) as e:
-            raise self._translate(e, "") from e
-        if not infos:
-            raise empty_prefix(self.location)
+    def _list(self) -> list[ObjectInfo]:
+        infos = []
+        paginator = self.client.get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=self.location.bucket, Prefix=self.location.prefix, Delimiter="/"):
+            for item in page.get("Contents", []):
+                name = item["Key"][len(self.location.prefix) :]
+                if name:
+                    infos.append(ObjectInfo(name, int(item["Size"]), item["ETag"].strip('"')))
         return infos
 
-    def stat(self, name: str) -> ObjectInfo:
-        try:
-            head = self.client.head_object(Bucket=self.location.bucket, Key=self._key(name))
-        except (ClientError, BotoCoreError) as e:
-            raise self._translate(e, name) from e
+    def _stat(self, name: str) -> ObjectInfo:
+        head = self.client.head_object(Bucket=self.location.bucket, Key=self._key(name))
         return ObjectInfo(name, int(head["ContentLength"]), head["ETag"].strip('"'))
 
-    def read_range(self, name: str, offset: int, length: int) -> bytes:
-        if length <= 0:
-            return b""
-        try:
-            response = self.client.get_object(
-                Bucket=self.location.bucket, Key=self._key(name), Range=f"bytes={offset}-{offset + length - 1}"
-            )
-            data: bytes = response["Body"].read()
-        except (ClientError, BotoCoreError) as e:
-            raise self._translate(e, name) from e
+    def _read(self, name: str, offset: int, length: int) -> bytes:
+        response = self.client.get_object(
+            Bucket=self.location.bucket, Key=self._key(name), Range=f"bytes={offset}-{offset + length - 1}"
+        )
+        data: bytes = response["Body"].read()
         return data
 
-    def download(self, name: str, destination: Path) -> None:
-        try:
-            self.client.download_file(self.location.bucket, self._key(name), str(destination))
-        except (ClientError, BotoCoreError) as e:
-            raise self._translate(e, name) from e
+    def _download(self, name: str, destination: Path) -> None:
+        self.client.download_file(self.location.bucket, self._key(name), str(destination))
 
     def _translate(self, error: Exception, name: str) -> WeightdError:
         where = self.streamer_path(name) if name else self.location.uri
