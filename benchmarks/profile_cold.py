@@ -51,7 +51,7 @@ def main() -> int:
         # One unprofiled load first: the server's first read after an upload is slow for every reader.
         warm = loader.resolve(store, work / "warm-cache")
         warm_plan = build_plan(warm.headers, tp_size=1, ranks=[0], rules=(), max_range_bytes=128 * 2**20)
-        for rank in loader.stream(store, warm_plan, memory, label="warmup", memory_limit=512 * 2**20,
+        for rank in loader.stream(store, warm_plan, memory, label="warmup", memory_limit=512 * 2**20, concurrency=None,
                                   on_progress=lambda n: None):
             rank.arena.release()
         profiler = cProfile.Profile()
@@ -64,7 +64,7 @@ def main() -> int:
         rules = select_rules(source.model_type, (), tp_size=args.tp_size)
         plan = build_plan(source.headers, tp_size=args.tp_size, ranks=ranks, rules=rules, max_range_bytes=128 * 2**20)
         t2 = time.perf_counter()
-        arenas = loader.stream(store, plan, memory, label="profile", memory_limit=512 * 2**20,
+        arenas = loader.stream(store, plan, memory, label="profile", memory_limit=512 * 2**20, concurrency=None,
                                on_progress=lambda n: None)
         t3 = time.perf_counter()
         profiler.disable()

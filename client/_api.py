@@ -180,19 +180,24 @@ def load(
     shard_rules: Sequence[ShardRule] | None = None,
     memory_limit: int | None = None,
     distributed: bool | None = None,
+    concurrency: int | None = None,
     target: str | None = None,
     on_progress: Callable[[LoadProgress], None] | None = None,
 ) -> LoadProgress:
     """Make a model resident without attaching it (re-checking storage for a newer revision if it already is).
 
-    ``all_ranks`` loads every rank of ``tp_size`` in one pass. ``memory_limit`` and ``distributed`` override
-    the daemon's streamer settings for this load.
+    ``all_ranks`` loads every rank of ``tp_size`` in one pass. ``memory_limit``, ``distributed`` and
+    ``concurrency`` override the daemon's streamer settings for this load (the names and meanings of the
+    streamer's ``--model-loader-extra-config``). They apply only when this call streams the model: a model
+    already resident, or being loaded by another caller, keeps the settings it was loaded with.
     """
     settings = pb.StreamerSettings()
     if memory_limit is not None:
         settings.memory_limit = memory_limit
     if distributed is not None:
         settings.distributed = distributed
+    if concurrency is not None:
+        settings.concurrency = concurrency
     request = pb.LoadModelRequest(
         model=_selector(model_uri, rank, tp_size, shard_rules), all_ranks=all_ranks, settings=settings
     )

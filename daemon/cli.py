@@ -51,6 +51,8 @@ def _parser() -> argparse.ArgumentParser:
     load.add_argument("--memory-limit", type=parse_size, default=None, help="staging buffer for this load")
     load.add_argument("--distributed", action=argparse.BooleanOptionalAction, default=None,
                       help="the streamer's distributed mode for this load (needs CUDA; ignored without it)")
+    load.add_argument("--concurrency", type=int, default=None,
+                      help="storage clients (threads) for this load (default: the daemon's --concurrency)")
     load.add_argument("--target", help=target_help)
     load.set_defaults(run=_load)
 
@@ -96,6 +98,7 @@ def _load(args: argparse.Namespace) -> int:
         all_ranks=all_ranks,
         memory_limit=args.memory_limit,
         distributed=args.distributed,
+        concurrency=args.concurrency,
         target=args.target,
         on_progress=bar.update,
     )

@@ -66,7 +66,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("listen", "", _listen, "Optional TCP HOST:PORT too (for gRPC health probes); loopback unless you say."),
     Setting("cache_dir", Path("/var/cache/weightd"), Path, "Local cache of metadata files (config, tokenizer)."),
     Setting("shm_dir", Path("/dev/shm"), Path, "tmpfs directory holding host shared-memory arenas."),
-    Setting("concurrency", 16, int, "Concurrent storage requests per load (RUNAI_STREAMER_CONCURRENCY)."),
+    Setting("concurrency", 16, int, "Storage clients (threads) per load (RUNAI_STREAMER_CONCURRENCY)."),
     Setting("memory_limit", 512 * 2**20, parse_size, "Staging buffer per load for slices that scatter, e.g. 512MiB."),
     Setting("max_parallel_loads", 2, int, "Model loads that may run at once."),
     Setting("revalidate_after", 30.0, float, "Seconds before an attach re-checks a resident model in storage."),

@@ -14,6 +14,9 @@ import hashlib
 import json
 import logging
 import os
+import pickle
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -36,7 +39,7 @@ from weightd.daemon.errors import (
     UnsupportedModelError,
     WeightdError,
 )
-from weightd.daemon.memory.base import Arena, MemoryBackend
+from weightd.daemon.memory.base import Arena, MemoryBackend, MemoryHandle
 from weightd.daemon.plan import ALIGNMENT, Block, LoadPlan, RankLayout, Target, align
 from weightd.daemon.safetensors_header import SafetensorsHeader, header_length, parse_header
 from weightd.daemon.storage.base import ModelLocation, ObjectInfo, ObjectStore
@@ -49,6 +52,9 @@ INDEX_SUFFIX = ".safetensors.index.json"
 OTHER_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx", ".pkl")
 # One request usually covers the whole header.
 HEADER_PROBE_BYTES = 64 * 1024
+# One line per message from stream_helper to the daemon: "<kind> <detail>".
+HELPER_LANDED, HELPER_FAILED, HELPER_DONE = "landed", "failed", "done"
+HELPER_EXIT_TIMEOUT_S = 10
 
 
 @dataclass(frozen=True)
@@ -126,22 +132,100 @@ def stream(
     *,
     label: str,
     memory_limit: int,
+    concurrency: int | None,
     on_progress: Callable[[int], None],
 ) -> list[LoadedRank]:
-    """Fill one arena per layout in ``plan``. On any failure every arena is released before raising."""
+    """Fill one arena per layout in ``plan``. On any failure every arena is released before raising.
+
+    ``concurrency`` None streams in this process with the daemon's streamer settings; a number streams in a
+    helper process started with that concurrency (see ``stream_helper``).
+    """
     arenas: list[Arena] = []
+    paths = [store.streamer_path(f.file) for f in plan.files]
+    started = time.monotonic()
     try:
         for layout in plan.layouts:
             arenas.append(memory.allocate(layout.size, label=f"{label}-r{layout.rank}"))
-        _fetch(store, plan, [a.tensor() for a in arenas], memory_limit=memory_limit, on_progress=on_progress)
+        try:
+            if concurrency is None:
+                fetch_into([a.tensor() for a in arenas], paths, plan, memory_limit=memory_limit,
+                           on_progress=on_progress)
+            else:
+                _fetch_in_helper(arenas, paths, plan, memory_limit=memory_limit, concurrency=concurrency,
+                                 on_progress=on_progress)
+        except ValueError as e:
+            raise _explain(store, [f.file for f in plan.files], e) from e
     except BaseException:
         for arena in arenas:
             arena.release()
         raise
+    elapsed = time.monotonic() - started
+    logger.info(
+        "streamed %d bytes from %s in %.2f s (%.2f GB/s; concurrency %s)",
+        plan.fetched_bytes,
+        store.location.uri,
+        elapsed,
+        plan.fetched_bytes / max(elapsed, 1e-9) / 1e9,
+        "daemon-wide" if concurrency is None else concurrency,
+    )
     return [
         LoadedRank(layout, arena, fetched)
         for layout, arena, fetched in zip(plan.layouts, arenas, plan.fetched_bytes_by_layout, strict=True)
     ]
+
+
+@dataclass(frozen=True)
+class HelperJob:
+    """What ``stream_helper`` needs to fill arenas it did not allocate: sent to it through a pipe."""
+
+    paths: list[str]
+    plan: LoadPlan
+    handles: list[MemoryHandle]
+    sizes: list[int]
+    memory_limit: int
+
+
+def _fetch_in_helper(
+    arenas: list[Arena],
+    paths: list[str],
+    plan: LoadPlan,
+    *,
+    memory_limit: int,
+    concurrency: int,
+    on_progress: Callable[[int], None],
+) -> None:
+    """Run ``fetch_into`` in a child process whose environment carries this load's streamer settings.
+
+    Raises ValueError, as the streamer does, when the child reports a failure or dies.
+    """
+    job = HelperJob(paths, plan, [a.handle for a in arenas], [a.size for a in arenas], memory_limit)
+    environment = {**os.environ, "RUNAI_STREAMER_CONCURRENCY": str(concurrency)}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "weightd.daemon.stream_helper"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=environment,
+    )
+    assert process.stdin is not None and process.stdout is not None
+    try:
+        # Parent to its own child over an anonymous pipe: nothing untrusted is unpickled.
+        pickle.dump(job, process.stdin)
+        process.stdin.flush()
+        for line in process.stdout:
+            kind, _, detail = line.decode().rstrip("\n").partition(" ")
+            if kind == HELPER_LANDED:
+                on_progress(int(detail))
+            elif kind == HELPER_FAILED:
+                raise ValueError(detail)
+            elif kind == HELPER_DONE:
+                return
+        raise ValueError(f"the streaming helper exited with status {process.wait()} before the load finished")
+    finally:
+        process.stdin.close()  # the helper exits when its stdin closes, even mid-stream
+        try:
+            process.wait(timeout=HELPER_EXIT_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        process.stdout.close()
 
 
 @dataclass(frozen=True)
@@ -209,52 +293,39 @@ def _route(plan: LoadPlan) -> tuple[list[_Direct], list[_Staged], list[_Duplicat
     return direct, staged, duplicates
 
 
-def _fetch(
-    store: ObjectStore,
-    plan: LoadPlan,
+def fetch_into(
     destinations: list[torch.Tensor],
+    paths: list[str],
+    plan: LoadPlan,
     *,
     memory_limit: int,
     on_progress: Callable[[int], None],
 ) -> None:
     """Drive the streamer's range API directly so that it writes into the arenas themselves.
 
-    ``memory_limit`` bounds only the staging buffer that scattered blocks pass through.
+    ``paths`` are the streamer's paths of ``plan.files``. ``memory_limit`` bounds only the staging buffer
+    that scattered blocks pass through. A storage failure raises the streamer's ValueError.
     """
-    paths = [store.streamer_path(f.file) for f in plan.files]
     direct, staged, duplicates = _route(plan)
     if not direct and not staged:
         return
-    started = time.monotonic()
     bases = [d.data_ptr() for d in destinations]
     staged_bytes = sum(s.block.length for s in staged)
     largest = max((s.block.length for s in staged), default=0)
     padded = staged_bytes + ALIGNMENT * len(staged)  # batches start blocks on aligned offsets
     staging = torch.empty(max(largest, min(memory_limit, padded)), dtype=torch.uint8)
-    try:
-        # The streamer session owns the C handle and applies object-store credentials once.
-        with FileStreamer() as session:
-            session.handle_object_store(paths[0], session.streamer)
-            reader = _RangeReader(session.streamer, paths)
-            reader.submit([_Range(d.file_index, d.file_offset, d.length, bases[d.layout_index] + d.dst_offset,
-                                  functools.partial(on_progress, d.length)) for d in direct])
-            for batch in _batches(staged, staging.numel()):
-                reader.submit([_staged_range(item, staging[cursor:], destinations, on_progress)
-                               for cursor, item in batch])
-                reader.wait()  # the next batch reuses the staging buffer
-            reader.wait()
-    except ValueError as e:
-        raise _explain(store, [f.file for f in plan.files], e) from e
+    # The streamer session owns the C handle and applies object-store credentials once.
+    with FileStreamer() as session:
+        session.handle_object_store(paths[0], session.streamer)
+        reader = _RangeReader(session.streamer, paths)
+        reader.submit([_Range(d.file_index, d.file_offset, d.length, bases[d.layout_index] + d.dst_offset,
+                              functools.partial(on_progress, d.length)) for d in direct])
+        for batch in _batches(staged, staging.numel()):
+            reader.submit([_staged_range(item, staging[cursor:], destinations, on_progress)
+                           for cursor, item in batch])
+            reader.wait()  # the next batch reuses the staging buffer
+        reader.wait()
     _copy_duplicates(duplicates, destinations)
-    elapsed = time.monotonic() - started
-    logger.info(
-        "streamed %d bytes from %s in %.2f s (%.2f GB/s; %d bytes staged)",
-        plan.fetched_bytes,
-        store.location.uri,
-        elapsed,
-        plan.fetched_bytes / max(elapsed, 1e-9) / 1e9,
-        staged_bytes,
-    )
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,7 @@ class LoadSettings:
     memory_limit: int
     # Accepted for parity with the streamer's extra config; without CUDA, streaming is never distributed.
     distributed: bool = False
+    concurrency: int | None = None  # None: the daemon-wide setting
 
 
 @dataclass
@@ -275,7 +276,13 @@ class Registry:
             loaded = await loop.run_in_executor(
                 self._pool,
                 lambda: loader.stream(
-                    store, plan, self._memory, label=label, memory_limit=settings.memory_limit, on_progress=advance
+                    store,
+                    plan,
+                    self._memory,
+                    label=label,
+                    memory_limit=settings.memory_limit,
+                    concurrency=settings.concurrency,
+                    on_progress=advance,
                 ),
             )
         except BaseException:

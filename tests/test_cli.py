@@ -21,11 +21,14 @@ def test_load_ls_evict(daemon_factory, llama_model: Model, tmp_path: Path) -> No
     daemon = daemon_factory()
     directory = copy_model(llama_model, tmp_path / "m")
     loaded = weightd(
-        "load", f"file://{directory}", "--distributed", "--memory-limit", "64MiB", "--target", daemon.target
+        "load", f"file://{directory}", "--distributed", "--memory-limit", "64MiB", "--concurrency", "3",
+        "--target", daemon.target,
     )
     assert loaded.returncode == 0, loaded.stderr
+    log = daemon.log.read_text()
     # distributed needs CUDA: accepted, and the load falls back to non-distributed streaming.
-    assert "streams file://" in daemon.log.read_text() and "non-distributed" in daemon.log.read_text()
+    assert "streams file://" in log and "non-distributed" in log
+    assert "concurrency 3)" in log
     assert "100.0%" in loaded.stderr and "ready" in loaded.stdout
 
     listed = weightd("ls", "--json", "--target", daemon.target)

@@ -200,10 +200,14 @@ def test_bad_tensor_parallel_requests(daemon, tiny_llama) -> None:
     assert result > 0
 
 
-def test_a_tiny_staging_buffer_still_loads_every_rank_exactly(daemon, tiny_llama) -> None:
-    """memory_limit bounds only the staging buffer for scattered (dim-1) blocks: one block per batch here."""
+@pytest.mark.parametrize("concurrency", [None, 2], ids=["in-process", "helper"])
+def test_a_tiny_staging_buffer_still_loads_every_rank_exactly(daemon, tiny_llama, concurrency: int | None) -> None:
+    """memory_limit bounds only the staging buffer for scattered (dim-1) blocks: one block per batch here.
+
+    With a per-load concurrency the helper process streams, scatters and copies into the daemon's arenas.
+    """
     uri, full = tiny_llama
-    client.load(uri, tp_size=2, all_ranks=True, memory_limit=1, target=daemon.target)
+    client.load(uri, tp_size=2, all_ranks=True, memory_limit=1, concurrency=concurrency, target=daemon.target)
     for rank in range(2):
         with client.attach(uri, rank, tp_size=2, target=daemon.target) as model:
             check_rank(model, full, 2)

@@ -12,7 +12,6 @@ import mmap
 import os
 import re
 import secrets
-import warnings
 from pathlib import Path
 
 import torch
@@ -36,18 +35,13 @@ class HostArena:
             if size:
                 # Reserve every page now: a full tmpfs is ENOSPC here, not SIGBUS in the middle of a load.
                 os.posix_fallocate(fd, 0, size)
-            # mmap refuses length 0; an empty arena still gets a page so every handle maps. (MAP_POPULATE
-            # would map every page before streaming starts; left to the writers, the minor faults overlap
-            # with storage reads, which measured faster.)
-            self._map = mmap.mmap(fd, max(size, 1), mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            self._map, tensor = _map_writable(fd, size)
         except BaseException:
             os.unlink(path)
             raise
         finally:
             os.close(fd)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            self._tensor: torch.Tensor | None = torch.frombuffer(self._map, dtype=torch.uint8)
+        self._tensor: torch.Tensor | None = tensor
 
     @property
     def size(self) -> int:
@@ -73,6 +67,23 @@ class HostArena:
             logger.warning("arena %s still has views in the daemon; unmapping deferred", self.path)
         # Clients that still map the file keep their pages; the name goes now.
         self.path.unlink(missing_ok=True)
+
+
+def map_for_writing(handle: HostSharedMemoryHandle, size: int) -> torch.Tensor:
+    """A writable view of another process's arena (the streaming helper fills the daemon's arenas)."""
+    fd = os.open(handle.path, os.O_RDWR)
+    try:
+        return _map_writable(fd, size)[1]
+    finally:
+        os.close(fd)
+
+
+def _map_writable(fd: int, size: int) -> tuple[mmap.mmap, torch.Tensor]:
+    # mmap refuses length 0; an empty arena still gets a page so every handle maps. (MAP_POPULATE would map
+    # every page before streaming starts; left to the writers, the minor faults overlap with storage reads,
+    # which measured faster.)
+    mapping = mmap.mmap(fd, max(size, 1), mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    return mapping, torch.frombuffer(mapping, dtype=torch.uint8)
 
 
 class HostMemory:

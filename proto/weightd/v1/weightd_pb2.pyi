@@ -76,12 +76,14 @@ class ModelSelector(_message.Message):
     def __init__(self, model_uri: _Optional[str] = ..., tp_size: _Optional[int] = ..., rank: _Optional[int] = ..., shard_rules: _Optional[_Iterable[_Union[ShardRule, _Mapping]]] = ...) -> None: ...
 
 class StreamerSettings(_message.Message):
-    __slots__ = ("memory_limit", "distributed")
+    __slots__ = ("memory_limit", "distributed", "concurrency")
     MEMORY_LIMIT_FIELD_NUMBER: _ClassVar[int]
     DISTRIBUTED_FIELD_NUMBER: _ClassVar[int]
+    CONCURRENCY_FIELD_NUMBER: _ClassVar[int]
     memory_limit: int
     distributed: bool
-    def __init__(self, memory_limit: _Optional[int] = ..., distributed: bool = ...) -> None: ...
+    concurrency: int
+    def __init__(self, memory_limit: _Optional[int] = ..., distributed: bool = ..., concurrency: _Optional[int] = ...) -> None: ...
 
 class LoadModelRequest(_message.Message):
     __slots__ = ("model", "all_ranks", "settings")
