@@ -89,8 +89,9 @@ LOAD = r"""
 import json, sys, time
 from weightd import client
 uri, target, tp_size = sys.argv[1], sys.argv[2], int(sys.argv[3])
+concurrency = int(sys.argv[4]) if len(sys.argv) > 4 else None
 t0 = time.perf_counter()
-client.load(uri, tp_size=tp_size, all_ranks=tp_size > 1, target=target)
+client.load(uri, tp_size=tp_size, all_ranks=tp_size > 1, concurrency=concurrency, target=target)
 print(json.dumps({"seconds": time.perf_counter() - t0}))
 """
 
@@ -127,13 +128,14 @@ def run_script(script: str, *args: str, env: dict[str, str]) -> dict[str, Any]:
 
 
 class Daemon:
-    def __init__(self, root: Path, env: dict[str, str]) -> None:
+    def __init__(self, root: Path, env: dict[str, str], *, concurrency: int | None = None) -> None:
         root.mkdir(parents=True, exist_ok=True)
         self.socket = root / "w.sock"
         self.target = f"unix://{self.socket}"
         self.process = subprocess.Popen(
             [sys.executable, "-m", "weightd.daemon", "serve", "--socket", str(self.socket), "--cache-dir",
-             str(root / "cache"), "--log-level", "WARNING"],
+             str(root / "cache"), "--log-level", "WARNING",
+             *(["--concurrency", str(concurrency)] if concurrency is not None else [])],
             env=env, stdout=subprocess.DEVNULL, stderr=open(root / "daemon.log", "ab"),
         )
         deadline = time.monotonic() + 60
@@ -165,9 +167,9 @@ class Bench:
                     "RUNAI_STREAMER_S3_REQUEST_TIMEOUT_MS": "30000"}
         self.daemons = 0
 
-    def daemon(self) -> Daemon:
+    def daemon(self, *, concurrency: int | None = None) -> Daemon:
         self.daemons += 1
-        return Daemon(self.work / f"daemon{self.daemons}", self.env)
+        return Daemon(self.work / f"daemon{self.daemons}", self.env, concurrency=concurrency)
 
     def model(self, size_gb: float, name: str) -> dict[str, Any]:
         directory = self.work / name
@@ -237,6 +239,23 @@ class Bench:
             "lone_rank_s": statistics.median(lone), "all_ranks_bytes": all_bytes, "lone_rank_bytes": lone_bytes,
         }
 
+    def per_load_concurrency(self, model: dict[str, Any], concurrency: int = 8) -> dict[str, float]:
+        """The same number of storage clients, from a daemon started with it and from a per-load override."""
+        in_process, in_helper = [], []
+        for _ in range(self.repetitions):
+            for samples, daemon_concurrency, load_args in (
+                (in_process, concurrency, ()),
+                (in_helper, None, (str(concurrency),)),
+            ):
+                daemon = self.daemon(concurrency=daemon_concurrency)
+                try:
+                    samples.append(run_script(LOAD, model["uri"], daemon.target, "1", *load_args,
+                                              env=self.env)["seconds"])
+                finally:
+                    daemon.stop()
+        return {"concurrency": concurrency, "in_process_s": statistics.median(in_process),
+                "in_helper_s": statistics.median(in_helper)}
+
     def memory(self, model: dict[str, Any], processes: int = 4) -> dict[str, float]:
         def hold(args: list[str]) -> tuple[list[subprocess.Popen[str]], int]:
             procs = [subprocess.Popen([sys.executable, "-c", HOLD, *args], stdin=subprocess.PIPE,
@@ -291,6 +310,7 @@ def main() -> int:
         samples = bench.interleaved(big)
         small_cd = [bench.cold_and_warm(small) for _ in range(args.repetitions)]
         tp = bench.tensor_parallel(big)
+        per_load = bench.per_load_concurrency(big)
         memory = bench.memory(big)
     finally:
         stop_process(s3.process)
@@ -313,8 +333,9 @@ def main() -> int:
             "e lone-rank time/full load": tp["lone_rank_s"] / tp["full_load_s"],
             "f weightd node memory/model": memory["weightd_node_bytes"] / big["bytes"],
             "f 4 loaders node memory/model": memory["baseline_node_bytes"] / big["bytes"],
+            "g per-load concurrency (helper) / daemon-wide": per_load["in_helper_s"] / per_load["in_process_s"],
         },
-        "tensor_parallel": tp, "memory": memory,
+        "tensor_parallel": tp, "memory": memory, "per_load_concurrency": per_load,
     }
     print(render(results))
     if args.json:
@@ -340,6 +361,8 @@ def render(r: dict[str, Any]) -> str:
         f"| e. TP=4 all-ranks load / one full load | {r['tensor_parallel']['all_ranks_s']:.2f} s / "
         f"{r['tensor_parallel']['full_load_s']:.2f} s |",
         f"| e. TP=4 lone rank 1 cold attach | {r['tensor_parallel']['lone_rank_s']:.2f} s |",
+        f"| g. full load, concurrency {r['per_load_concurrency']['concurrency']}: per load (helper) / daemon-wide "
+        f"| {r['per_load_concurrency']['in_helper_s']:.2f} s / {r['per_load_concurrency']['in_process_s']:.2f} s |",
         "",
         "| ratio | value | target |",
         "|---|---|---|",

@@ -4,7 +4,8 @@ Phase (a), ``resolve``: list the prefix, download every metadata file once into 
 objects' versions), read each safetensors header with ranged reads and validate it.
 Phase (b), ``stream``: fetch exactly the planned byte ranges with runai-model-streamer, which writes them
 straight into the arenas; only tensor-parallel slices that scatter pass through a bounded staging buffer.
-Nothing touches local disk.
+A load that asks for its own concurrency streams in a helper process (``stream_helper``). Nothing touches
+local disk.
 """
 
 from __future__ import annotations
@@ -55,6 +56,8 @@ HEADER_PROBE_BYTES = 64 * 1024
 # One line per message from stream_helper to the daemon: "<kind> <detail>".
 HELPER_LANDED, HELPER_FAILED, HELPER_DONE = "landed", "failed", "done"
 HELPER_EXIT_TIMEOUT_S = 10
+# Object-store clients and file queue depth; RUNAI_STREAMER_CONCURRENCY fills whichever is unset.
+CONCURRENCY_OVERRIDES = ("RUNAI_STREAMER_OBJ_CONCURRENCY", "RUNAI_STREAMER_FS_QUEUE_DEPTH")
 
 
 @dataclass(frozen=True)
@@ -137,21 +140,22 @@ def stream(
 ) -> list[LoadedRank]:
     """Fill one arena per layout in ``plan``. On any failure every arena is released before raising.
 
-    ``concurrency`` None streams in this process with the daemon's streamer settings; a number streams in a
-    helper process started with that concurrency (see ``stream_helper``).
+    ``concurrency`` None, or what this process's streamer settings give anyway, streams in this process;
+    another number streams in a helper process started with that concurrency (see ``stream_helper``).
     """
     arenas: list[Arena] = []
     paths = [store.streamer_path(f.file) for f in plan.files]
+    helper_concurrency = None if concurrency is None or _process_concurrency_is(concurrency) else concurrency
     started = time.monotonic()
     try:
         for layout in plan.layouts:
             arenas.append(memory.allocate(layout.size, label=f"{label}-r{layout.rank}"))
         try:
-            if concurrency is None:
+            if helper_concurrency is None:
                 fetch_into([a.tensor() for a in arenas], paths, plan, memory_limit=memory_limit,
                            on_progress=on_progress)
             else:
-                _fetch_in_helper(arenas, paths, plan, memory_limit=memory_limit, concurrency=concurrency,
+                _fetch_in_helper(arenas, paths, plan, memory_limit=memory_limit, concurrency=helper_concurrency,
                                  on_progress=on_progress)
         except ValueError as e:
             raise _explain(store, [f.file for f in plan.files], e) from e
@@ -161,17 +165,23 @@ def stream(
         raise
     elapsed = time.monotonic() - started
     logger.info(
-        "streamed %d bytes from %s in %.2f s (%.2f GB/s; concurrency %s)",
+        "streamed %d bytes from %s in %.2f s (%.2f GB/s; %s)",
         plan.fetched_bytes,
         store.location.uri,
         elapsed,
         plan.fetched_bytes / max(elapsed, 1e-9) / 1e9,
-        "daemon-wide" if concurrency is None else concurrency,
+        "daemon-wide concurrency" if helper_concurrency is None else f"concurrency {helper_concurrency} in a helper",
     )
     return [
         LoadedRank(layout, arena, fetched)
         for layout, arena, fetched in zip(plan.layouts, arenas, plan.fetched_bytes_by_layout, strict=True)
     ]
+
+
+def _process_concurrency_is(concurrency: int) -> bool:
+    return os.environ.get("RUNAI_STREAMER_CONCURRENCY") == str(concurrency) and not any(
+        name in os.environ for name in CONCURRENCY_OVERRIDES
+    )
 
 
 @dataclass(frozen=True)
@@ -199,7 +209,9 @@ def _fetch_in_helper(
     Raises ValueError, as the streamer does, when the child reports a failure or dies.
     """
     job = HelperJob(paths, plan, [a.handle for a in arenas], [a.size for a in arenas], memory_limit)
-    environment = {**os.environ, "RUNAI_STREAMER_CONCURRENCY": str(concurrency)}
+    # The streamer's specific variables beat RUNAI_STREAMER_CONCURRENCY; this load's value must win.
+    environment = {k: v for k, v in os.environ.items() if k not in CONCURRENCY_OVERRIDES}
+    environment["RUNAI_STREAMER_CONCURRENCY"] = str(concurrency)
     process = subprocess.Popen(
         [sys.executable, "-m", "weightd.daemon.stream_helper"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=environment,

@@ -206,15 +206,12 @@ class WeightService(pb_grpc.WeightServiceServicer):
         )
 
     def _load_settings(self, settings: pb.StreamerSettings) -> LoadSettings:
-        concurrency = None
-        if settings.HasField("concurrency"):
-            if settings.concurrency < 1:
-                raise errors.InvalidRequestError(
-                    f"concurrency {settings.concurrency}: must be at least 1; leave it unset for the daemon's "
-                    f"({self._settings.concurrency})"
-                )
-            if settings.concurrency != self._settings.concurrency:
-                concurrency = settings.concurrency
+        concurrency = settings.concurrency if settings.HasField("concurrency") else None
+        if concurrency is not None and concurrency < 1:
+            raise errors.InvalidRequestError(
+                f"concurrency {concurrency}: must be at least 1; leave it unset for the daemon's "
+                f"({self._settings.concurrency})"
+            )
         return LoadSettings(
             memory_limit=settings.memory_limit if settings.HasField("memory_limit") else self._settings.memory_limit,
             distributed=settings.distributed if settings.HasField("distributed") else self._settings.distributed,

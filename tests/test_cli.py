@@ -28,7 +28,7 @@ def test_load_ls_evict(daemon_factory, llama_model: Model, tmp_path: Path) -> No
     log = daemon.log.read_text()
     # distributed needs CUDA: accepted, and the load falls back to non-distributed streaming.
     assert "streams file://" in log and "non-distributed" in log
-    assert "concurrency 3)" in log
+    assert "concurrency 3 in a helper)" in log
     assert "100.0%" in loaded.stderr and "ready" in loaded.stdout
 
     listed = weightd("ls", "--json", "--target", daemon.target)

@@ -1,12 +1,16 @@
 """Issue [3/4], item 5: the streamer's extra-config settings per load, with a real streamer and SeaweedFS.
 
 A per-load ``concurrency`` streams in a helper process started with that RUNAI_STREAMER_CONCURRENCY. The
-streamer's own debug log says how many storage clients each streamer started with, and in which process.
+streamer's own debug log says how many S3 clients each streamer started with, and in which process.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -20,13 +24,16 @@ from weightd.daemon.storage.base import open_store, parse_model_uri
 from tests.conftest import ATTACH_AND_VERIFY, Model, S3Server, copy_model, run_client
 
 # e.g. "[2026-11-22 02:26:33.860] [DEBUG  ] [23588 23588] [streamer/impl/streamer/streamer.cc: 78 @ Streamer]
-# Streamer concurrency 2 ; s3 concurrency 2 ; ..."
-STREAMER_STARTED = re.compile(r"\[(\d+) \d+\] \[[^\]]*@ Streamer\s*\] Streamer concurrency (\d+) ;")
+# Streamer concurrency 2 ; s3 concurrency 5 ; ..."
+STREAMER_STARTED = re.compile(
+    r"\[(\d+) \d+\] \[[^\]]*@ Streamer\s*\] Streamer concurrency \d+ ; s3 concurrency (\d+) ;"
+)
 DAEMON_CONCURRENCY = 4
+OPERATOR_OBJ_CONCURRENCY = 5  # the streamer's own variable, set by an operator: it wins daemon-wide
 
 
 def streamers_started(log: Path) -> list[tuple[int, int]]:
-    """(pid, concurrency) of every streamer the daemon and its helpers started, in order."""
+    """(pid, S3 clients) of every streamer the daemon and its helpers started, in order."""
     return [(int(pid), int(n)) for pid, n in STREAMER_STARTED.findall(log.read_text(errors="replace"))]
 
 
@@ -36,34 +43,39 @@ def children(pid: int) -> list[int]:
 
 @pytest.fixture
 def daemon(daemon_factory, s3_server: S3Server):
-    env = {**s3_server.env(), "RUNAI_STREAMER_LOG_LEVEL": "DEBUG", "RUNAI_STREAMER_LOG_TO_STDERR": "1"}
+    env = {
+        **s3_server.env(),
+        "RUNAI_STREAMER_OBJ_CONCURRENCY": str(OPERATOR_OBJ_CONCURRENCY),
+        "RUNAI_STREAMER_LOG_LEVEL": "DEBUG",
+        "RUNAI_STREAMER_LOG_TO_STDERR": "1",
+    }
     return daemon_factory(env, extra_args=("--concurrency", str(DAEMON_CONCURRENCY)))
 
 
 def test_a_per_load_concurrency_starts_the_streamer_with_that_many_clients(
     daemon, s3_server: S3Server, s3_llama: str, llama_model: Model
 ) -> None:
+    default_uri, exact_uri = "s3://models/llama-default/", "s3://models/llama-exact/"
     s3_server.upload(llama_model.directory, "models", "llama-default/")
-    default_uri = "s3://models/llama-default/"
+    s3_server.upload(llama_model.directory, "models", "llama-exact/")
 
     done = client.load(s3_llama, concurrency=3, target=daemon.target)
     client.load(default_uri, target=daemon.target)
-    client.load(default_uri, concurrency=DAEMON_CONCURRENCY, target=daemon.target)  # resident: no new load
+    client.load(default_uri, concurrency=3, target=daemon.target)  # resident: no new load, no new streamer
+    # The daemon's own value, which the operator's RUNAI_STREAMER_OBJ_CONCURRENCY would override in-process.
+    client.load(exact_uri, concurrency=DAEMON_CONCURRENCY, target=daemon.target)
 
     started = streamers_started(daemon.log)
-    assert [n for _, n in started] == [3, DAEMON_CONCURRENCY]
-    assert started[0][0] != daemon.process.pid  # the helper
-    assert started[1][0] == daemon.process.pid
-    assert children(daemon.process.pid) == []  # the helper exited
+    assert [n for _, n in started] == [3, OPERATOR_OBJ_CONCURRENCY, DAEMON_CONCURRENCY]
+    assert [pid == daemon.process.pid for pid, _ in started] == [False, True, False]  # helper, daemon, helper
+    assert children(daemon.process.pid) == []  # the helpers exited
     # bytes_done adds up the helper's reports of landed ranges.
     assert done.state == "ready" and done.bytes_done == done.bytes_total == llama_model.nbytes
 
-    for uri in (s3_llama, default_uri):
+    for uri in (s3_llama, default_uri, exact_uri):
         result = run_client(ATTACH_AND_VERIFY, uri, daemon.target, str(llama_model.directory))
         assert result["tensors"] == result["expected"] and result["mismatched"] == [] and result["outside"] == []
-    assert {m.model_uri: m.storage_bytes_read for m in daemon.models()} == {
-        s3_llama: llama_model.nbytes, default_uri: llama_model.nbytes
-    }
+    assert [m.storage_bytes_read for m in daemon.models()] == [llama_model.nbytes] * 3
 
 
 def test_concurrency_zero_is_invalid_argument(daemon, s3_llama: str) -> None:
@@ -88,3 +100,21 @@ def test_a_shard_gone_mid_load_is_named(tmp_path: Path, llama_model: Model, conc
         loader.stream(store, plan, memory, label="gone", memory_limit=1 << 20, concurrency=concurrency,
                       on_progress=lambda n: None)
     assert list((tmp_path / "shm").iterdir()) == []
+
+
+def test_a_helper_killed_mid_load_fails_that_load_only(daemon, s3_llama: str, llama_model: Model) -> None:
+    """The helper is a separate process: when it dies the load fails cleanly and the daemon keeps serving."""
+    with ThreadPoolExecutor(1) as pool:
+        load = pool.submit(client.load, s3_llama, concurrency=2, target=daemon.target)
+        deadline = time.monotonic() + 60
+        while not (helpers := children(daemon.process.pid)):
+            assert not load.done() and time.monotonic() < deadline, "the load ended before its helper was seen"
+            time.sleep(0.01)
+        os.kill(helpers[0], signal.SIGKILL)
+        with pytest.raises(client.UnavailableError, match="helper exited with status -9") as failed:
+            load.result(timeout=60)
+    assert s3_llama in str(failed.value) and "retry" in str(failed.value)
+    assert daemon.models() == [] and daemon.segments() == []
+    client.load(s3_llama, target=daemon.target)  # the same model, daemon-wide settings
+    result = run_client(ATTACH_AND_VERIFY, s3_llama, daemon.target, str(llama_model.directory))
+    assert result["mismatched"] == [] and result["tensors"] == len(llama_model.tensors)
