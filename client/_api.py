@@ -197,6 +197,10 @@ def load(
     if distributed is not None:
         settings.distributed = distributed
     if concurrency is not None:
+        if concurrency < 1:
+            raise InvalidRequestError(
+                f"concurrency must be at least 1, got {concurrency}", code=grpc.StatusCode.INVALID_ARGUMENT
+            )
         settings.concurrency = concurrency
     request = pb.LoadModelRequest(
         model=_selector(model_uri, rank, tp_size, shard_rules), all_ranks=all_ranks, settings=settings

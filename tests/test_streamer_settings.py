@@ -13,6 +13,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import grpc
 import pytest
 from weightd import client
 from weightd.daemon import loader
@@ -20,6 +21,8 @@ from weightd.daemon.errors import ModelNotFoundError
 from weightd.daemon.memory.host import HostMemory
 from weightd.daemon.plan import build_plan
 from weightd.daemon.storage.base import open_store, parse_model_uri
+from weightd.v1 import weightd_pb2 as pb
+from weightd.v1 import weightd_pb2_grpc as pb_grpc
 
 from tests.conftest import ATTACH_AND_VERIFY, Model, S3Server, copy_model, run_client
 
@@ -78,9 +81,17 @@ def test_a_per_load_concurrency_starts_the_streamer_with_that_many_clients(
     assert [m.storage_bytes_read for m in daemon.models()] == [llama_model.nbytes] * 3
 
 
-def test_concurrency_zero_is_invalid_argument(daemon, s3_llama: str) -> None:
-    with pytest.raises(client.InvalidRequestError, match="concurrency 0: must be at least 1"):
-        client.load(s3_llama, concurrency=0, target=daemon.target)
+def test_a_concurrency_below_one_is_invalid_argument(daemon, s3_llama: str) -> None:
+    for bad in (0, -1):  # refused by the client, which cannot put -1 on the wire
+        with pytest.raises(client.InvalidRequestError, match=f"concurrency must be at least 1, got {bad}"):
+            client.load(s3_llama, concurrency=bad, target=daemon.target)
+    # Other clients (grpcurl, other languages) reach the daemon's own check.
+    request = pb.LoadModelRequest(model=pb.ModelSelector(model_uri=s3_llama, tp_size=1),
+                                  settings=pb.StreamerSettings(concurrency=0))
+    with grpc.insecure_channel(daemon.target) as channel, pytest.raises(grpc.RpcError) as refused:
+        list(pb_grpc.WeightServiceStub(channel).LoadModel(request))
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "concurrency 0: must be at least 1" in refused.value.details()
     assert daemon.models() == []
     assert client.load(s3_llama, concurrency=2, target=daemon.target).state == "ready"
 
