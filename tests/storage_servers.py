@@ -48,13 +48,14 @@ def wait_until(check: Any, process: subprocess.Popen[bytes], what: str, log: Pat
             time.sleep(0.2)
 
 
-def free_port(*, also_free: int = 0) -> int:
-    """A free loopback port p (and p + also_free, for servers that bind a second port at an offset)."""
+def free_port(*, also_free: int = 0, taken: frozenset[int] = frozenset()) -> int:
+    """A free loopback port p (and p + also_free, for servers that bind a second port at an offset), neither of
+    them in ``taken``."""
     for _ in range(100):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        if port + also_free > 65535:
+        if port + also_free > 65535 or {port, port + also_free} & taken:
             continue
         if also_free:
             with socket.socket() as s:
@@ -113,8 +114,21 @@ class S3Server:
             s3.upload_file(str(path), bucket, f"{prefix}{path.name}")
 
 
-def start_seaweedfs(root: Path) -> S3Server:
-    """``weed mini`` on loopback ports (each HTTP port p also binds gRPC on p + 10000), data under ``root``."""
+def start_seaweedfs(root: Path, *, attempts: int = 3) -> S3Server:
+    """``weed mini`` on loopback ports (each HTTP port p also binds gRPC on p + 10000), data under ``root``.
+
+    Another process can take a chosen port before SeaweedFS binds it (it then exits at once): so new ports,
+    a few times.
+    """
+    for attempt in range(1, attempts):
+        try:
+            return _start_seaweedfs_once(root / f"attempt{attempt}")
+        except RuntimeError as e:
+            print(f"SeaweedFS attempt {attempt} failed, retrying on new ports: {str(e)[:300]}", file=sys.stderr)
+    return _start_seaweedfs_once(root / f"attempt{attempts}")
+
+
+def _start_seaweedfs_once(root: Path) -> S3Server:
     root.mkdir(parents=True, exist_ok=True)
     config = root / "s3.json"
     config.write_text(json.dumps({"identities": [{
@@ -122,7 +136,11 @@ def start_seaweedfs(root: Path) -> S3Server:
         "credentials": [{"accessKey": S3_KEY, "secretKey": S3_SECRET}],
         "actions": ["Admin", "Read", "List", "Tagging", "Write"],
     }]}))
-    master, volume, filer, s3_port, admin = (free_port(also_free=10000) for _ in range(5))
+    ports: list[int] = []
+    for _ in range(5):
+        # No service's HTTP port may be another's gRPC port (p + 10000).
+        ports.append(free_port(also_free=10000, taken=frozenset(ports + [p + 10000 for p in ports])))
+    master, volume, filer, s3_port, admin = ports
     (root / "data").mkdir()
     log = root / "weed.log"
     process = subprocess.Popen(
