@@ -154,11 +154,8 @@ def stream(
             arenas.append(memory.allocate(layout.size, label=f"{label}-r{layout.rank}"))
         try:
             if helper_concurrency is None:
-                try:
-                    fetch_into([a.tensor() for a in arenas], paths, plan, memory_limit=memory_limit,
-                               on_progress=on_progress)
-                finally:
-                    _return_freed_heap()
+                fetch_into([a.tensor() for a in arenas], paths, plan, memory_limit=memory_limit,
+                           on_progress=on_progress)
             else:
                 _fetch_in_helper(arenas, paths, plan, memory_limit=memory_limit, concurrency=helper_concurrency,
                                  on_progress=on_progress)
@@ -207,8 +204,7 @@ class HelperJob:
 
     paths: list[str]
     plan: LoadPlan
-    handles: list[MemoryHandle]
-    sizes: list[int]
+    handles: list[MemoryHandle]  # one per plan.layouts entry, each arena of that layout's size
     memory_limit: int
 
 
@@ -225,7 +221,7 @@ def _fetch_in_helper(
 
     Raises ValueError, as the streamer does, when the child reports a failure or dies.
     """
-    job = HelperJob(paths, plan, [a.handle for a in arenas], [a.size for a in arenas], memory_limit)
+    job = HelperJob(paths, plan, [a.handle for a in arenas], memory_limit)
     # The streamer's specific variables beat RUNAI_STREAMER_CONCURRENCY; this load's value must win.
     environment = {k: v for k, v in os.environ.items() if k not in CONCURRENCY_OVERRIDES}
     environment["RUNAI_STREAMER_CONCURRENCY"] = str(concurrency)
@@ -343,17 +339,20 @@ def fetch_into(
     largest = max((s.block.length for s in staged), default=0)
     padded = staged_bytes + ALIGNMENT * len(staged)  # batches start blocks on aligned offsets
     staging = torch.empty(max(largest, min(memory_limit, padded)), dtype=torch.uint8)
-    # The streamer session owns the C handle and applies object-store credentials once.
-    with FileStreamer() as session:
-        session.handle_object_store(paths[0], session.streamer)
-        reader = _RangeReader(session.streamer, paths)
-        reader.submit([_Range(d.file_index, d.file_offset, d.length, bases[d.layout_index] + d.dst_offset,
-                              functools.partial(on_progress, d.length)) for d in direct])
-        for batch in _batches(staged, staging.numel()):
-            reader.submit([_staged_range(item, staging[cursor:], destinations, on_progress)
-                           for cursor, item in batch])
-            reader.wait()  # the next batch reuses the staging buffer
-        reader.wait()
+    try:
+        # The streamer session owns the C handle and applies object-store credentials once.
+        with FileStreamer() as session:
+            session.handle_object_store(paths[0], session.streamer)
+            reader = _RangeReader(session.streamer, paths)
+            reader.submit([_Range(d.file_index, d.file_offset, d.length, bases[d.layout_index] + d.dst_offset,
+                                  functools.partial(on_progress, d.length)) for d in direct])
+            for batch in _batches(staged, staging.numel()):
+                reader.submit([_staged_range(item, staging[cursor:], destinations, on_progress)
+                               for cursor, item in batch])
+                reader.wait()  # the next batch reuses the staging buffer
+            reader.wait()
+    finally:
+        _return_freed_heap()  # the streamer has ended and freed its buffers
     _copy_duplicates(duplicates, destinations)
 
 

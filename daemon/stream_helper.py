@@ -27,12 +27,12 @@ def main() -> int:
     os.dup2(2, 1)
     job: HelperJob = pickle.load(sys.stdin.buffer)
     threading.Thread(target=_exit_when_closed, args=(sys.stdin.buffer,), daemon=True).start()
-    destinations = [map_for_writing(handle, size) for handle, size in zip(job.handles, job.sizes, strict=True)]
-    lock = threading.Lock()
+    destinations = [
+        map_for_writing(handle, layout.size) for handle, layout in zip(job.handles, job.plan.layouts, strict=True)
+    ]
 
-    def reply(kind: str, detail: str = "") -> None:
-        with lock:
-            replies.write(f"{kind} {detail}".rstrip().encode() + b"\n")
+    def reply(kind: str, detail: str = "") -> None:  # called only from this thread (see _RangeReader.wait)
+        replies.write(f"{kind} {detail}".rstrip().encode() + b"\n")
 
     try:
         fetch_into(destinations, job.paths, job.plan, memory_limit=job.memory_limit,
