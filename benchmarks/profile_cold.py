@@ -23,9 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 from weightd.daemon import loader  # noqa: E402
 from weightd.daemon.memory.host import HostMemory  # noqa: E402
-from weightd.daemon.plan import build_plan  # noqa: E402
-from weightd.daemon.sharding import select_rules  # noqa: E402
-from weightd.daemon.storage.base import open_store, parse_model_uri  # noqa: E402
+from weightd.daemon.storage.base import parse_model_uri  # noqa: E402
 from weightd.daemon.synthetic import write_synthetic_model  # noqa: E402
 
 from tests.storage_servers import start_seaweedfs, stop_process  # noqa: E402
@@ -46,31 +44,28 @@ def main() -> int:
         size = int(args.size_gb * 1e9)
         write_synthetic_model(work / "m", total_bytes=size, shards=4, dtypes=("bf16", "fp16", "fp32"))
         s3.upload(work / "m", "prof", "m/")
-        store = open_store(parse_model_uri("s3://prof/m/"))
-        memory = HostMemory(Path("/dev/shm"))
+        location = parse_model_uri("s3://prof/m/")
+        memory = HostMemory(directory=Path("/dev/shm"), namespace=f"profile-{os.getpid()}")
+        settings = loader.LoadSettings(memory_limit=512 * 2**20)
         # One unprofiled load first: the server's first read after an upload is slow for every reader.
-        warm = loader.resolve(store, work / "warm-cache")
-        warm_plan = build_plan(warm.headers, tp_size=1, ranks=[0], rules=(), max_range_bytes=128 * 2**20)
-        for rank in loader.stream(store, warm_plan, memory, label="warmup", memory_limit=512 * 2**20, concurrency=None,
-                                  on_progress=lambda n: None):
+        warm = loader.prepare(location, cache_dir=work / "warm-cache", tp_size=1, ranks=[0], rules=(),
+                              settings=settings)
+        for rank in loader.stream(warm, memory, settings=settings, on_progress=lambda n: None):
             rank.arena.release()
         profiler = cProfile.Profile()
         phases = {}
         profiler.enable()
         t0 = time.perf_counter()
-        source = loader.resolve(store, work / "cache")
-        t1 = time.perf_counter()
         ranks = [args.rank] if args.rank is not None else list(range(args.tp_size))
-        rules = select_rules(source.model_type, (), tp_size=args.tp_size)
-        plan = build_plan(source.headers, tp_size=args.tp_size, ranks=ranks, rules=rules, max_range_bytes=128 * 2**20)
+        prepared = loader.prepare(location, cache_dir=work / "cache", tp_size=args.tp_size, ranks=ranks, rules=(),
+                                  settings=settings)
+        t1 = time.perf_counter()
+        arenas = loader.stream(prepared, memory, settings=settings, on_progress=lambda n: None)
         t2 = time.perf_counter()
-        arenas = loader.stream(store, plan, memory, label="profile", memory_limit=512 * 2**20, concurrency=None,
-                               on_progress=lambda n: None)
-        t3 = time.perf_counter()
         profiler.disable()
-        phases = {"resolve (list, metadata, headers)": t1 - t0, "plan": t2 - t1, "stream into arena": t3 - t2}
+        phases = {"prepare (list, metadata, headers, plan)": t1 - t0, "stream into arena": t2 - t1}
         for name, seconds in phases.items():
-            print(f"{name:36s} {seconds:7.3f} s")
+            print(f"{name:40s} {seconds:7.3f} s")
         stats = pstats.Stats(profiler).sort_stats("tottime")
         stats.print_stats(15)
     finally:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from weightd.client._api import (
     AttachedModel,
     LoadProgress,
+    MemoryBudget,
     ModelMetadata,
     ResidentModel,
     ShardRule,
@@ -20,6 +21,7 @@ from weightd.client._api import (
     fetch_metadata,
     list_models,
     load,
+    memory_budgets,
 )
 from weightd.client._errors import (
     AccessDeniedError,
@@ -40,6 +42,7 @@ __all__ = [
     "DeadlineExceededError",
     "InvalidRequestError",
     "LoadProgress",
+    "MemoryBudget",
     "ModelMetadata",
     "ModelNotFoundError",
     "PreconditionFailedError",
@@ -53,4 +56,5 @@ __all__ = [
     "fetch_metadata",
     "list_models",
     "load",
+    "memory_budgets",
 ]

@@ -13,6 +13,7 @@ from typing import Any
 
 import grpc
 import torch
+from weightd.client._descriptors import receive_descriptors
 from weightd.client._errors import DeadlineExceededError, InvalidRequestError, UnavailableError, from_rpc_error
 from weightd.client._mapping import build_tensors, map_arena
 from weightd.v1 import weightd_pb2 as pb
@@ -20,6 +21,7 @@ from weightd.v1 import weightd_pb2_grpc as pb_grpc
 
 DEFAULT_TARGET = "unix:///run/weightd/weightd.sock"
 _CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 256 * 2**20)]
+_MEMORY_KIND_NAMES = {pb.MEMORY_KIND_HOST: "host"}
 _STATE_NAMES = {
     pb.MODEL_STATE_LOADING_METADATA: "loading_metadata",
     pb.MODEL_STATE_LOADING_WEIGHTS: "loading_weights",
@@ -49,11 +51,23 @@ class ResidentModel:
     state: str
     tp_size: int
     rank: int
+    memory_kind: str
     resident_bytes: int
     leases: int
     storage_bytes_read: int
     metadata_bytes_downloaded: int
     current: bool
+    last_used: float  # Unix time of the last attach (or of the load); least recently used is evicted first
+
+
+@dataclass(frozen=True)
+class MemoryBudget:
+    """How much of one kind of memory the daemon's arenas may hold (``limit_bytes``) and do hold."""
+
+    kind: str
+    limit_bytes: int
+    used_bytes: int
+    capacity_bytes: int
 
 
 @dataclass(frozen=True)
@@ -86,8 +100,8 @@ def _selector(model_uri: str, rank: int, tp_size: int, shard_rules: Sequence[Sha
 class AttachedModel:
     """A lease on a resident model and zero-copy, read-only tensor views of it.
 
-    The lease lasts until ``close()`` (or the process exits). Host-memory tensors stay valid after close:
-    the mapping lives as long as any tensor references it.
+    The lease lasts until ``close()`` (or the process exits). Host-memory tensors stay valid after close, and
+    after the daemon exits: the mapping lives as long as any tensor references it.
     """
 
     def __init__(self, channel: grpc.Channel, call: Any, grant: pb.Grant, tensors: dict[str, torch.Tensor]):
@@ -163,12 +177,27 @@ def attach(
             timer.cancel()
     grant = response.grant
     try:
-        tensors = build_tensors(grant.tensors, [map_arena(a) for a in grant.arenas])
+        descriptors = receive_descriptors(_descriptor_socket(resolved, grant.descriptor_socket), grant.lease_id)
+        try:
+            arenas = [map_arena(handle, descriptors[handle.descriptor_slot]) for handle in grant.arenas]
+        finally:
+            for fd in descriptors:
+                os.close(fd)  # the mappings keep the memory
+        tensors = build_tensors(grant.tensors, arenas)
     except BaseException:
         call.cancel()  # give the lease back
         channel.close()
         raise
     return AttachedModel(channel, call, grant, tensors)
+
+
+def _descriptor_socket(target: str, granted: str) -> str:
+    """The daemon's descriptor socket as this process sees it: beside the gRPC socket we reached (a container
+    may mount the daemon's socket directory elsewhere), else where the daemon says it is."""
+    for scheme in ("unix://", "unix:"):
+        if target.startswith(scheme):
+            return os.path.join(os.path.dirname(target.removeprefix(scheme)), os.path.basename(granted))
+    return granted
 
 
 def load(
@@ -225,13 +254,30 @@ def list_models(*, target: str | None = None) -> list[ResidentModel]:
             state=_STATE_NAMES.get(m.state, "unspecified"),
             tp_size=m.tp_size,
             rank=m.rank,
+            memory_kind=_MEMORY_KIND_NAMES.get(m.memory_kind, "unspecified"),
             resident_bytes=m.resident_bytes,
             leases=m.leases,
             storage_bytes_read=m.storage_bytes_read,
             metadata_bytes_downloaded=m.metadata_bytes_downloaded,
             current=m.current,
+            last_used=m.last_used.ToNanoseconds() / 1e9,
         )
         for m in response.models
+    ]
+
+
+def memory_budgets(*, target: str | None = None) -> list[MemoryBudget]:
+    """Each kind of memory the daemon serves from: its budget and what resident models use of it."""
+    with _stub(target) as stub:
+        response = stub.ListModels(pb.ListModelsRequest())
+    return [
+        MemoryBudget(
+            kind=_MEMORY_KIND_NAMES.get(b.kind, "unspecified"),
+            limit_bytes=b.limit_bytes,
+            used_bytes=b.used_bytes,
+            capacity_bytes=b.capacity_bytes,
+        )
+        for b in response.budgets
     ]
 
 

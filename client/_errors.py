@@ -61,6 +61,12 @@ _BY_CODE: dict[grpc.StatusCode, type[WeightdError]] = {
 }
 
 
+def error_for(code_name: str, message: str) -> WeightdError:
+    """The error for a status named outside gRPC (the descriptor channel's refusals)."""
+    code = grpc.StatusCode.__members__.get(code_name, grpc.StatusCode.UNKNOWN)
+    return _BY_CODE.get(code, WeightdError)(message, code=code)
+
+
 def from_rpc_error(error: grpc.RpcError, *, target: str) -> WeightdError:
     code: grpc.StatusCode = error.code()
     details: str = error.details() or ""

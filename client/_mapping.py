@@ -1,4 +1,4 @@
-"""Turning a grant into tensors: read-only host mappings now, CUDA IPC handles in a later backend."""
+"""Turning a grant and its descriptors into tensors: read-only host mappings now, CUDA VMM imports later."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ import os
 import warnings
 from collections.abc import Sequence
 
+import grpc
 import torch
+from weightd.client._errors import CorruptModelError, PreconditionFailedError
 from weightd.v1 import weightd_pb2 as pb
 
 TORCH_DTYPES: dict[int, torch.dtype] = {
@@ -29,18 +31,25 @@ TORCH_DTYPES: dict[int, torch.dtype] = {
 }
 
 
-def map_arena(arena: pb.Arena) -> torch.Tensor:
-    """A uint8 tensor over the whole arena, mapped read-only: a write through it faults in the writer only."""
-    kind = arena.handle.WhichOneof("kind")
-    if kind != "host_shared_memory":
-        raise ValueError(f"this client cannot map a {kind!r} arena; upgrade weightd")
-    if arena.size_bytes == 0:
+def map_arena(handle: pb.MemoryHandle, descriptor: int) -> torch.Tensor:
+    """A uint8 tensor over the whole arena, mapped read-only: a write through it faults in the writer only.
+
+    The mapping outlives ``descriptor`` (the caller closes it), the lease and the daemon itself.
+    """
+    kind = handle.WhichOneof("kind")
+    if kind != "host":
+        raise PreconditionFailedError(
+            f"this client cannot map {kind or 'unknown'} memory; upgrade weightd on the client",
+            code=grpc.StatusCode.FAILED_PRECONDITION,
+        )
+    if handle.size_bytes == 0:
         return torch.empty(0, dtype=torch.uint8)
-    fd = os.open(arena.handle.host_shared_memory.path, os.O_RDONLY)
-    try:
-        mapping = mmap.mmap(fd, arena.size_bytes, mmap.MAP_SHARED, mmap.PROT_READ)
-    finally:
-        os.close(fd)
+    if os.fstat(descriptor).st_size < handle.size_bytes:
+        raise CorruptModelError(
+            f"the arena's descriptor holds {os.fstat(descriptor).st_size} bytes, fewer than the grant's "
+            f"{handle.size_bytes}; attach again", code=grpc.StatusCode.DATA_LOSS,
+        )
+    mapping = mmap.mmap(descriptor, handle.size_bytes, mmap.MAP_SHARED, mmap.PROT_READ)
     with warnings.catch_warnings():
         # torch warns that the buffer is not writable: that is the point.
         warnings.simplefilter("ignore", UserWarning)
@@ -63,11 +72,15 @@ def build_tensors(table: pb.TensorTable, arenas: Sequence[torch.Tensor]) -> dict
         if base is None:
             dtype = TORCH_DTYPES.get(dtype_code)
             if dtype is None:
-                raise ValueError(f"tensor {name!r} has dtype {pb.DataType.Name(dtype_code)}, unknown to this client")
+                raise PreconditionFailedError(
+                    f"tensor {name!r} has dtype {pb.DataType.Name(dtype_code)}, unknown to this client; upgrade it",
+                    code=grpc.StatusCode.FAILED_PRECONDITION,
+                )
             base = typed[(arena_index, dtype_code)] = arenas[arena_index].view(dtype)
         itemsize = base.element_size()
         if offset % itemsize or offset + length > arenas[arena_index].numel():
-            raise ValueError(f"tensor {name!r}: the grant places it outside its arena or misaligned")
+            raise CorruptModelError(f"tensor {name!r}: the grant places it outside its arena or misaligned",
+                                    code=grpc.StatusCode.DATA_LOSS)
         tensors[name] = base.as_strided(shape, _contiguous_strides(shape), offset // itemsize)
     return tensors
 

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -113,16 +114,27 @@ def _ls(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([asdict(m) for m in models], indent=2))
         return 0
-    header = ("MODEL", "TP", "RANK", "STATE", "RESIDENT", "READ", "LEASES")
+    for budget in client.memory_budgets(target=args.target):
+        print(f"{budget.kind} memory: {_human(budget.used_bytes)} used of a {_human(budget.limit_bytes)} budget "
+              f"({_human(budget.capacity_bytes)} in all)")
+    header = ("MODEL", "TP", "RANK", "STATE", "RESIDENT", "READ", "LEASES", "LAST USED")
+    now = time.time()
     rows = [
         (m.model_uri, str(m.tp_size), str(m.rank), m.state, _human(m.resident_bytes),
-         _human(m.storage_bytes_read), str(m.leases))
+         _human(m.storage_bytes_read), str(m.leases), _ago(now - m.last_used) if m.last_used else "-")
         for m in models
     ]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
     return 0
+
+
+def _ago(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit} ago"
+    return f"{max(seconds, 0):.0f}s ago"
 
 
 def _metadata(args: argparse.Namespace) -> int:

@@ -5,6 +5,7 @@ The README's settings table is generated from ``SETTINGS`` (tests/test_config.py
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -39,6 +40,47 @@ def _listen(value: str) -> str:
     return value
 
 
+@dataclass(frozen=True)
+class MemoryLimit:
+    """Bytes, or a share of the memory's capacity (``"75%"``)."""
+
+    bytes: int | None = None
+    fraction: float | None = None
+
+    def of(self, capacity: int) -> int:
+        return self.bytes if self.bytes is not None else int(capacity * (self.fraction or 0.0))
+
+    def __str__(self) -> str:
+        return f"{self.fraction * 100:g}%" if self.fraction is not None else str(self.bytes)
+
+
+def parse_memory_limit(value: str | int) -> MemoryLimit:
+    if isinstance(value, str) and value.strip().endswith("%"):
+        percent = float(value.strip()[:-1])
+        if not 0 < percent <= 100:
+            raise ValueError(f"{value!r}: a percentage must be in (0, 100]")
+        return MemoryLimit(fraction=percent / 100)
+    return MemoryLimit(bytes=parse_size(value))
+
+
+def _ids(value: str | int | list[int]) -> frozenset[int]:
+    """``"0,1000"`` (or a TOML list) -> {0, 1000}."""
+    if isinstance(value, int):
+        return frozenset({value})
+    items = value if isinstance(value, list) else [v for v in value.split(",") if v.strip()]
+    return frozenset(int(v) for v in items)
+
+
+def is_loopback(listen: str) -> bool:
+    host = listen.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _boolean(value: str | bool) -> bool:
     if isinstance(value, bool):
         return value
@@ -63,11 +105,23 @@ class Setting:
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("socket", Path("/run/weightd/weightd.sock"), Path, "Unix socket to serve on (created mode 0660)."),
-    Setting("listen", "", _listen, "Optional TCP HOST:PORT too (for gRPC health probes); loopback unless you say."),
+    Setting("listen", "", _listen, "TCP HOST:PORT serving only health and reflection (for Kubernetes gRPC probes)."),
+    Setting("listen_api", "", _listen,
+            "TCP HOST:PORT serving the WeightService too; loopback only unless --tls-cert and --tls-key are set."),
+    Setting("tls_cert", "", str, "PEM certificate chain for --listen-api."),
+    Setting("tls_key", "", str, "PEM private key for --listen-api."),
+    Setting("tls_client_ca", "", str, "PEM CA bundle: --listen-api then requires client certificates it signed."),
     Setting("cache_dir", Path("/var/cache/weightd"), Path, "Local cache of metadata files (config, tokenizer)."),
     Setting("shm_dir", Path("/dev/shm"), Path, "tmpfs directory holding host shared-memory arenas."),
     Setting("concurrency", 16, int, "Storage clients (threads) per load (RUNAI_STREAMER_CONCURRENCY)."),
     Setting("memory_limit", 512 * 2**20, parse_size, "Staging buffer per load for slices that scatter, e.g. 512MiB."),
+    Setting("host_memory_limit", MemoryLimit(fraction=0.75), parse_memory_limit,
+            "Budget for host arenas: bytes (64GiB) or a share of --shm-dir's size (75%)."),
+    Setting("free_on_stop", False, _boolean,
+            "Free every arena when the daemon stops; by default they stay for the next start to adopt."),
+    Setting("allowed_uids", frozenset(), _ids, "Peer uids that may receive arena descriptors (empty: anyone who can "
+            "open the socket, unless --allowed-gids is set)."),
+    Setting("allowed_gids", frozenset(), _ids, "Peer primary gids that may receive arena descriptors."),
     Setting("max_parallel_loads", 2, int, "Model loads that may run at once."),
     Setting("revalidate_after", 30.0, float, "Seconds before an attach re-checks a resident model in storage."),
     Setting("distributed", False, _boolean, "Streamer distributed mode (needs CUDA; off without it)."),
@@ -79,10 +133,18 @@ SETTINGS: tuple[Setting, ...] = (
 class DaemonConfig:
     socket: Path
     listen: str
+    listen_api: str
+    tls_cert: str
+    tls_key: str
+    tls_client_ca: str
     cache_dir: Path
     shm_dir: Path
     concurrency: int
     memory_limit: int
+    host_memory_limit: MemoryLimit
+    free_on_stop: bool
+    allowed_uids: frozenset[int]
+    allowed_gids: frozenset[int]
     max_parallel_loads: int
     revalidate_after: float
     distributed: bool
@@ -118,7 +180,21 @@ class DaemonConfig:
                     break
             else:
                 values[setting.name] = setting.default
-        return cls(**values)
+        config = cls(**values)
+        config._check()
+        return config
+
+    def _check(self) -> None:
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise InvalidRequestError("--tls-cert and --tls-key go together: give both, or neither")
+        if self.tls_client_ca and not self.tls_cert:
+            raise InvalidRequestError("--tls-client-ca needs --tls-cert and --tls-key")
+        if self.listen_api and not self.tls_cert and not is_loopback(self.listen_api):
+            raise InvalidRequestError(
+                f"--listen-api {self.listen_api} is not a loopback address: serving the WeightService beyond this "
+                "node lets anyone who reaches the port load any URI with the node's credentials. Use "
+                "127.0.0.1:PORT, or pass --tls-cert and --tls-key (and --tls-client-ca to require client certificates)"
+            )
 
     def streamer_environment(self, env: Mapping[str, str]) -> dict[str, str]:
         """runai-model-streamer settings, read process-wide when a streamer starts; the entry point applies them."""

@@ -50,7 +50,7 @@ def run_demo(*, size_bytes: int) -> int:
         target = f"unix://{socket}"
         daemon = subprocess.Popen(
             [sys.executable, "-m", "weightd.daemon", "serve", "--socket", str(socket),
-             "--cache-dir", str(root / "cache"), "--log-level", "WARNING"],
+             "--cache-dir", str(root / "cache"), "--log-level", "WARNING", "--free-on-stop", "true"],
         )
         try:
             _wait_for_daemon(target, daemon)

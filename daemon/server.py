@@ -1,43 +1,63 @@
-"""Build and run the grpc.aio server: sockets, health, reflection, signals, readiness."""
+"""Build and run the grpc.aio servers: sockets, health, reflection, the descriptor channel, signals, readiness."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
+import hashlib
 import logging
 import os
 import signal
 import socket
 from pathlib import Path
+from typing import IO
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]  # grpc-stubs lacks aio
 from grpc_reflection.v1alpha import reflection
 from weightd.daemon.config import DaemonConfig
+from weightd.daemon.descriptors import DescriptorChannel, PeerPolicy, descriptor_socket_path
 from weightd.daemon.errors import InvalidRequestError
-from weightd.daemon.memory.host import HostMemory
-from weightd.daemon.registry import LoadSettings, Registry
+from weightd.daemon.loader import LoadSettings
+from weightd.daemon.manifests import ManifestStore
+from weightd.daemon.memory import open_backend
+from weightd.daemon.registry import Registry
 from weightd.daemon.service import WeightService
 from weightd.v1 import weightd_pb2, weightd_pb2_grpc
 
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = weightd_pb2.DESCRIPTOR.services_by_name["WeightService"].full_name
+HEALTH_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 SOCKET_MODE = 0o660
 # A grant lists every tensor: allow models with hundreds of thousands of them.
 MAX_MESSAGE_BYTES = 256 * 2**20
 SHUTDOWN_GRACE_S = 5.0
 
 
+def arena_namespace(cache_dir: Path) -> str:
+    """Names this daemon's arenas: the cache directory holds their manifests, so it is the daemon's identity."""
+    return hashlib.sha256(str(cache_dir.resolve()).encode()).hexdigest()[:12]
+
+
 async def serve(config: DaemonConfig) -> None:
-    memory = HostMemory(config.shm_dir)
-    memory.remove_stale()
     config.cache_dir.mkdir(parents=True, exist_ok=True)
+    lock = _lock_cache_dir(config.cache_dir)
+    memory = open_backend("host", directory=config.shm_dir, namespace=arena_namespace(config.cache_dir))
     settings = LoadSettings(memory_limit=config.memory_limit, distributed=config.distributed)
+    budget = config.host_memory_limit.of(memory.capacity())
     registry = Registry(
-        memory, cache_dir=config.cache_dir, settings=settings, max_parallel_loads=config.max_parallel_loads
+        memory,
+        manifests=ManifestStore(config.cache_dir / "arenas"),
+        cache_dir=config.cache_dir,
+        settings=settings,
+        budget=budget,
+        max_parallel_loads=config.max_parallel_loads,
     )
+    registry.adopt()
+    channel_path = descriptor_socket_path(config.socket)
     leases_end = asyncio.Event()
     server = grpc.aio.server(
         options=[
@@ -46,25 +66,48 @@ async def serve(config: DaemonConfig) -> None:
         ]
     )
     weightd_pb2_grpc.add_WeightServiceServicer_to_server(
-        WeightService(registry, settings=settings, revalidate_after=config.revalidate_after, shutdown=leases_end),
+        WeightService(
+            registry,
+            settings=settings,
+            revalidate_after=config.revalidate_after,
+            descriptor_socket=channel_path,
+            shutdown=leases_end,
+        ),
         server,
     )
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    reflection.enable_server_reflection(
-        [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server
-    )
+    reflection.enable_server_reflection([SERVICE_NAME, HEALTH_NAME, reflection.SERVICE_NAME], server)
+    # Probes reach the daemon over TCP; the WeightService does not, unless the operator asks (--listen-api).
+    probes = grpc.aio.server()
+    health_pb2_grpc.add_HealthServicer_to_server(health, probes)
+    reflection.enable_server_reflection([HEALTH_NAME, reflection.SERVICE_NAME], probes)
 
-    _claim_socket(config.socket)
+    _claim_socket(config.socket, socket.SOCK_STREAM)
+    _claim_socket(channel_path, socket.SOCK_SEQPACKET)
     server.add_insecure_port(f"unix:{config.socket}")
+    if config.listen_api:
+        _add_api_port(server, config)
     if config.listen:
-        server.add_insecure_port(config.listen)
+        probes.add_insecure_port(config.listen)
+    channel = DescriptorChannel(
+        channel_path,
+        mode=SOCKET_MODE,
+        leased_arenas=registry.leased_arenas,
+        policy=PeerPolicy(uids=config.allowed_uids, gids=config.allowed_gids),
+    )
+    await channel.start()
     await server.start()
+    await probes.start()
     os.chmod(config.socket, SOCKET_MODE)
     for service in ("", SERVICE_NAME):
         await health.set(service, health_pb2.HealthCheckResponse.SERVING)
-    where = f"unix:{config.socket}" + (f" and {config.listen}" if config.listen else "")
-    logger.info("weightd serving on %s (cache %s, arenas in %s)", where, config.cache_dir, config.shm_dir)
+    where = ", ".join(
+        [f"unix:{config.socket}"] + ([f"{config.listen_api} (API)"] if config.listen_api else [])
+        + ([f"{config.listen} (health only)"] if config.listen else [])
+    )
+    logger.info("weightd serving on %s (descriptors on %s, cache %s, arenas in %s, host memory budget %d bytes)",
+                where, channel_path, config.cache_dir, config.shm_dir, budget)
     _notify_systemd("READY=1")
 
     stop = asyncio.Event()
@@ -73,22 +116,54 @@ async def serve(config: DaemonConfig) -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
 
-    logger.info("shutting down: ending leases and freeing arenas")
+    keep = not config.free_on_stop
+    logger.info("shutting down: ending leases and %s arenas", "keeping (for the next start)" if keep else "freeing")
     _notify_systemd("STOPPING=1")
     await health.enter_graceful_shutdown()
     leases_end.set()
-    await server.stop(SHUTDOWN_GRACE_S)
-    await registry.close()
+    await asyncio.gather(server.stop(SHUTDOWN_GRACE_S), probes.stop(SHUTDOWN_GRACE_S))
+    await channel.close()
+    await registry.close(keep_arenas=keep)
     with contextlib.suppress(FileNotFoundError):
         config.socket.unlink()
+    lock.close()
 
 
-def _claim_socket(path: Path) -> None:
+def _add_api_port(server: grpc.aio.Server, config: DaemonConfig) -> None:
+    if not config.tls_cert:
+        server.add_insecure_port(config.listen_api)  # loopback only: DaemonConfig refuses anything else
+        return
+    try:
+        key, cert = Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes()
+        client_ca = Path(config.tls_client_ca).read_bytes() if config.tls_client_ca else None
+    except OSError as e:
+        raise InvalidRequestError(f"cannot read TLS material for --listen-api: {e}") from e
+    credentials = grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
+    server.add_secure_port(config.listen_api, credentials)
+
+
+def _lock_cache_dir(cache_dir: Path) -> IO[str]:
+    """One daemon per cache directory: it owns the arenas its manifests record. Held until the process ends."""
+    lock = open(cache_dir / "weightd.lock", "a+")  # held for the daemon's lifetime
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as e:
+        lock.close()
+        raise InvalidRequestError(
+            f"another weightd daemon is using cache directory {cache_dir}; stop it, or give this one its own "
+            "--cache-dir"
+        ) from e
+    return lock
+
+
+def _claim_socket(path: Path, kind: socket.SocketKind) -> None:
     """Remove a socket file left by a dead daemon; refuse to steal one a live daemon is serving."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if not path.exists():
         return
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe = socket.socket(socket.AF_UNIX, kind)
     try:
         probe.connect(str(path))
     except OSError:

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import NoReturn
 
 import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
 from weightd.daemon import errors
-from weightd.daemon.registry import Entry, EntryKey, LoadSettings, Registry, State, all_rank_keys
+from weightd.daemon.loader import LoadSettings
+from weightd.daemon.registry import Entry, EntryKey, Registry, State, all_rank_keys
 from weightd.daemon.sharding import ShardRule
 from weightd.v1 import weightd_pb2 as pb
 from weightd.v1 import weightd_pb2_grpc as pb_grpc
@@ -35,6 +39,8 @@ _STATE_TO_PB = {
     State.READY: pb.MODEL_STATE_READY,
 }
 
+_MEMORY_KIND_TO_PB = {"host": pb.MEMORY_KIND_HOST}
+
 PROGRESS_INTERVAL_S = 0.25
 
 
@@ -59,22 +65,11 @@ def _key(selector: pb.ModelSelector) -> EntryKey:
     )
 
 
-def _grant(entry: Entry, lease_id: str) -> pb.Grant:
-    """The entry's grant (built once: it lists every tensor) with this lease's id."""
-    template = entry.grant_template
-    if template is None:
-        template = entry.grant_template = _grant_template(entry)
-    grant = pb.Grant()
-    grant.CopyFrom(template)
-    grant.lease_id = lease_id
-    return grant
-
-
 def _split_dim(dim: int | None) -> int:
     return -1 if dim is None else dim  # the wire's "replicated"
 
 
-def _grant_template(entry: Entry) -> pb.Grant:
+def _grant_template(entry: Entry, descriptor_socket: Path) -> pb.Grant:
     assert entry.arena is not None and entry.layout is not None
     grant = pb.Grant(
         model_uri=entry.key.model_uri,
@@ -82,12 +77,8 @@ def _grant_template(entry: Entry) -> pb.Grant:
         tp_size=entry.key.tp_size,
         rank=entry.key.rank,
         metadata_dir=str(entry.metadata_dir),
-        arenas=[
-            pb.Arena(
-                handle=pb.MemoryHandle(host_shared_memory=pb.HostSharedMemory(path=entry.arena.handle.path)),
-                size_bytes=entry.arena.size,
-            )
-        ],
+        arenas=[pb.MemoryHandle(host=pb.HostMemory(), size_bytes=entry.arena.size, descriptor_slot=0)],
+        descriptor_socket=str(descriptor_socket),
     )
     slots = entry.layout.slots
     split = dict(entry.layout.shards)
@@ -106,14 +97,38 @@ def _grant_template(entry: Entry) -> pb.Grant:
     return grant
 
 
+def _timestamp(unix_seconds: float) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromNanoseconds(int(unix_seconds * 1e9))
+    return stamp
+
+
 class WeightService(pb_grpc.WeightServiceServicer):
     def __init__(
-        self, registry: Registry, *, settings: LoadSettings, revalidate_after: float, shutdown: asyncio.Event
+        self,
+        registry: Registry,
+        *,
+        settings: LoadSettings,
+        revalidate_after: float,
+        descriptor_socket: Path,
+        shutdown: asyncio.Event,
     ) -> None:
         self._registry = registry
         self._settings = settings
         self._revalidate_after = revalidate_after
+        self._descriptor_socket = descriptor_socket
         self._shutdown = shutdown
+        # Each entry's grant lists every tensor: built once, dropped with the entry.
+        self._grants: weakref.WeakKeyDictionary[Entry, pb.Grant] = weakref.WeakKeyDictionary()
+
+    def _grant(self, entry: Entry, lease_id: str) -> pb.Grant:
+        template = self._grants.get(entry)
+        if template is None:
+            template = self._grants[entry] = _grant_template(entry, self._descriptor_socket)
+        grant = pb.Grant()
+        grant.CopyFrom(template)
+        grant.lease_id = lease_id
+        return grant
 
     async def LoadModel(
         self, request: pb.LoadModelRequest, context: grpc.aio.ServicerContext[object, object]
@@ -152,7 +167,7 @@ class WeightService(pb_grpc.WeightServiceServicer):
             await abort_with(context, e)
         logger.info("lease %s granted on %s rank %d", lease_id, entry.key.model_uri, entry.key.rank)
         try:
-            yield pb.AttachModelResponse(grant=_grant(entry, lease_id))
+            yield pb.AttachModelResponse(grant=self._grant(entry, lease_id))
             # The open stream is the lease: this returns (or is cancelled) when the client goes away,
             # or ends the stream itself when the daemon shuts down.
             await self._shutdown.wait()
@@ -177,9 +192,20 @@ class WeightService(pb_grpc.WeightServiceServicer):
                     bytes_total=s.bytes_total,
                     metadata_bytes_downloaded=s.metadata_bytes_downloaded,
                     current=s.current,
+                    memory_kind=_MEMORY_KIND_TO_PB[s.memory_kind],
+                    last_used=_timestamp(s.last_used),
                 )
                 for s in self._registry.snapshot()
-            ]
+            ],
+            budgets=[
+                pb.MemoryBudget(
+                    kind=_MEMORY_KIND_TO_PB[u.kind],
+                    limit_bytes=u.limit_bytes,
+                    used_bytes=u.used_bytes,
+                    capacity_bytes=u.capacity_bytes,
+                )
+                for u in self._registry.memory_usage()
+            ],
         )
 
     async def EvictModel(

@@ -1,24 +1,101 @@
-"""A child process that streams one load with its own streamer settings: ``python -m weightd.daemon.stream_helper``.
+"""Streaming one load in a child process with its own streamer settings: ``python -m weightd.daemon.stream_helper``.
 
 libstreamer reads its concurrency from the process environment when a streamer starts, and nothing else sets
 it. The daemon runs loads on several threads, where changing its own environment would race with every
 native thread that reads it (setenv is not thread-safe), so a load that asks for a different concurrency
-streams here instead: a process started with that environment, writing into the daemon's shared arenas.
+streams here instead: a process started with that environment, writing into the daemon's arenas through
+writable descriptors it inherits.
 
-Protocol: the daemon pickles a ``HelperJob`` to stdin and keeps stdin open; this process answers with one
-line per event on stdout (``loader.HELPER_*``) and exits when stdin closes, even mid-stream.
+Protocol: the daemon pickles a ``HelperJob`` to stdin and keeps stdin open; the helper answers with one line
+per event on stdout (``HELPER_*``) and exits when stdin closes, even mid-stream.
 """
 
 from __future__ import annotations
 
 import os
 import pickle
+import subprocess
 import sys
 import threading
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import BinaryIO
 
-from weightd.daemon.loader import HELPER_DONE, HELPER_FAILED, HELPER_LANDED, HelperJob, fetch_into
-from weightd.daemon.memory.host import map_for_writing
+from weightd.daemon.memory.base import Arena, map_writable
+from weightd.daemon.plan import LoadPlan
+from weightd.daemon.streaming import StreamingError, fetch_into
+
+# One line per message from the helper to the daemon: "<kind> <detail>".
+HELPER_LANDED, HELPER_FAILED, HELPER_DONE = "landed", "failed", "done"
+HELPER_EXIT_TIMEOUT_S = 10
+# Object-store clients and file queue depth; RUNAI_STREAMER_CONCURRENCY fills whichever is unset.
+CONCURRENCY_OVERRIDES = ("RUNAI_STREAMER_OBJ_CONCURRENCY", "RUNAI_STREAMER_FS_QUEUE_DEPTH")
+
+
+@dataclass(frozen=True)
+class HelperJob:
+    """What the helper needs to fill arenas it did not allocate: sent to it through a pipe."""
+
+    paths: list[str]
+    plan: LoadPlan
+    descriptors: list[int]  # inherited writable descriptors, one per plan.layouts entry
+    memory_limit: int
+
+
+def process_concurrency_is(concurrency: int) -> bool:
+    """Whether this process's streamer settings already give ``concurrency`` storage clients."""
+    return os.environ.get("RUNAI_STREAMER_CONCURRENCY") == str(concurrency) and not any(
+        name in os.environ for name in CONCURRENCY_OVERRIDES
+    )
+
+
+def fetch_in_helper(
+    arenas: list[Arena],
+    paths: list[str],
+    plan: LoadPlan,
+    *,
+    memory_limit: int,
+    concurrency: int,
+    on_progress: Callable[[int], None],
+) -> None:
+    """Run ``fetch_into`` in a child process whose environment carries this load's streamer settings.
+
+    Raises StreamingError when the child reports a failure or dies.
+    """
+    # The streamer's specific variables beat RUNAI_STREAMER_CONCURRENCY; this load's value must win.
+    environment = {k: v for k, v in os.environ.items() if k not in CONCURRENCY_OVERRIDES}
+    environment["RUNAI_STREAMER_CONCURRENCY"] = str(concurrency)
+    descriptors = [a.fill_descriptor() for a in arenas]
+    try:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "weightd.daemon.stream_helper"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=environment, pass_fds=descriptors,
+        )
+    finally:
+        for fd in descriptors:
+            os.close(fd)  # the child holds its own copies
+    assert process.stdin is not None and process.stdout is not None
+    try:
+        # Parent to its own child over an anonymous pipe: nothing untrusted is unpickled.
+        pickle.dump(HelperJob(paths, plan, descriptors, memory_limit), process.stdin)
+        process.stdin.flush()
+        for line in process.stdout:
+            kind, _, detail = line.decode().rstrip("\n").partition(" ")
+            if kind == HELPER_LANDED:
+                on_progress(int(detail))
+            elif kind == HELPER_FAILED:
+                raise StreamingError(detail)
+            elif kind == HELPER_DONE:
+                return
+        raise StreamingError(f"the streaming helper exited with status {process.wait()} before the load finished")
+    finally:
+        process.stdin.close()  # the helper exits when its stdin closes, even mid-stream
+        try:
+            process.wait(timeout=HELPER_EXIT_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        process.stdout.close()
 
 
 def main() -> int:
@@ -28,16 +105,16 @@ def main() -> int:
     job: HelperJob = pickle.load(sys.stdin.buffer)
     threading.Thread(target=_exit_when_closed, args=(sys.stdin.buffer,), daemon=True).start()
     destinations = [
-        map_for_writing(handle, layout.size) for handle, layout in zip(job.handles, job.plan.layouts, strict=True)
+        map_writable(fd, layout.size)[1] for fd, layout in zip(job.descriptors, job.plan.layouts, strict=True)
     ]
 
-    def reply(kind: str, detail: str = "") -> None:  # called only from this thread (see _RangeReader.wait)
+    def reply(kind: str, detail: str = "") -> None:  # called only from this thread (see fetch_into)
         replies.write(f"{kind} {detail}".rstrip().encode() + b"\n")
 
     try:
         fetch_into(destinations, job.paths, job.plan, memory_limit=job.memory_limit,
                    on_progress=lambda n: reply(HELPER_LANDED, str(n)))
-    except ValueError as e:
+    except StreamingError as e:
         reply(HELPER_FAILED, " ".join(str(e).split()))
         return 1
     reply(HELPER_DONE)

@@ -7,6 +7,7 @@ Run with the pinned grpcio-tools (the `test` extra); tests/test_proto.py fails w
 from __future__ import annotations
 
 import sys
+from importlib import resources
 from pathlib import Path
 
 from grpc_tools import protoc  # type: ignore[import-untyped]
@@ -21,6 +22,7 @@ def generate(out_dir: Path) -> None:
     args = [
         "grpc_tools.protoc",
         f"-I{PROTO_ROOT}",
+        f"-I{resources.files('grpc_tools') / '_proto'}",  # the well-known types (google/protobuf/*.proto)
         f"--python_out={out_dir}",
         f"--pyi_out={out_dir}",
         f"--grpc_python_out={out_dir}",

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import torch
 from weightd import client
+from weightd.daemon.server import arena_namespace
 from weightd.daemon.synthetic import write_synthetic_model
 
 from tests.storage_servers import (
@@ -82,7 +83,7 @@ model = client.attach(sys.argv[1], target=sys.argv[2], timeout=120)
 touch(model.tensors.values())
 anon_growth = status("RssAnon") - anon_before
 shmem = status("RssShmem")
-maps = [l.split() for l in open("/proc/self/maps") if "/weightd-" in l]
+maps = [l.split() for l in open("/proc/self/maps") if "/dev/shm/weightd-" in l]
 ranges = [tuple(int(x, 16) for x in m[0].split("-")) for m in maps]
 outside = [n for n, t in model.tensors.items()
            if not any(lo <= t.data_ptr() and t.data_ptr() + t.nbytes <= hi for lo, hi in ranges)]
@@ -136,9 +137,19 @@ class Daemon:
         if self.process is not None:
             stop_process(self.process)
 
-    def segments(self) -> list[Path]:
+    def kill(self) -> None:
+        """SIGKILL: no chance to clean up, as in a crash."""
         assert self.process is not None
-        return sorted(Path("/dev/shm").glob(f"weightd-{self.process.pid}-*"))
+        self.process.kill()
+        self.process.wait()
+
+    def segments(self) -> list[Path]:
+        """This daemon's arenas in /dev/shm (named by its cache directory, so they outlive its process)."""
+        return sorted(Path("/dev/shm").glob(f"weightd-{arena_namespace(self.cache_dir)}-*"))
+
+    def manifests(self) -> list[Path]:
+        directory = self.cache_dir / "arenas"
+        return sorted(directory.glob("*.json")) if directory.exists() else []
 
     def models(self) -> list[client.ResidentModel]:
         return client.list_models(target=self.target)
@@ -163,13 +174,14 @@ def daemon_factory(tmp_path: Path) -> Iterator[Any]:
 
     yield start
     for daemon in started:
-        pid = daemon.process.pid if daemon.process else None
         daemon.stop()
-        if pid is not None:
-            leftovers = list(Path("/dev/shm").glob(f"weightd-{pid}-*"))
-            for leftover in leftovers:
-                leftover.unlink()
-            assert not leftovers, f"daemon {pid} left shared memory behind: {leftovers}"
+        clean = daemon.process is not None and daemon.process.returncode == 0
+        recorded = {m.name.removesuffix(".json") for m in daemon.manifests()}
+        leftovers = daemon.segments()
+        for leftover in leftovers:  # kept for the next start to adopt; no test leaves memory behind
+            leftover.unlink(missing_ok=True)
+        unrecorded = [p for p in leftovers if p.name not in recorded]
+        assert not (clean and unrecorded), f"a cleanly stopped daemon left unrecorded arenas: {unrecorded}"
 
 
 @dataclass(frozen=True)

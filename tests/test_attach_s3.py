@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import grpc
 import pytest
 from weightd import client
 
@@ -52,7 +52,7 @@ def test_two_processes_share_one_load_zero_copy(daemon, s3_llama: str, llama_mod
     assert entry.storage_bytes_read == llama_model.nbytes  # once, not twice
     assert llama_model.nbytes <= entry.resident_bytes < llama_model.nbytes * 1.01
     (segment,) = daemon.segments()
-    assert oct(segment.stat().st_mode & 0o777) == "0o640"  # only the daemon may write
+    assert oct(segment.stat().st_mode & 0o777) == "0o600"  # only the daemon opens it; clients get descriptors
 
 
 def test_client_cannot_write_the_weights(daemon, s3_llama: str, llama_model: Model) -> None:
@@ -115,20 +115,20 @@ def test_close_ends_the_lease_and_evict_frees(daemon, s3_llama: str) -> None:
         client.evict(s3_llama, target=daemon.target)
 
 
-def test_stale_segments_are_removed_at_start(daemon_factory, tmp_path: Path) -> None:
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    stale = Path(f"/dev/shm/weightd-{dead.pid}-models_llama-tp1-0badc0de")
-    alive = Path(f"/dev/shm/weightd-{os.getpid()}-other_daemon-tp1-0badc0de")
-    stale.write_bytes(b"x" * 4096)
-    alive.write_bytes(b"x" * 4096)
+def test_unrecorded_arenas_are_removed_at_start_and_other_daemons_kept(daemon_factory, tmp_path: Path) -> None:
+    from weightd.daemon.server import arena_namespace
+
+    ours = Path(f"/dev/shm/weightd-{arena_namespace(tmp_path / 'daemon' / 'cache')}-interrupted-0badc0de")
+    others = Path(f"/dev/shm/weightd-{arena_namespace(tmp_path / 'elsewhere')}-models_llama-tp1-0badc0de")
+    for path in (ours, others):
+        path.write_bytes(b"x" * 4096)
     try:
         daemon_factory()
-        assert not stale.exists(), "a dead daemon's segment survived the start"
-        assert alive.exists(), "a live daemon's segment was removed"
+        assert not ours.exists(), "an arena no manifest records (an interrupted load) survived the start"
+        assert others.exists(), "another daemon's arena was removed"
     finally:
-        stale.unlink(missing_ok=True)
-        alive.unlink(missing_ok=True)
+        ours.unlink(missing_ok=True)
+        others.unlink(missing_ok=True)
 
 
 def test_health_and_reflection_with_grpcurl(daemon) -> None:
@@ -154,13 +154,35 @@ def test_health_and_reflection_with_grpcurl(daemon) -> None:
     assert oct(daemon.socket.stat().st_mode & 0o777) == "0o660"
 
 
-def test_tcp_listener_for_probes(daemon_factory, s3_server: S3Server, s3_llama: str) -> None:
-    port = free_port()
-    daemon = daemon_factory(s3_server.env(), extra_args=("--listen", f"127.0.0.1:{port}"))
+def test_tcp_listener_serves_probes_only(daemon_factory, s3_server: S3Server, s3_llama: str) -> None:
+    probes, api = free_port(), free_port()
+    daemon = daemon_factory(s3_server.env(),
+                            extra_args=("--listen", f"127.0.0.1:{probes}", "--listen-api", f"127.0.0.1:{api}"))
     grpcurl = str(Path(sys.executable).parent / "grpcurl")
-    check = subprocess.run([grpcurl, "-plaintext", f"127.0.0.1:{port}", "grpc.health.v1.Health/Check"],
+    check = subprocess.run([grpcurl, "-plaintext", f"127.0.0.1:{probes}", "grpc.health.v1.Health/Check"],
                            capture_output=True, text=True, timeout=30)
     assert check.returncode == 0 and json.loads(check.stdout)["status"] == "SERVING"
-    with client.attach(s3_llama, target=f"127.0.0.1:{port}") as model:
+    listed = subprocess.run([grpcurl, "-plaintext", f"127.0.0.1:{probes}", "list"],
+                            capture_output=True, text=True, timeout=30)
+    assert "weightd.v1.WeightService" not in listed.stdout and "grpc.health.v1.Health" in listed.stdout
+    # Nobody who reaches the probe port can load, attach or evict.
+    for call in (lambda t: client.attach(s3_llama, target=t), lambda t: client.load(s3_llama, target=t),
+                 lambda t: client.evict(s3_llama, target=t), lambda t: client.list_models(target=t)):
+        with pytest.raises(client.WeightdError) as refused:
+            call(f"127.0.0.1:{probes}")
+        assert refused.value.code == grpc.StatusCode.UNIMPLEMENTED
+    assert daemon.models() == []
+    # --listen-api (loopback) serves the WeightService; tensors still arrive through the descriptor socket.
+    with client.attach(s3_llama, target=f"127.0.0.1:{api}") as model:
         assert model.tensors
     assert daemon.models()[0].leases == 0
+
+
+def test_listen_api_beyond_loopback_needs_tls(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "weightd.daemon", "serve", "--socket", str(tmp_path / "w.sock"),
+         "--cache-dir", str(tmp_path / "cache"), "--listen-api", f"0.0.0.0:{free_port()}"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 1
+    assert "not a loopback address" in result.stderr and "--tls-cert" in result.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -39,8 +40,10 @@ def test_load_ls_evict(daemon_factory, llama_model: Model, tmp_path: Path) -> No
     assert row["storage_bytes_read"] == llama_model.nbytes
 
     table = weightd("ls", "--target", daemon.target).stdout.splitlines()
-    assert table[0].split() == ["MODEL", "TP", "RANK", "STATE", "RESIDENT", "READ", "LEASES"]
-    assert str(directory) in table[1]
+    assert re.fullmatch(r"host memory: [\d.]+ MiB used of a \d+\.\d GiB budget \(\d+\.\d GiB in all\)", table[0])
+    assert table[1].split() == ["MODEL", "TP", "RANK", "STATE", "RESIDENT", "READ", "LEASES", "LAST", "USED"]
+    assert str(directory) in table[2] and table[2].endswith("s ago")
+    assert row["last_used"] > 0 and row["memory_kind"] == "host"
 
     # A plain path names the same model as its file:// URI: no second load.
     with client.attach(str(directory), target=daemon.target) as model:

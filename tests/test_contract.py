@@ -44,6 +44,7 @@ def test_client_public_surface_is_pinned() -> None:
         "DeadlineExceededError",
         "InvalidRequestError",
         "LoadProgress",
+        "MemoryBudget",
         "ModelMetadata",
         "ModelNotFoundError",
         "PreconditionFailedError",
@@ -57,6 +58,7 @@ def test_client_public_surface_is_pinned() -> None:
         "fetch_metadata",
         "list_models",
         "load",
+        "memory_budgets",
     ]
     for name in weightd.client.__all__:
         assert getattr(weightd.client, name).__module__.startswith("weightd.client")
@@ -70,8 +72,11 @@ def test_client_never_imports_the_daemon() -> None:
                 assert not any(n.startswith("weightd.daemon") for n in names), f"{path.name} imports the daemon"
 
 
-def test_storage_never_imports_grpc() -> None:
-    for path in [*(ROOT / "daemon" / "storage").glob("*.py"), ROOT / "daemon" / "loader.py"]:
+def test_storage_memory_and_loading_never_import_grpc() -> None:
+    daemon = ROOT / "daemon"
+    domain = ("loader", "source", "streaming", "stream_helper", "manifests", "registry", "descriptors", "plan")
+    for path in [*(daemon / "storage").glob("*.py"), *(daemon / "memory").glob("*.py"),
+                 *(daemon / f"{name}.py" for name in domain)]:
         source = path.read_text()
         assert "import grpc" not in source and "from grpc" not in source, path
 

@@ -22,10 +22,15 @@ def test_daemonset_is_valid_kubernetes(version: str) -> None:
 
 def test_daemonset_probes_the_tcp_listener_the_daemon_opens() -> None:
     (daemonset,) = yaml.safe_load_all((DEPLOY / "kubernetes" / "daemonset.yaml").read_text())
-    (container,) = daemonset["spec"]["template"]["spec"]["containers"]
-    assert "--listen=0.0.0.0:50051" in container["args"]
+    pod = daemonset["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert "--listen=0.0.0.0:50051" in container["args"]  # health and reflection only
+    assert not any(arg.startswith("--listen-api") for arg in container["args"])
     assert container["readinessProbe"]["grpc"] == {"port": 50051, "service": "weightd.v1.WeightService"}
     assert daemonset["spec"]["updateStrategy"]["type"] == "OnDelete"
+    # Descriptors travel over the socket directory: no shared PID or IPC namespace, no privileges.
+    assert "hostPID" not in pod and "hostIPC" not in pod
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
 
 
 def test_systemd_unit_verifies(tmp_path: Path) -> None:

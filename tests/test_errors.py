@@ -138,15 +138,15 @@ def test_no_daemon_is_unavailable(tmp_path: Path) -> None:
 def test_a_streamer_failure_is_explained_by_asking_storage(tmp_path: Path) -> None:
     """The streamer says only "File access error"; the loader names the cause from storage itself."""
     from weightd.daemon.errors import ModelNotFoundError, StorageUnavailableError
-    from weightd.daemon.loader import _explain
     from weightd.daemon.storage.base import open_store, parse_model_uri
+    from weightd.daemon.streaming import StreamingError, explain
 
     (tmp_path / "a.safetensors").write_bytes(b"x")
     store = open_store(parse_model_uri(str(tmp_path)))
-    opaque = ValueError("Could not receive response from libstreamer due to: b'File access error'")
-    gone = _explain(store, ["a.safetensors", "b.safetensors"], opaque)
+    opaque = StreamingError("Could not receive response from libstreamer due to: b'File access error'")
+    gone = explain(store, ["a.safetensors", "b.safetensors"], opaque)
     assert isinstance(gone, ModelNotFoundError) and "b.safetensors" in str(gone)
-    readable = _explain(store, ["a.safetensors"], opaque)
+    readable = explain(store, ["a.safetensors"], opaque)
     assert isinstance(readable, StorageUnavailableError) and "retry" in str(readable)
 
 
@@ -168,7 +168,8 @@ def test_a_model_larger_than_the_shared_memory_is_resource_exhausted(daemon_fact
     wrapper = ("unshare", "-m", "sh", "-c", f'mount -t tmpfs -o size=1m tmpfs {shm} && exec "$@"', "sh")
     if subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode != 0:
         pytest.skip("needs unshare -m (root or CAP_SYS_ADMIN)")
-    daemon = daemon_factory(extra_args=("--shm-dir", str(shm)), wrapper=wrapper)
+    # A budget beyond the tmpfs itself: the filesystem, not the budget, runs out.
+    daemon = daemon_factory(extra_args=("--shm-dir", str(shm), "--host-memory-limit", "1GiB"), wrapper=wrapper)
     with pytest.raises(client.ResourceExhaustedError, match="evict models") as raised:
         client.attach(good_uri, target=daemon.target)
     assert raised.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED

@@ -34,7 +34,8 @@ def metadata_bytes(model: Model) -> int:
 
 def test_restart_downloads_no_unchanged_metadata(daemon_factory, s3_server: S3Server, s3_model: str,
                                                  llama_model: Model) -> None:
-    first = daemon_factory(s3_server.env(), name="node")
+    # Freed at stop, so the next daemon loads again (rather than adopting) and must find the metadata cached.
+    first = daemon_factory(s3_server.env(), name="node", extra_args=("--free-on-stop", "true"))
     with client.attach(s3_model, target=first.target) as model:
         config_dir = model.config_dir
     (entry,) = first.models()

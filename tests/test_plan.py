@@ -7,10 +7,10 @@ import pytest
 import torch
 from safetensors.torch import save
 from weightd.daemon.errors import InvalidRequestError, UnsupportedModelError
-from weightd.daemon.loader import _copy_duplicates, _route, _scatter_block
 from weightd.daemon.plan import ALIGNMENT, LoadPlan, build_plan
 from weightd.daemon.safetensors_header import header_length, parse_header
 from weightd.daemon.sharding import DEFAULT_PLANS, ShardRule, select_rules
+from weightd.daemon.streaming import _copy_duplicates, _route, _scatter_block
 
 RULES = (ShardRule(r"col", 0), ShardRule(r"row", 1), ShardRule(r"deep", 2), ShardRule(r"whole", None))
 

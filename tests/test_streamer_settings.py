@@ -19,8 +19,7 @@ from weightd import client
 from weightd.daemon import loader
 from weightd.daemon.errors import ModelNotFoundError
 from weightd.daemon.memory.host import HostMemory
-from weightd.daemon.plan import build_plan
-from weightd.daemon.storage.base import open_store, parse_model_uri
+from weightd.daemon.storage.base import parse_model_uri
 from weightd.v1 import weightd_pb2 as pb
 from weightd.v1 import weightd_pb2_grpc as pb_grpc
 
@@ -41,7 +40,13 @@ def streamers_started(log: Path) -> list[tuple[int, int]]:
 
 
 def children(pid: int) -> list[int]:
-    return [int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            found += [int(c) for c in (task / "children").read_text().split()]
+        except FileNotFoundError:
+            continue  # that thread exited while we listed
+    return found
 
 
 @pytest.fixture
@@ -100,16 +105,15 @@ def test_a_concurrency_below_one_is_invalid_argument(daemon, s3_llama: str) -> N
 def test_a_shard_gone_mid_load_is_named(tmp_path: Path, llama_model: Model, concurrency: int | None) -> None:
     """The streamer itself fails (the file vanished after planning); storage names the cause; nothing leaks."""
     directory = copy_model(llama_model, tmp_path / "model")
-    store = open_store(parse_model_uri(str(directory)))
-    source = loader.resolve(store, tmp_path / "cache")
-    plan = build_plan(source.headers, tp_size=1, ranks=[0], rules=(), max_range_bytes=1 << 20)
-    gone = plan.files[-1].file
+    settings = loader.LoadSettings(memory_limit=1 << 20, concurrency=concurrency)
+    prepared = loader.prepare(parse_model_uri(str(directory)), cache_dir=tmp_path / "cache", tp_size=1, ranks=[0],
+                              rules=(), settings=settings)
+    gone = prepared.plan.files[-1].file
     (directory / gone).unlink()
     (tmp_path / "shm").mkdir()
-    memory = HostMemory(tmp_path / "shm")
+    memory = HostMemory(directory=tmp_path / "shm", namespace="test")
     with pytest.raises(ModelNotFoundError, match=re.escape(gone)):
-        loader.stream(store, plan, memory, label="gone", memory_limit=1 << 20, concurrency=concurrency,
-                      on_progress=lambda n: None)
+        loader.stream(prepared, memory, settings=settings, on_progress=lambda n: None)
     assert list((tmp_path / "shm").iterdir()) == []
 
 

@@ -1,96 +1,108 @@
-"""Host shared memory: one file per arena in a tmpfs (``/dev/shm``), mapped read-only by clients.
+"""Host shared memory: one file per arena in a tmpfs (``/dev/shm``), owner-only (0600).
 
-Names are ``<prefix>-<daemon pid>-<label>-<random>``: the pid lets a starting daemon tell its dead
-predecessors' segments (pid gone, or its own pid reused) from those of another live daemon on the node.
+Clients never open an arena by name: they receive a read-only descriptor through the descriptor channel and
+map it ``PROT_READ``. Files are named ``weightd-<namespace>-<label>-<random>``; the namespace is the daemon's
+(derived from its cache directory, where the arenas' manifests live), so a starting daemon adopts or removes
+only what a previous daemon of its own left behind, never another daemon's arenas.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
-import mmap
 import os
 import re
 import secrets
+import stat
+from collections.abc import Collection
 from pathlib import Path
 
 import torch
 from weightd.daemon.errors import OutOfMemoryError
-from weightd.daemon.memory.base import HostSharedMemoryHandle
+from weightd.daemon.memory.base import AdoptionError, map_writable
 
 logger = logging.getLogger(__name__)
 
-# Owner may write; group (the engines' group, as for the socket) may read.
-SEGMENT_MODE = 0o640
+# Only the daemon's user may open an arena; clients get descriptors.
+ARENA_MODE = 0o600
+PREFIX = "weightd"
 
 
 class HostArena:
-    def __init__(self, path: Path, size: int) -> None:
+    kind = "host"
+
+    def __init__(self, path: Path, size: int, *, create: bool) -> None:
         self.path = path
         self._size = size
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, SEGMENT_MODE)
+        flags = os.O_RDWR | os.O_NOFOLLOW | (os.O_CREAT | os.O_EXCL if create else 0)
+        fd = os.open(path, flags, ARENA_MODE)
         try:
-            os.fchmod(fd, SEGMENT_MODE)  # the umask must not widen or narrow what clients can open
-            os.ftruncate(fd, size)
-            if size:
-                # Reserve every page now: a full tmpfs is ENOSPC here, not SIGBUS in the middle of a load.
-                os.posix_fallocate(fd, 0, size)
-            self._map, tensor = _map_writable(fd, size)
+            if create:
+                os.fchmod(fd, ARENA_MODE)  # the umask must not widen what others can open
+                os.ftruncate(fd, size)
+                if size:
+                    # Reserve every page now: a full tmpfs is ENOSPC here, not SIGBUS in the middle of a load.
+                    os.posix_fallocate(fd, 0, size)
+            self._map, tensor = map_writable(fd, size)
+            self._read_fd = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY)
         except BaseException:
-            os.unlink(path)
+            if create:
+                path.unlink(missing_ok=True)
             raise
         finally:
             os.close(fd)
         self._tensor: torch.Tensor | None = tensor
 
     @property
-    def size(self) -> int:
-        return self._size
+    def name(self) -> str:
+        return self.path.name
 
     @property
-    def handle(self) -> HostSharedMemoryHandle:
-        return HostSharedMemoryHandle(path=str(self.path))
+    def size(self) -> int:
+        return self._size
 
     def tensor(self) -> torch.Tensor:
         if self._tensor is None:
             raise RuntimeError(f"arena {self.path} was released")
         return self._tensor[: self._size]
 
+    def export(self) -> int:
+        return os.dup(self._read_fd)
+
+    def fill_descriptor(self) -> int:
+        return os.open(f"/proc/self/fd/{self._read_fd}", os.O_RDWR)
+
     def release(self) -> None:
+        if self._unmap():
+            # Clients that still map the file keep their pages; the name goes now.
+            self.path.unlink(missing_ok=True)
+
+    def detach(self) -> None:
+        self._unmap()
+
+    def _unmap(self) -> bool:
         if self._tensor is None:
-            return
+            return False
         self._tensor = None
+        os.close(self._read_fd)
         try:
             self._map.close()
         except BufferError:
             # A view is still referenced somewhere in the daemon; the mapping goes when it does.
             logger.warning("arena %s still has views in the daemon; unmapping deferred", self.path)
-        # Clients that still map the file keep their pages; the name goes now.
-        self.path.unlink(missing_ok=True)
-
-
-def map_for_writing(handle: HostSharedMemoryHandle, size: int) -> torch.Tensor:
-    """A writable view of another process's arena (the streaming helper fills the daemon's arenas)."""
-    fd = os.open(handle.path, os.O_RDWR)
-    try:
-        return _map_writable(fd, size)[1]
-    finally:
-        os.close(fd)
-
-
-def _map_writable(fd: int, size: int) -> tuple[mmap.mmap, torch.Tensor]:
-    # mmap refuses length 0; an empty arena still gets a page so every handle maps. (MAP_POPULATE would map
-    # every page before streaming starts; left to the writers, the minor faults overlap with storage reads,
-    # which measured faster.)
-    mapping = mmap.mmap(fd, max(size, 1), mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-    return mapping, torch.frombuffer(mapping, dtype=torch.uint8)
+        return True
 
 
 class HostMemory:
-    def __init__(self, directory: Path, *, prefix: str = "weightd") -> None:
+    kind = "host"
+
+    def __init__(self, *, directory: Path, namespace: str) -> None:
         self.directory = directory
-        self.prefix = prefix
-        self._pattern = re.compile(rf"^{re.escape(prefix)}-(\d+)-")
+        self._prefix = f"{PREFIX}-{namespace}-"
+
+    def capacity(self) -> int:
+        st = os.statvfs(self.directory)
+        return st.f_blocks * st.f_frsize
 
     def allocate(self, size: int, *, label: str) -> HostArena:
         free = _free_bytes(self.directory)
@@ -100,9 +112,9 @@ class HostMemory:
                 "evict models (weightd evict URI) or enlarge the tmpfs"
             )
         safe_label = re.sub(r"[^A-Za-z0-9_.]+", "_", label)[-80:]
-        path = self.directory / f"{self.prefix}-{os.getpid()}-{safe_label}-{secrets.token_hex(4)}"
+        path = self.directory / f"{self._prefix}{safe_label}-{secrets.token_hex(4)}"
         try:
-            return HostArena(path, size)
+            return HostArena(path, size, create=True)
         except OSError as e:
             if e.errno != errno.ENOSPC:
                 raise
@@ -111,28 +123,36 @@ class HostMemory:
                 "space first); evict models (weightd evict URI) or enlarge the tmpfs"
             ) from e
 
-    def remove_stale(self) -> list[str]:
+    def adopt(self, name: str, size: int) -> HostArena:
+        if not name.startswith(self._prefix) or "/" in name:
+            raise AdoptionError(f"{name!r} is not an arena of this daemon (names start with {self._prefix!r})")
+        path = self.directory / name
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError as e:
+            raise AdoptionError(f"{path} is gone") from e
+        if not stat.S_ISREG(st.st_mode):
+            raise AdoptionError(f"{path} is not a regular file")
+        if st.st_uid != os.geteuid() or stat.S_IMODE(st.st_mode) != ARENA_MODE:
+            raise AdoptionError(
+                f"{path} is owned by uid {st.st_uid} with mode {stat.S_IMODE(st.st_mode):o}; "
+                f"expected uid {os.geteuid()} and mode {ARENA_MODE:o}"
+            )
+        if st.st_size != size:
+            raise AdoptionError(f"{path} holds {st.st_size} bytes; its manifest says {size}")
+        if st.st_blocks * 512 < size:
+            raise AdoptionError(f"{path} has holes: {st.st_blocks * 512} of {size} bytes are allocated")
+        return HostArena(path, size, create=False)
+
+    def remove_orphans(self, keep: Collection[str]) -> list[str]:
         removed = []
         for entry in self.directory.iterdir():
-            match = self._pattern.match(entry.name)
-            if match and _owner_is_gone(int(match.group(1))):
+            if entry.name.startswith(self._prefix) and entry.name not in keep:
                 entry.unlink(missing_ok=True)
                 removed.append(str(entry))
         if removed:
-            logger.info("removed %d stale shared-memory segment(s) left by a dead daemon", len(removed))
+            logger.info("removed %d arena(s) that no complete manifest records (interrupted loads)", len(removed))
         return removed
-
-
-def _owner_is_gone(pid: int) -> bool:
-    if pid == os.getpid():
-        return True  # a previous daemon with our pid (restart in a fresh PID namespace) is dead by definition
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
 
 
 def _free_bytes(directory: Path) -> int:

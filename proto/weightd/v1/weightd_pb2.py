@@ -22,57 +22,60 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18weightd/v1/weightd.proto\x12\nweightd.v1\"P\n\tShardRule\x12\x0f\n\x07pattern\x18\x01 \x01(\t\x12\x13\n\tsplit_dim\x18\x02 \x01(\rH\x00\x12\x13\n\treplicate\x18\x03 \x01(\x08H\x00\x42\x08\n\x06\x61\x63tion\"m\n\rModelSelector\x12\x11\n\tmodel_uri\x18\x01 \x01(\t\x12\x0f\n\x07tp_size\x18\x02 \x01(\r\x12\x0c\n\x04rank\x18\x03 \x01(\r\x12*\n\x0bshard_rules\x18\x04 \x03(\x0b\x32\x15.weightd.v1.ShardRule\"\x92\x01\n\x10StreamerSettings\x12\x19\n\x0cmemory_limit\x18\x01 \x01(\x04H\x00\x88\x01\x01\x12\x18\n\x0b\x64istributed\x18\x02 \x01(\x08H\x01\x88\x01\x01\x12\x18\n\x0b\x63oncurrency\x18\x03 \x01(\rH\x02\x88\x01\x01\x42\x0f\n\r_memory_limitB\x0e\n\x0c_distributedB\x0e\n\x0c_concurrency\"\x7f\n\x10LoadModelRequest\x12(\n\x05model\x18\x01 \x01(\x0b\x32\x19.weightd.v1.ModelSelector\x12\x11\n\tall_ranks\x18\x02 \x01(\x08\x12.\n\x08settings\x18\x03 \x01(\x0b\x32\x1c.weightd.v1.StreamerSettings\"c\n\x11LoadModelResponse\x12%\n\x05state\x18\x01 \x01(\x0e\x32\x16.weightd.v1.ModelState\x12\x12\n\nbytes_done\x18\x02 \x01(\x04\x12\x13\n\x0b\x62ytes_total\x18\x03 \x01(\x04\" \n\x10HostSharedMemory\x12\x0c\n\x04path\x18\x01 \x01(\t\"R\n\x0cMemoryHandle\x12:\n\x12host_shared_memory\x18\x01 \x01(\x0b\x32\x1c.weightd.v1.HostSharedMemoryH\x00\x42\x06\n\x04kind\"E\n\x05\x41rena\x12(\n\x06handle\x18\x01 \x01(\x0b\x32\x18.weightd.v1.MemoryHandle\x12\x12\n\nsize_bytes\x18\x02 \x01(\x04\"\xb6\x01\n\x0bTensorTable\x12\r\n\x05names\x18\x01 \x03(\t\x12$\n\x06\x64types\x18\x02 \x03(\x0e\x32\x14.weightd.v1.DataType\x12\r\n\x05ndims\x18\x03 \x03(\r\x12\x0c\n\x04\x64ims\x18\x04 \x03(\x04\x12\x15\n\rarena_indices\x18\x05 \x03(\r\x12\x14\n\x0c\x62yte_offsets\x18\x06 \x03(\x04\x12\x14\n\x0c\x62yte_lengths\x18\x07 \x03(\x04\x12\x12\n\nsplit_dims\x18\x08 \x03(\x05\"\xcc\x01\n\x05Grant\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x11\n\tmodel_uri\x18\x02 \x01(\t\x12\x10\n\x08revision\x18\x03 \x01(\t\x12\x0f\n\x07tp_size\x18\x04 \x01(\r\x12\x0c\n\x04rank\x18\x05 \x01(\r\x12!\n\x06\x61renas\x18\x06 \x03(\x0b\x32\x11.weightd.v1.Arena\x12(\n\x07tensors\x18\n \x01(\x0b\x32\x17.weightd.v1.TensorTable\x12\x14\n\x0cmetadata_dir\x18\x08 \x01(\tJ\x04\x08\x07\x10\x08J\x04\x08\t\x10\n\">\n\x12\x41ttachModelRequest\x12(\n\x05model\x18\x01 \x01(\x0b\x32\x19.weightd.v1.ModelSelector\"B\n\x13\x41ttachModelResponse\x12\"\n\x05grant\x18\x01 \x01(\x0b\x32\x11.weightd.v1.GrantH\x00\x42\x07\n\x05\x65vent\"\x13\n\x11ListModelsRequest\"\x9b\x02\n\rResidentModel\x12\x11\n\tmodel_uri\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\t\x12%\n\x05state\x18\x03 \x01(\x0e\x32\x16.weightd.v1.ModelState\x12\x0f\n\x07tp_size\x18\x04 \x01(\r\x12\x0c\n\x04rank\x18\x05 \x01(\r\x12\x16\n\x0eresident_bytes\x18\x06 \x01(\x04\x12\x0e\n\x06leases\x18\x07 \x01(\r\x12\x1a\n\x12storage_bytes_read\x18\x08 \x01(\x04\x12\x12\n\nbytes_done\x18\t \x01(\x04\x12\x13\n\x0b\x62ytes_total\x18\n \x01(\x04\x12!\n\x19metadata_bytes_downloaded\x18\x0b \x01(\x04\x12\x0f\n\x07\x63urrent\x18\x0c \x01(\x08\"?\n\x12ListModelsResponse\x12)\n\x06models\x18\x01 \x03(\x0b\x32\x19.weightd.v1.ResidentModel\"&\n\x11\x45victModelRequest\x12\x11\n\tmodel_uri\x18\x01 \x01(\t\"B\n\x12\x45victModelResponse\x12\x17\n\x0f\x65victed_entries\x18\x01 \x01(\r\x12\x13\n\x0b\x66reed_bytes\x18\x02 \x01(\x04\",\n\x17GetModelMetadataRequest\x12\x11\n\tmodel_uri\x18\x01 \x01(\t\"k\n\x18GetModelMetadataResponse\x12\x14\n\x0cmetadata_dir\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\t\x12\r\n\x05\x66iles\x18\x03 \x03(\t\x12\x18\n\x10\x64ownloaded_bytes\x18\x04 \x01(\x04*\x83\x01\n\nModelState\x12\x1b\n\x17MODEL_STATE_UNSPECIFIED\x10\x00\x12 \n\x1cMODEL_STATE_LOADING_METADATA\x10\x01\x12\x1f\n\x1bMODEL_STATE_LOADING_WEIGHTS\x10\x02\x12\x15\n\x11MODEL_STATE_READY\x10\x03*\xca\x02\n\x08\x44\x61taType\x12\x19\n\x15\x44\x41TA_TYPE_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x44\x41TA_TYPE_BOOL\x10\x01\x12\x10\n\x0c\x44\x41TA_TYPE_U8\x10\x02\x12\x10\n\x0c\x44\x41TA_TYPE_I8\x10\x03\x12\x11\n\rDATA_TYPE_I16\x10\x04\x12\x11\n\rDATA_TYPE_U16\x10\x05\x12\x11\n\rDATA_TYPE_I32\x10\x06\x12\x11\n\rDATA_TYPE_U32\x10\x07\x12\x11\n\rDATA_TYPE_I64\x10\x08\x12\x11\n\rDATA_TYPE_U64\x10\t\x12\x11\n\rDATA_TYPE_F16\x10\n\x12\x12\n\x0e\x44\x41TA_TYPE_BF16\x10\x0b\x12\x11\n\rDATA_TYPE_F32\x10\x0c\x12\x11\n\rDATA_TYPE_F64\x10\r\x12\x15\n\x11\x44\x41TA_TYPE_F8_E4M3\x10\x0e\x12\x15\n\x11\x44\x41TA_TYPE_F8_E5M2\x10\x0f\x32\xa6\x03\n\rWeightService\x12J\n\tLoadModel\x12\x1c.weightd.v1.LoadModelRequest\x1a\x1d.weightd.v1.LoadModelResponse0\x01\x12P\n\x0b\x41ttachModel\x12\x1e.weightd.v1.AttachModelRequest\x1a\x1f.weightd.v1.AttachModelResponse0\x01\x12K\n\nListModels\x12\x1d.weightd.v1.ListModelsRequest\x1a\x1e.weightd.v1.ListModelsResponse\x12K\n\nEvictModel\x12\x1d.weightd.v1.EvictModelRequest\x1a\x1e.weightd.v1.EvictModelResponse\x12]\n\x10GetModelMetadata\x12#.weightd.v1.GetModelMetadataRequest\x1a$.weightd.v1.GetModelMetadataResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18weightd/v1/weightd.proto\x12\nweightd.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"P\n\tShardRule\x12\x0f\n\x07pattern\x18\x01 \x01(\t\x12\x13\n\tsplit_dim\x18\x02 \x01(\rH\x00\x12\x13\n\treplicate\x18\x03 \x01(\x08H\x00\x42\x08\n\x06\x61\x63tion\"m\n\rModelSelector\x12\x11\n\tmodel_uri\x18\x01 \x01(\t\x12\x0f\n\x07tp_size\x18\x02 \x01(\r\x12\x0c\n\x04rank\x18\x03 \x01(\r\x12*\n\x0bshard_rules\x18\x04 \x03(\x0b\x32\x15.weightd.v1.ShardRule\"\x92\x01\n\x10StreamerSettings\x12\x19\n\x0cmemory_limit\x18\x01 \x01(\x04H\x00\x88\x01\x01\x12\x18\n\x0b\x64istributed\x18\x02 \x01(\x08H\x01\x88\x01\x01\x12\x18\n\x0b\x63oncurrency\x18\x03 \x01(\rH\x02\x88\x01\x01\x42\x0f\n\r_memory_limitB\x0e\n\x0c_distributedB\x0e\n\x0c_concurrency\"\x7f\n\x10LoadModelRequest\x12(\n\x05model\x18\x01 \x01(\x0b\x32\x19.weightd.v1.ModelSelector\x12\x11\n\tall_ranks\x18\x02 \x01(\x08\x12.\n\x08settings\x18\x03 \x01(\x0b\x32\x1c.weightd.v1.StreamerSettings\"c\n\x11LoadModelResponse\x12%\n\x05state\x18\x01 \x01(\x0e\x32\x16.weightd.v1.ModelState\x12\x12\n\nbytes_done\x18\x02 \x01(\x04\x12\x13\n\x0b\x62ytes_total\x18\x03 \x01(\x04\"\x0c\n\nHostMemory\"k\n\x0cMemoryHandle\x12&\n\x04host\x18\x01 \x01(\x0b\x32\x16.weightd.v1.HostMemoryH\x00\x12\x12\n\nsize_bytes\x18\x02 \x01(\x04\x12\x17\n\x0f\x64\x65scriptor_slot\x18\x03 \x01(\rB\x06\n\x04kind\"\xb6\x01\n\x0bTensorTable\x12\r\n\x05names\x18\x01 \x03(\t\x12$\n\x06\x64types\x18\x02 \x03(\x0e\x32\x14.weightd.v1.DataType\x12\r\n\x05ndims\x18\x03 \x03(\r\x12\x0c\n\x04\x64ims\x18\x04 \x03(\x04\x12\x15\n\rarena_indices\x18\x05 \x03(\r\x12\x14\n\x0c\x62yte_offsets\x18\x06 \x03(\x04\x12\x14\n\x0c\x62yte_lengths\x18\x07 \x03(\x04\x12\x12\n\nsplit_dims\x18\x08 \x03(\x05\"\xf4\x01\n\x05Grant\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x11\n\tmodel_uri\x18\x02 \x01(\t\x12\x10\n\x08revision\x18\x03 \x01(\t\x12\x0f\n\x07tp_size\x18\x04 \x01(\r\x12\x0c\n\x04rank\x18\x05 \x01(\r\x12(\n\x07tensors\x18\n \x01(\x0b\x32\x17.weightd.v1.TensorTable\x12\x14\n\x0cmetadata_dir\x18\x08 \x01(\t\x12(\n\x06\x61renas\x18\x0b \x03(\x0b\x32\x18.weightd.v1.MemoryHandle\x12\x19\n\x11\x64\x65scriptor_socket\x18\x0c \x01(\tJ\x04\x08\x06\x10\x07J\x04\x08\x07\x10\x08J\x04\x08\t\x10\n\">\n\x12\x41ttachModelRequest\x12(\n\x05model\x18\x01 \x01(\x0b\x32\x19.weightd.v1.ModelSelector\"B\n\x13\x41ttachModelResponse\x12\"\n\x05grant\x18\x01 \x01(\x0b\x32\x11.weightd.v1.GrantH\x00\x42\x07\n\x05\x65vent\"\x13\n\x11ListModelsRequest\"\xf7\x02\n\rResidentModel\x12\x11\n\tmodel_uri\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\t\x12%\n\x05state\x18\x03 \x01(\x0e\x32\x16.weightd.v1.ModelState\x12\x0f\n\x07tp_size\x18\x04 \x01(\r\x12\x0c\n\x04rank\x18\x05 \x01(\r\x12\x16\n\x0eresident_bytes\x18\x06 \x01(\x04\x12\x0e\n\x06leases\x18\x07 \x01(\r\x12\x1a\n\x12storage_bytes_read\x18\x08 \x01(\x04\x12\x12\n\nbytes_done\x18\t \x01(\x04\x12\x13\n\x0b\x62ytes_total\x18\n \x01(\x04\x12!\n\x19metadata_bytes_downloaded\x18\x0b \x01(\x04\x12\x0f\n\x07\x63urrent\x18\x0c \x01(\x08\x12+\n\x0bmemory_kind\x18\r \x01(\x0e\x32\x16.weightd.v1.MemoryKind\x12-\n\tlast_used\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"u\n\x0cMemoryBudget\x12$\n\x04kind\x18\x01 \x01(\x0e\x32\x16.weightd.v1.MemoryKind\x12\x13\n\x0blimit_bytes\x18\x02 \x01(\x04\x12\x12\n\nused_bytes\x18\x03 \x01(\x04\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x04 \x01(\x04\"j\n\x12ListModelsResponse\x12)\n\x06models\x18\x01 \x03(\x0b\x32\x19.weightd.v1.ResidentModel\x12)\n\x07\x62udgets\x18\x02 \x03(\x0b\x32\x18.weightd.v1.MemoryBudget\"&\n\x11\x45victModelRequest\x12\x11\n\tmodel_uri\x18\x01 \x01(\t\"B\n\x12\x45victModelResponse\x12\x17\n\x0f\x65victed_entries\x18\x01 \x01(\r\x12\x13\n\x0b\x66reed_bytes\x18\x02 \x01(\x04\",\n\x17GetModelMetadataRequest\x12\x11\n\tmodel_uri\x18\x01 \x01(\t\"k\n\x18GetModelMetadataResponse\x12\x14\n\x0cmetadata_dir\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\t\x12\r\n\x05\x66iles\x18\x03 \x03(\t\x12\x18\n\x10\x64ownloaded_bytes\x18\x04 \x01(\x04*\x83\x01\n\nModelState\x12\x1b\n\x17MODEL_STATE_UNSPECIFIED\x10\x00\x12 \n\x1cMODEL_STATE_LOADING_METADATA\x10\x01\x12\x1f\n\x1bMODEL_STATE_LOADING_WEIGHTS\x10\x02\x12\x15\n\x11MODEL_STATE_READY\x10\x03*\xca\x02\n\x08\x44\x61taType\x12\x19\n\x15\x44\x41TA_TYPE_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x44\x41TA_TYPE_BOOL\x10\x01\x12\x10\n\x0c\x44\x41TA_TYPE_U8\x10\x02\x12\x10\n\x0c\x44\x41TA_TYPE_I8\x10\x03\x12\x11\n\rDATA_TYPE_I16\x10\x04\x12\x11\n\rDATA_TYPE_U16\x10\x05\x12\x11\n\rDATA_TYPE_I32\x10\x06\x12\x11\n\rDATA_TYPE_U32\x10\x07\x12\x11\n\rDATA_TYPE_I64\x10\x08\x12\x11\n\rDATA_TYPE_U64\x10\t\x12\x11\n\rDATA_TYPE_F16\x10\n\x12\x12\n\x0e\x44\x41TA_TYPE_BF16\x10\x0b\x12\x11\n\rDATA_TYPE_F32\x10\x0c\x12\x11\n\rDATA_TYPE_F64\x10\r\x12\x15\n\x11\x44\x41TA_TYPE_F8_E4M3\x10\x0e\x12\x15\n\x11\x44\x41TA_TYPE_F8_E5M2\x10\x0f*?\n\nMemoryKind\x12\x1b\n\x17MEMORY_KIND_UNSPECIFIED\x10\x00\x12\x14\n\x10MEMORY_KIND_HOST\x10\x01\x32\xa6\x03\n\rWeightService\x12J\n\tLoadModel\x12\x1c.weightd.v1.LoadModelRequest\x1a\x1d.weightd.v1.LoadModelResponse0\x01\x12P\n\x0b\x41ttachModel\x12\x1e.weightd.v1.AttachModelRequest\x1a\x1f.weightd.v1.AttachModelResponse0\x01\x12K\n\nListModels\x12\x1d.weightd.v1.ListModelsRequest\x1a\x1e.weightd.v1.ListModelsResponse\x12K\n\nEvictModel\x12\x1d.weightd.v1.EvictModelRequest\x1a\x1e.weightd.v1.EvictModelResponse\x12]\n\x10GetModelMetadata\x12#.weightd.v1.GetModelMetadataRequest\x1a$.weightd.v1.GetModelMetadataResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'weightd.v1.weightd_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MODELSTATE']._serialized_start=1961
-  _globals['_MODELSTATE']._serialized_end=2092
-  _globals['_DATATYPE']._serialized_start=2095
-  _globals['_DATATYPE']._serialized_end=2425
-  _globals['_SHARDRULE']._serialized_start=40
-  _globals['_SHARDRULE']._serialized_end=120
-  _globals['_MODELSELECTOR']._serialized_start=122
-  _globals['_MODELSELECTOR']._serialized_end=231
-  _globals['_STREAMERSETTINGS']._serialized_start=234
-  _globals['_STREAMERSETTINGS']._serialized_end=380
-  _globals['_LOADMODELREQUEST']._serialized_start=382
-  _globals['_LOADMODELREQUEST']._serialized_end=509
-  _globals['_LOADMODELRESPONSE']._serialized_start=511
-  _globals['_LOADMODELRESPONSE']._serialized_end=610
-  _globals['_HOSTSHAREDMEMORY']._serialized_start=612
-  _globals['_HOSTSHAREDMEMORY']._serialized_end=644
-  _globals['_MEMORYHANDLE']._serialized_start=646
-  _globals['_MEMORYHANDLE']._serialized_end=728
-  _globals['_ARENA']._serialized_start=730
-  _globals['_ARENA']._serialized_end=799
-  _globals['_TENSORTABLE']._serialized_start=802
-  _globals['_TENSORTABLE']._serialized_end=984
-  _globals['_GRANT']._serialized_start=987
-  _globals['_GRANT']._serialized_end=1191
-  _globals['_ATTACHMODELREQUEST']._serialized_start=1193
-  _globals['_ATTACHMODELREQUEST']._serialized_end=1255
-  _globals['_ATTACHMODELRESPONSE']._serialized_start=1257
-  _globals['_ATTACHMODELRESPONSE']._serialized_end=1323
-  _globals['_LISTMODELSREQUEST']._serialized_start=1325
-  _globals['_LISTMODELSREQUEST']._serialized_end=1344
-  _globals['_RESIDENTMODEL']._serialized_start=1347
-  _globals['_RESIDENTMODEL']._serialized_end=1630
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1632
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1695
-  _globals['_EVICTMODELREQUEST']._serialized_start=1697
-  _globals['_EVICTMODELREQUEST']._serialized_end=1735
-  _globals['_EVICTMODELRESPONSE']._serialized_start=1737
-  _globals['_EVICTMODELRESPONSE']._serialized_end=1803
-  _globals['_GETMODELMETADATAREQUEST']._serialized_start=1805
-  _globals['_GETMODELMETADATAREQUEST']._serialized_end=1849
-  _globals['_GETMODELMETADATARESPONSE']._serialized_start=1851
-  _globals['_GETMODELMETADATARESPONSE']._serialized_end=1958
-  _globals['_WEIGHTSERVICE']._serialized_start=2428
-  _globals['_WEIGHTSERVICE']._serialized_end=2850
+  _globals['_MODELSTATE']._serialized_start=2222
+  _globals['_MODELSTATE']._serialized_end=2353
+  _globals['_DATATYPE']._serialized_start=2356
+  _globals['_DATATYPE']._serialized_end=2686
+  _globals['_MEMORYKIND']._serialized_start=2688
+  _globals['_MEMORYKIND']._serialized_end=2751
+  _globals['_SHARDRULE']._serialized_start=73
+  _globals['_SHARDRULE']._serialized_end=153
+  _globals['_MODELSELECTOR']._serialized_start=155
+  _globals['_MODELSELECTOR']._serialized_end=264
+  _globals['_STREAMERSETTINGS']._serialized_start=267
+  _globals['_STREAMERSETTINGS']._serialized_end=413
+  _globals['_LOADMODELREQUEST']._serialized_start=415
+  _globals['_LOADMODELREQUEST']._serialized_end=542
+  _globals['_LOADMODELRESPONSE']._serialized_start=544
+  _globals['_LOADMODELRESPONSE']._serialized_end=643
+  _globals['_HOSTMEMORY']._serialized_start=645
+  _globals['_HOSTMEMORY']._serialized_end=657
+  _globals['_MEMORYHANDLE']._serialized_start=659
+  _globals['_MEMORYHANDLE']._serialized_end=766
+  _globals['_TENSORTABLE']._serialized_start=769
+  _globals['_TENSORTABLE']._serialized_end=951
+  _globals['_GRANT']._serialized_start=954
+  _globals['_GRANT']._serialized_end=1198
+  _globals['_ATTACHMODELREQUEST']._serialized_start=1200
+  _globals['_ATTACHMODELREQUEST']._serialized_end=1262
+  _globals['_ATTACHMODELRESPONSE']._serialized_start=1264
+  _globals['_ATTACHMODELRESPONSE']._serialized_end=1330
+  _globals['_LISTMODELSREQUEST']._serialized_start=1332
+  _globals['_LISTMODELSREQUEST']._serialized_end=1351
+  _globals['_RESIDENTMODEL']._serialized_start=1354
+  _globals['_RESIDENTMODEL']._serialized_end=1729
+  _globals['_MEMORYBUDGET']._serialized_start=1731
+  _globals['_MEMORYBUDGET']._serialized_end=1848
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1850
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1956
+  _globals['_EVICTMODELREQUEST']._serialized_start=1958
+  _globals['_EVICTMODELREQUEST']._serialized_end=1996
+  _globals['_EVICTMODELRESPONSE']._serialized_start=1998
+  _globals['_EVICTMODELRESPONSE']._serialized_end=2064
+  _globals['_GETMODELMETADATAREQUEST']._serialized_start=2066
+  _globals['_GETMODELMETADATAREQUEST']._serialized_end=2110
+  _globals['_GETMODELMETADATARESPONSE']._serialized_start=2112
+  _globals['_GETMODELMETADATARESPONSE']._serialized_end=2219
+  _globals['_WEIGHTSERVICE']._serialized_start=2754
+  _globals['_WEIGHTSERVICE']._serialized_end=3176
 # @@protoc_insertion_point(module_scope)

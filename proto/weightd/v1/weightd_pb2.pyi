@@ -1,3 +1,6 @@
+import datetime
+
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -32,6 +35,11 @@ class DataType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DATA_TYPE_F64: _ClassVar[DataType]
     DATA_TYPE_F8_E4M3: _ClassVar[DataType]
     DATA_TYPE_F8_E5M2: _ClassVar[DataType]
+
+class MemoryKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    MEMORY_KIND_UNSPECIFIED: _ClassVar[MemoryKind]
+    MEMORY_KIND_HOST: _ClassVar[MemoryKind]
 MODEL_STATE_UNSPECIFIED: ModelState
 MODEL_STATE_LOADING_METADATA: ModelState
 MODEL_STATE_LOADING_WEIGHTS: ModelState
@@ -52,6 +60,8 @@ DATA_TYPE_F32: DataType
 DATA_TYPE_F64: DataType
 DATA_TYPE_F8_E4M3: DataType
 DATA_TYPE_F8_E5M2: DataType
+MEMORY_KIND_UNSPECIFIED: MemoryKind
+MEMORY_KIND_HOST: MemoryKind
 
 class ShardRule(_message.Message):
     __slots__ = ("pattern", "split_dim", "replicate")
@@ -105,25 +115,19 @@ class LoadModelResponse(_message.Message):
     bytes_total: int
     def __init__(self, state: _Optional[_Union[ModelState, str]] = ..., bytes_done: _Optional[int] = ..., bytes_total: _Optional[int] = ...) -> None: ...
 
-class HostSharedMemory(_message.Message):
-    __slots__ = ("path",)
-    PATH_FIELD_NUMBER: _ClassVar[int]
-    path: str
-    def __init__(self, path: _Optional[str] = ...) -> None: ...
+class HostMemory(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class MemoryHandle(_message.Message):
-    __slots__ = ("host_shared_memory",)
-    HOST_SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
-    host_shared_memory: HostSharedMemory
-    def __init__(self, host_shared_memory: _Optional[_Union[HostSharedMemory, _Mapping]] = ...) -> None: ...
-
-class Arena(_message.Message):
-    __slots__ = ("handle", "size_bytes")
-    HANDLE_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ("host", "size_bytes", "descriptor_slot")
+    HOST_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
-    handle: MemoryHandle
+    DESCRIPTOR_SLOT_FIELD_NUMBER: _ClassVar[int]
+    host: HostMemory
     size_bytes: int
-    def __init__(self, handle: _Optional[_Union[MemoryHandle, _Mapping]] = ..., size_bytes: _Optional[int] = ...) -> None: ...
+    descriptor_slot: int
+    def __init__(self, host: _Optional[_Union[HostMemory, _Mapping]] = ..., size_bytes: _Optional[int] = ..., descriptor_slot: _Optional[int] = ...) -> None: ...
 
 class TensorTable(_message.Message):
     __slots__ = ("names", "dtypes", "ndims", "dims", "arena_indices", "byte_offsets", "byte_lengths", "split_dims")
@@ -146,24 +150,26 @@ class TensorTable(_message.Message):
     def __init__(self, names: _Optional[_Iterable[str]] = ..., dtypes: _Optional[_Iterable[_Union[DataType, str]]] = ..., ndims: _Optional[_Iterable[int]] = ..., dims: _Optional[_Iterable[int]] = ..., arena_indices: _Optional[_Iterable[int]] = ..., byte_offsets: _Optional[_Iterable[int]] = ..., byte_lengths: _Optional[_Iterable[int]] = ..., split_dims: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Grant(_message.Message):
-    __slots__ = ("lease_id", "model_uri", "revision", "tp_size", "rank", "arenas", "tensors", "metadata_dir")
+    __slots__ = ("lease_id", "model_uri", "revision", "tp_size", "rank", "tensors", "metadata_dir", "arenas", "descriptor_socket")
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_URI_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
     TP_SIZE_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
-    ARENAS_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     METADATA_DIR_FIELD_NUMBER: _ClassVar[int]
+    ARENAS_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTOR_SOCKET_FIELD_NUMBER: _ClassVar[int]
     lease_id: str
     model_uri: str
     revision: str
     tp_size: int
     rank: int
-    arenas: _containers.RepeatedCompositeFieldContainer[Arena]
     tensors: TensorTable
     metadata_dir: str
-    def __init__(self, lease_id: _Optional[str] = ..., model_uri: _Optional[str] = ..., revision: _Optional[str] = ..., tp_size: _Optional[int] = ..., rank: _Optional[int] = ..., arenas: _Optional[_Iterable[_Union[Arena, _Mapping]]] = ..., tensors: _Optional[_Union[TensorTable, _Mapping]] = ..., metadata_dir: _Optional[str] = ...) -> None: ...
+    arenas: _containers.RepeatedCompositeFieldContainer[MemoryHandle]
+    descriptor_socket: str
+    def __init__(self, lease_id: _Optional[str] = ..., model_uri: _Optional[str] = ..., revision: _Optional[str] = ..., tp_size: _Optional[int] = ..., rank: _Optional[int] = ..., tensors: _Optional[_Union[TensorTable, _Mapping]] = ..., metadata_dir: _Optional[str] = ..., arenas: _Optional[_Iterable[_Union[MemoryHandle, _Mapping]]] = ..., descriptor_socket: _Optional[str] = ...) -> None: ...
 
 class AttachModelRequest(_message.Message):
     __slots__ = ("model",)
@@ -182,7 +188,7 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ResidentModel(_message.Message):
-    __slots__ = ("model_uri", "revision", "state", "tp_size", "rank", "resident_bytes", "leases", "storage_bytes_read", "bytes_done", "bytes_total", "metadata_bytes_downloaded", "current")
+    __slots__ = ("model_uri", "revision", "state", "tp_size", "rank", "resident_bytes", "leases", "storage_bytes_read", "bytes_done", "bytes_total", "metadata_bytes_downloaded", "current", "memory_kind", "last_used")
     MODEL_URI_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -195,6 +201,8 @@ class ResidentModel(_message.Message):
     BYTES_TOTAL_FIELD_NUMBER: _ClassVar[int]
     METADATA_BYTES_DOWNLOADED_FIELD_NUMBER: _ClassVar[int]
     CURRENT_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_KIND_FIELD_NUMBER: _ClassVar[int]
+    LAST_USED_FIELD_NUMBER: _ClassVar[int]
     model_uri: str
     revision: str
     state: ModelState
@@ -207,13 +215,29 @@ class ResidentModel(_message.Message):
     bytes_total: int
     metadata_bytes_downloaded: int
     current: bool
-    def __init__(self, model_uri: _Optional[str] = ..., revision: _Optional[str] = ..., state: _Optional[_Union[ModelState, str]] = ..., tp_size: _Optional[int] = ..., rank: _Optional[int] = ..., resident_bytes: _Optional[int] = ..., leases: _Optional[int] = ..., storage_bytes_read: _Optional[int] = ..., bytes_done: _Optional[int] = ..., bytes_total: _Optional[int] = ..., metadata_bytes_downloaded: _Optional[int] = ..., current: bool = ...) -> None: ...
+    memory_kind: MemoryKind
+    last_used: _timestamp_pb2.Timestamp
+    def __init__(self, model_uri: _Optional[str] = ..., revision: _Optional[str] = ..., state: _Optional[_Union[ModelState, str]] = ..., tp_size: _Optional[int] = ..., rank: _Optional[int] = ..., resident_bytes: _Optional[int] = ..., leases: _Optional[int] = ..., storage_bytes_read: _Optional[int] = ..., bytes_done: _Optional[int] = ..., bytes_total: _Optional[int] = ..., metadata_bytes_downloaded: _Optional[int] = ..., current: bool = ..., memory_kind: _Optional[_Union[MemoryKind, str]] = ..., last_used: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class MemoryBudget(_message.Message):
+    __slots__ = ("kind", "limit_bytes", "used_bytes", "capacity_bytes")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    USED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    kind: MemoryKind
+    limit_bytes: int
+    used_bytes: int
+    capacity_bytes: int
+    def __init__(self, kind: _Optional[_Union[MemoryKind, str]] = ..., limit_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., capacity_bytes: _Optional[int] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
-    __slots__ = ("models",)
+    __slots__ = ("models", "budgets")
     MODELS_FIELD_NUMBER: _ClassVar[int]
+    BUDGETS_FIELD_NUMBER: _ClassVar[int]
     models: _containers.RepeatedCompositeFieldContainer[ResidentModel]
-    def __init__(self, models: _Optional[_Iterable[_Union[ResidentModel, _Mapping]]] = ...) -> None: ...
+    budgets: _containers.RepeatedCompositeFieldContainer[MemoryBudget]
+    def __init__(self, models: _Optional[_Iterable[_Union[ResidentModel, _Mapping]]] = ..., budgets: _Optional[_Iterable[_Union[MemoryBudget, _Mapping]]] = ...) -> None: ...
 
 class EvictModelRequest(_message.Message):
     __slots__ = ("model_uri",)

@@ -26,7 +26,7 @@ if _version_not_supported:
 
 
 class WeightServiceStub(object):
-    """WeightService is served on the daemon's Unix socket (and optionally a loopback TCP port).
+    """WeightService is served on the daemon's Unix socket (and, only when the operator asks, on a TCP port).
     """
 
     def __init__(self, channel):
@@ -63,7 +63,7 @@ class WeightServiceStub(object):
 
 
 class WeightServiceServicer(object):
-    """WeightService is served on the daemon's Unix socket (and optionally a loopback TCP port).
+    """WeightService is served on the daemon's Unix socket (and, only when the operator asks, on a TCP port).
     """
 
     def LoadModel(self, request, context):
@@ -140,7 +140,7 @@ def add_WeightServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class WeightService(object):
-    """WeightService is served on the daemon's Unix socket (and optionally a loopback TCP port).
+    """WeightService is served on the daemon's Unix socket (and, only when the operator asks, on a TCP port).
     """
 
     @staticmethod

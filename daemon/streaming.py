@@ -1,0 +1,270 @@
+"""Phase (b) of a load: fetch exactly a plan's byte ranges with runai-model-streamer, which writes them
+straight into the destination arenas; only tensor-parallel slices that scatter pass through a bounded
+staging buffer. Blocking; runs in the daemon's load threads or in a streaming helper process.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from runai_model_streamer import FileStreamer
+from runai_model_streamer.libstreamer.libstreamer import (
+    SUCCESS_ERROR_CODE,
+    runai_request,
+    runai_response,
+    runai_response_str,
+)
+from weightd.daemon.errors import StorageUnavailableError, WeightdError
+from weightd.daemon.plan import ALIGNMENT, Block, LoadPlan, Target, align
+from weightd.daemon.storage.base import ObjectStore
+
+_LIBC = ctypes.CDLL(None)  # the C library this process already uses
+
+
+class StreamingError(Exception):
+    """The streamer could not deliver a range (it says little more than "File access error"); ``explain``
+    asks storage what is wrong."""
+
+def _return_freed_heap() -> None:
+    """Give the C heap's free pages back to the OS.
+
+    The streamer's workers and S3 clients free tens of MB of buffers when a streamer ends, and glibc keeps
+    them in its per-thread arenas: without this the daemon grew by about 50 MB per 1 GB load, with it 15 MB
+    (benchmark f). Other C libraries may not have malloc_trim; they keep their own policy.
+    """
+    trim = getattr(_LIBC, "malloc_trim", None)
+    if trim is not None:
+        trim(0)
+
+
+
+@dataclass(frozen=True)
+class _Direct:
+    """Bytes the streamer writes straight into an arena: no buffer, no copy."""
+
+    file_index: int
+    file_offset: int
+    length: int
+    layout_index: int
+    dst_offset: int
+
+
+@dataclass(frozen=True)
+class _Staged:
+    """A block whose bytes scatter (row slices for several ranks): fetched into a staging buffer first."""
+
+    file_index: int
+    block: Block
+
+
+@dataclass(frozen=True)
+class _Duplicate:
+    """A replicated tensor's bytes, fetched once into one rank's arena and copied to another's."""
+
+    src_layout: int
+    src_offset: int
+    dst_layout: int
+    dst_offset: int
+    length: int
+
+
+def _route(plan: LoadPlan) -> tuple[list[_Direct], list[_Staged], list[_Duplicate]]:
+    """Split the plan's blocks into direct writes, staged scatters and in-memory duplicates.
+
+    Exactly the plan's bytes are fetched, each once. A single-row block whose targets' windows tile it is
+    read as one direct range per window (a replicated tensor's one window: one range, then copies); a block
+    of whole rows for one rank is one direct range; anything else is staged and scattered.
+    """
+    direct: list[_Direct] = []
+    staged: list[_Staged] = []
+    duplicates: list[_Duplicate] = []
+    for file_index, file_plan in enumerate(plan.files):
+        for block in file_plan.blocks:
+            first = block.targets[0]
+            windows = {(t.column, t.width) for t in block.targets}
+            if block.rows == 1 and sum(width for _, width in windows) == block.width:
+                fetched: dict[tuple[int, int], Target] = {}
+                for t in block.targets:
+                    if (t.column, t.width) in fetched:
+                        src = fetched[(t.column, t.width)]
+                        duplicates.append(
+                            _Duplicate(src.layout_index, src.dst_offset, t.layout_index, t.dst_offset, t.width)
+                        )
+                    else:
+                        fetched[(t.column, t.width)] = t
+                        direct.append(
+                            _Direct(file_index, block.file_offset + t.column, t.width, t.layout_index, t.dst_offset)
+                        )
+            elif len(block.targets) == 1 and first.width == block.width == first.dst_row_stride:
+                direct.append(_Direct(file_index, block.file_offset, block.length, first.layout_index,
+                                      first.dst_offset))
+            else:
+                staged.append(_Staged(file_index, block))
+    return direct, staged, duplicates
+
+
+def fetch_into(
+    destinations: list[torch.Tensor],
+    paths: list[str],
+    plan: LoadPlan,
+    *,
+    memory_limit: int,
+    on_progress: Callable[[int], None],
+) -> None:
+    """Drive the streamer's range API directly so that it writes into the arenas themselves.
+
+    ``paths`` are the streamer's paths of ``plan.files``. ``memory_limit`` bounds only the staging buffer
+    that scattered blocks pass through. A storage failure raises StreamingError.
+    """
+    direct, staged, duplicates = _route(plan)
+    if not direct and not staged:
+        return
+    bases = [d.data_ptr() for d in destinations]
+    staged_bytes = sum(s.block.length for s in staged)
+    largest = max((s.block.length for s in staged), default=0)
+    padded = staged_bytes + ALIGNMENT * len(staged)  # batches start blocks on aligned offsets
+    staging = torch.empty(max(largest, min(memory_limit, padded)), dtype=torch.uint8)
+    try:
+        # The streamer session owns the C handle and applies object-store credentials once.
+        with FileStreamer() as session:
+            session.handle_object_store(paths[0], session.streamer)
+            reader = _RangeReader(session.streamer, paths)
+            reader.submit([_Range(d.file_index, d.file_offset, d.length, bases[d.layout_index] + d.dst_offset,
+                                  functools.partial(on_progress, d.length)) for d in direct])
+            for batch in _batches(staged, staging.numel()):
+                reader.submit([_staged_range(item, staging[cursor:], destinations, on_progress)
+                               for cursor, item in batch])
+                reader.wait()  # the next batch reuses the staging buffer
+            reader.wait()
+    except ValueError as e:  # how the streamer's Python layer reports a failed start or request
+        raise StreamingError(str(e)) from e
+    finally:
+        _return_freed_heap()  # the streamer has ended and freed its buffers
+    _copy_duplicates(duplicates, destinations)
+
+
+@dataclass(frozen=True)
+class _Range:
+    file_index: int
+    file_offset: int
+    length: int
+    address: int  # where the streamer writes it
+    landed: Callable[[], None]
+
+
+def _staged_range(
+    item: _Staged, buffer: torch.Tensor, destinations: list[torch.Tensor], on_progress: Callable[[int], None]
+) -> _Range:
+    view = buffer[: item.block.length]
+
+    def landed() -> None:
+        _scatter_block(view, item.block, destinations)
+        on_progress(item.block.length)
+
+    return _Range(item.file_index, item.block.file_offset, item.block.length, view.data_ptr(), landed)
+
+
+class _RangeReader:
+    """Submit ranges to libstreamer and run each one's callback when its response arrives.
+
+    Destinations are raw addresses: nothing may free them while a range is in flight, so ``wait`` drains
+    every outstanding response even when it fails.
+    """
+
+    def __init__(self, handle: object, paths: list[str]) -> None:
+        self.handle = handle
+        self.paths = paths
+        self.callbacks: dict[int, list[list[Callable[[], None]]]] = {}  # submission -> file -> range
+        self.outstanding = 0
+
+    def submit(self, ranges: list[_Range]) -> None:
+        if not ranges:
+            return
+        by_file: dict[int, list[_Range]] = {}
+        for r in ranges:
+            by_file.setdefault(r.file_index, []).append(r)
+        files = sorted(by_file)
+        grouped = [r for f in files for r in by_file[f]]
+        submission = runai_request(
+            self.handle,
+            [self.paths[f] for f in files],
+            [len(by_file[f]) for f in files],
+            [r.file_offset for r in grouped],
+            [r.length for r in grouped],
+            [r.address for r in grouped],
+        )
+        self.callbacks[submission] = [[r.landed for r in by_file[f]] for f in files]
+        self.outstanding += len(ranges)
+
+    def wait(self) -> None:
+        try:
+            while self.outstanding:
+                response = runai_response(self.handle)
+                if response is None:
+                    raise StreamingError("the streamer stopped before every range arrived")
+                status, submission, file_index, range_index, _ = response
+                self.outstanding -= 1
+                if status != SUCCESS_ERROR_CODE:
+                    raise StreamingError(f"libstreamer could not read a range: {runai_response_str(status)}")
+                self.callbacks[submission][file_index][range_index]()
+        finally:
+            while self.outstanding and runai_response(self.handle) is not None:
+                self.outstanding -= 1
+
+
+def _batches(staged: list[_Staged], capacity: int) -> list[list[tuple[int, _Staged]]]:
+    """Pack staged blocks into batches that fit the staging buffer: (offset in the buffer, block)."""
+    batches: list[list[tuple[int, _Staged]]] = []
+    cursor = capacity
+    for item in staged:
+        length = item.block.length
+        if cursor + length > capacity:
+            batches.append([])
+            cursor = 0
+        batches[-1].append((cursor, item))
+        cursor = align(cursor + length)  # word-aligned starts keep the scatter in 8-byte words
+    return batches
+
+
+def _copy_duplicates(duplicates: list[_Duplicate], destinations: list[torch.Tensor]) -> None:
+    for d in duplicates:
+        destinations[d.dst_layout][d.dst_offset : d.dst_offset + d.length].copy_(
+            destinations[d.src_layout][d.src_offset : d.src_offset + d.length]
+        )
+
+
+# Strided copies run several times faster in 8-byte words than in bytes.
+_WORDS = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
+
+
+def _scatter_block(data: torch.Tensor, block: Block, destinations: list[torch.Tensor]) -> None:
+    """Copy each target's columns of the ``block.rows`` x ``block.width`` bytes at the start of ``data``."""
+    raw = data[: block.length]
+    for t in block.targets:
+        dst = destinations[t.layout_index]
+        geometry = (block.width, t.column, t.width, t.dst_row_stride, t.dst_offset, raw.data_ptr(), dst.data_ptr())
+        word = next(w for w in _WORDS if all(v % w == 0 for v in geometry))
+        rows = raw.view(_WORDS[word]).view(block.rows, block.width // word)
+        target = dst.view(_WORDS[word]).as_strided(
+            (block.rows, t.width // word), (t.dst_row_stride // word, 1), t.dst_offset // word
+        )
+        target.copy_(rows[:, t.column // word : (t.column + t.width) // word])
+
+
+def explain(store: ObjectStore, files: Sequence[str], error: StreamingError) -> WeightdError:
+    """The streamer reports every storage failure as "File access error": ask storage what is wrong."""
+    for name in files:
+        try:
+            store.stat(name)
+        except WeightdError as cause:
+            return cause
+    return StorageUnavailableError(
+        f"{store.location.uri}: streaming failed although every object is readable ({error}); "
+        "this is usually transient: retry, or lower --concurrency"
+    )
+
+
