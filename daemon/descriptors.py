@@ -124,34 +124,31 @@ class DescriptorChannel:
     async def _serve(self, connection: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         descriptors: list[int] = []
-        with connection:
+        try:
             peer = _peer_of(connection)
             try:
                 try:
                     request = await asyncio.wait_for(loop.sock_recv(connection, MAX_REQUEST_BYTES), REQUEST_TIMEOUT_S)
                 except TimeoutError as e:
                     raise Refusal("DEADLINE_EXCEEDED", f"no lease id within {REQUEST_TIMEOUT_S} s") from e
-                lease_id = _lease_id(request)
-                # Checked and exported in one step on the loop: a lease cannot end in between.
-                arenas = self._check(peer, lease_id)
-                descriptors = [arena.export() for arena in arenas]
+                # Checked and exported in one step on the loop: the lease cannot end in between.
+                for arena in self._check(peer, _lease_id(request)):
+                    descriptors.append(arena.export())
                 packets = _packets(descriptors)
             except Refusal as refusal:
                 self.refusals += 1
                 logger.warning("descriptor channel: refused peer pid %d uid %d gid %d: %s",
                                peer.pid, peer.uid, peer.gid, refusal)
                 packets = [(json.dumps({"error": str(refusal), "code": refusal.code}).encode(), [])]
-            except OSError as e:
-                logger.warning("descriptor channel: peer pid %d went away: %s", peer.pid, e)
+            connection.settimeout(SEND_TIMEOUT_S)
+        except BaseException as e:
+            _close(connection, descriptors)
+            if isinstance(e, OSError):
+                logger.warning("descriptor channel: a peer went away: %s", e)
                 return
-            try:
-                connection.settimeout(SEND_TIMEOUT_S)
-                await loop.run_in_executor(None, _send_packets, connection, packets)
-            except OSError as e:
-                logger.warning("descriptor channel: could not send to peer pid %d: %s", peer.pid, e)
-            finally:
-                for fd in descriptors:
-                    os.close(fd)
+            raise
+        # The worker owns the connection and the descriptors from here on, even if this task is cancelled.
+        await loop.run_in_executor(None, _send_and_close, connection, packets, descriptors)
 
     def _check(self, peer: Peer, lease_id: str) -> Sequence[Arena]:
         if not self._policy.allows(peer):
@@ -193,6 +190,17 @@ def _packets(descriptors: list[int]) -> list[tuple[bytes, list[int]]]:
     ]
 
 
-def _send_packets(connection: socket.socket, packets: list[tuple[bytes, list[int]]]) -> None:
-    for payload, fds in packets:
-        socket.send_fds(connection, [payload], fds)
+def _send_and_close(connection: socket.socket, packets: list[tuple[bytes, list[int]]], descriptors: list[int]) -> None:
+    try:
+        for payload, fds in packets:
+            socket.send_fds(connection, [payload], fds)
+    except OSError as e:
+        logger.warning("descriptor channel: could not send to a peer: %s", e)
+    finally:
+        _close(connection, descriptors)
+
+
+def _close(connection: socket.socket, descriptors: list[int]) -> None:
+    for fd in descriptors:
+        os.close(fd)
+    connection.close()

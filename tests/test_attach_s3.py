@@ -14,6 +14,7 @@ import pytest
 from weightd import client
 
 from tests.conftest import ATTACH_AND_VERIFY, Model, S3Server, free_port, run_client
+from tests.storage_servers import write_certificates
 
 
 @pytest.fixture
@@ -186,3 +187,18 @@ def test_listen_api_beyond_loopback_needs_tls(tmp_path: Path) -> None:
     )
     assert result.returncode == 1
     assert "not a loopback address" in result.stderr and "--tls-cert" in result.stderr
+
+
+def test_listen_api_with_tls(daemon_factory, tmp_path: Path) -> None:
+    ca = write_certificates(tmp_path)  # a test CA and a certificate for 127.0.0.1
+    port = free_port()
+    daemon_factory(extra_args=("--listen-api", f"127.0.0.1:{port}", "--tls-cert", str(tmp_path / "server.crt"),
+                               "--tls-key", str(tmp_path / "server.key")))
+    grpcurl = str(Path(sys.executable).parent / "grpcurl")
+    listed = subprocess.run([grpcurl, "-cacert", str(ca), f"127.0.0.1:{port}", "weightd.v1.WeightService/ListModels"],
+                            capture_output=True, text=True, timeout=30)
+    assert listed.returncode == 0, listed.stderr
+    assert "budgets" in json.loads(listed.stdout)
+    plaintext = subprocess.run([grpcurl, "-plaintext", f"127.0.0.1:{port}", "weightd.v1.WeightService/ListModels"],
+                               capture_output=True, text=True, timeout=30)
+    assert plaintext.returncode != 0
