@@ -11,6 +11,9 @@ and measures, interleaved over repetitions (medians reported), each in a fresh p
   e  TP=4: all-ranks load (time, storage bytes) against one full load; a lone rank's cold attach against its share
   f  4 client processes attached to one model: node memory (shared arena + every process's private growth)
      against 4 processes each streaming the model into their own memory
+  g  a load with its own concurrency (streams in a helper process) against the same concurrency daemon-wide
+  h  daemon killed (SIGKILL) with the model resident, restarted: start until serving, and the first attach
+     (the restarted daemon adopts the arena; no storage read), against a cold load (c)
 c and d are also measured for a second, smaller model to show d stays flat as the model grows.
 """
 
@@ -132,9 +135,11 @@ class Daemon:
         root.mkdir(parents=True, exist_ok=True)
         self.socket = root / "w.sock"
         self.target = f"unix://{self.socket}"
+        self.started = time.perf_counter()
+        # --free-on-stop: every scenario starts cold, and a stopped daemon leaves no arena in /dev/shm.
         self.process = subprocess.Popen(
             [sys.executable, "-m", "weightd.daemon", "serve", "--socket", str(self.socket), "--cache-dir",
-             str(root / "cache"), "--log-level", "WARNING",
+             str(root / "cache"), "--log-level", "WARNING", "--free-on-stop", "true",
              *(["--concurrency", str(concurrency)] if concurrency is not None else [])],
             env=env, stdout=subprocess.DEVNULL, stderr=open(root / "daemon.log", "ab"),
         )
@@ -154,6 +159,10 @@ class Daemon:
 
     def stop(self) -> None:
         stop_process(self.process)
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.wait()
 
 
 class Bench:
@@ -256,6 +265,27 @@ class Bench:
         return {"concurrency": concurrency, "in_process_s": statistics.median(in_process),
                 "in_helper_s": statistics.median(in_helper)}
 
+    def restart(self, model: dict[str, Any]) -> dict[str, float]:
+        """Kill the daemon with the model resident, start it again on the same cache directory, attach."""
+        serving, attach = [], []
+        for _ in range(self.repetitions):
+            root = self.work / f"restart{self.daemons}"
+            self.daemons += 1
+            first = Daemon(root, self.env)
+            try:
+                client.load(model["uri"], target=first.target)
+            finally:
+                first.kill()
+            second = Daemon(root, self.env)  # returns once it answers
+            try:
+                serving.append(time.perf_counter() - second.started)
+                attach.append(run_script(ATTACH, model["uri"], second.target, "0", "1", env=self.env)["seconds"])
+                read = sum(m.storage_bytes_read for m in client.list_models(target=second.target))
+                assert read == model["bytes"], "the restarted daemon should report the first load's bytes only"
+            finally:
+                second.stop()
+        return {"serving_s": statistics.median(serving), "first_attach_s": statistics.median(attach)}
+
     def memory(self, model: dict[str, Any], processes: int = 4) -> dict[str, float]:
         def hold(args: list[str]) -> tuple[list[subprocess.Popen[str]], int]:
             procs = [subprocess.Popen([sys.executable, "-c", HOLD, *args], stdin=subprocess.PIPE,
@@ -312,6 +342,7 @@ def main() -> int:
         tp = bench.tensor_parallel(big)
         per_load = bench.per_load_concurrency(big)
         memory = bench.memory(big)
+        restart = bench.restart(big)
     finally:
         stop_process(s3.process)
         shutil.rmtree(work, ignore_errors=True)
@@ -334,8 +365,9 @@ def main() -> int:
             "f weightd node memory/model": memory["weightd_node_bytes"] / big["bytes"],
             "f 4 loaders node memory/model": memory["baseline_node_bytes"] / big["bytes"],
             "g per-load concurrency (helper) / daemon-wide": per_load["in_helper_s"] / per_load["in_process_s"],
+            "h restart: first attach / cold (c)": restart["first_attach_s"] / med["c"],
         },
-        "tensor_parallel": tp, "memory": memory, "per_load_concurrency": per_load,
+        "tensor_parallel": tp, "memory": memory, "per_load_concurrency": per_load, "restart": restart,
     }
     print(render(results))
     if args.json:
@@ -363,6 +395,8 @@ def render(r: dict[str, Any]) -> str:
         f"| e. TP=4 lone rank 1 cold attach | {r['tensor_parallel']['lone_rank_s']:.2f} s |",
         f"| g. full load, concurrency {r['per_load_concurrency']['concurrency']}: per load (helper) / daemon-wide "
         f"| {r['per_load_concurrency']['in_helper_s']:.2f} s / {r['per_load_concurrency']['in_process_s']:.2f} s |",
+        f"| h. after kill -9: restarted daemon serving / first attach | {r['restart']['serving_s']:.2f} s / "
+        f"{r['restart']['first_attach_s'] * 1000:.1f} ms |",
         "",
         "| ratio | value | target |",
         "|---|---|---|",
