@@ -41,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", type=Path, help="TOML file (default: $WEIGHTD_CONFIG or /etc/weightd/weightd.toml)")
     for setting in SETTINGS:
         serve.add_argument(f"--{setting.name.replace('_', '-')}", dest=setting.name, default=None,
-                           help=f"{setting.help} [env {setting.env}; default {setting.default}]")
+                           help=f"{setting.help} [env {setting.env}; default {_shown(setting.default)}]".replace("%", "%%"))
     serve.set_defaults(run=_serve)
 
     target_help = "daemon address: unix:///path.sock or HOST:PORT [env WEIGHTD_TARGET; default unix:///run/weightd/weightd.sock]"
@@ -76,6 +76,12 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--size-mb", type=int, default=256, help="approximate model size")
     demo.set_defaults(run=_demo)
     return parser
+
+
+def _shown(default: object) -> str:
+    if isinstance(default, frozenset):
+        return ",".join(map(str, sorted(default))) or "(none)"
+    return str(default) if default != "" else "(none)"
 
 
 def _serve(args: argparse.Namespace) -> int:

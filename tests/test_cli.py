@@ -62,3 +62,10 @@ def test_cli_reports_an_absent_daemon(tmp_path: Path) -> None:
     result = weightd("ls", "--target", f"unix://{tmp_path}/absent.sock")
     assert result.returncode == 1
     assert "is the daemon running" in result.stderr
+
+
+def test_serve_help_lists_every_setting() -> None:
+    shown = weightd("serve", "--help")
+    assert shown.returncode == 0, shown.stderr
+    assert "--host-memory-limit" in shown.stdout and "default 75%" in shown.stdout
+    assert "--allowed-uids" in shown.stdout and "--listen-api" in shown.stdout
