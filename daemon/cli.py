@@ -40,8 +40,9 @@ def _parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the daemon in the foreground")
     serve.add_argument("--config", type=Path, help="TOML file (default: $WEIGHTD_CONFIG or /etc/weightd/weightd.toml)")
     for setting in SETTINGS:
+        described = f"{setting.help} [env {setting.env}; default {_shown(setting.default)}]"
         serve.add_argument(f"--{setting.name.replace('_', '-')}", dest=setting.name, default=None,
-                           help=f"{setting.help} [env {setting.env}; default {_shown(setting.default)}]".replace("%", "%%"))
+                           help=described.replace("%", "%%"))  # argparse %-formats help
     serve.set_defaults(run=_serve)
 
     target_help = "daemon address: unix:///path.sock or HOST:PORT [env WEIGHTD_TARGET; default unix:///run/weightd/weightd.sock]"

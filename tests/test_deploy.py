@@ -15,9 +15,19 @@ DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 
 
 @pytest.mark.parametrize("version", ["1.30", "1.33"])
-def test_daemonset_is_valid_kubernetes(version: str) -> None:
-    for document in yaml.safe_load_all((DEPLOY / "kubernetes" / "daemonset.yaml").read_text()):
+@pytest.mark.parametrize("name", ["daemonset.yaml", "engine-example.yaml"])
+def test_manifests_are_valid_kubernetes(name: str, version: str) -> None:
+    for document in yaml.safe_load_all((DEPLOY / "kubernetes" / name).read_text()):
         kubernetes_validate.validate(document, version, strict=True)
+
+
+def test_engine_pods_share_only_the_socket_directory() -> None:
+    (pod,) = yaml.safe_load_all((DEPLOY / "kubernetes" / "engine-example.yaml").read_text())
+    (daemonset,) = yaml.safe_load_all((DEPLOY / "kubernetes" / "daemonset.yaml").read_text())
+    daemon_socket_dir = next(v["hostPath"]["path"] for v in daemonset["spec"]["template"]["spec"]["volumes"]
+                             if v["name"] == "socket")
+    assert [v["hostPath"]["path"] for v in pod["spec"]["volumes"]] == [daemon_socket_dir]
+    assert "hostPID" not in pod["spec"] and "hostIPC" not in pod["spec"]
 
 
 def test_daemonset_probes_the_tcp_listener_the_daemon_opens() -> None:
