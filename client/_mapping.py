@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import grpc
 import torch
-from weightd.client._errors import CorruptModelError, PreconditionFailedError
+from weightd.client._errors import CorruptModelError, PreconditionFailedError, ResourceExhaustedError
 from weightd.v1 import weightd_pb2 as pb
 
 TORCH_DTYPES: dict[int, torch.dtype] = {
@@ -44,12 +44,19 @@ def map_arena(handle: pb.MemoryHandle, descriptor: int) -> torch.Tensor:
         )
     if handle.size_bytes == 0:
         return torch.empty(0, dtype=torch.uint8)
-    if os.fstat(descriptor).st_size < handle.size_bytes:
+    held = os.fstat(descriptor).st_size
+    if held < handle.size_bytes:
         raise CorruptModelError(
-            f"the arena's descriptor holds {os.fstat(descriptor).st_size} bytes, fewer than the grant's "
+            f"the arena's descriptor holds {held} bytes, fewer than the grant's "
             f"{handle.size_bytes}; attach again", code=grpc.StatusCode.DATA_LOSS,
         )
-    mapping = mmap.mmap(descriptor, handle.size_bytes, mmap.MAP_SHARED, mmap.PROT_READ)
+    try:
+        mapping = mmap.mmap(descriptor, handle.size_bytes, mmap.MAP_SHARED, mmap.PROT_READ)
+    except OSError as e:
+        raise ResourceExhaustedError(
+            f"cannot map a {handle.size_bytes}-byte arena into this process: {e}; raise its address-space or "
+            "memory-map limits (ulimit -v, vm.max_map_count)", code=grpc.StatusCode.RESOURCE_EXHAUSTED,
+        ) from e
     with warnings.catch_warnings():
         # torch warns that the buffer is not writable: that is the point.
         warnings.simplefilter("ignore", UserWarning)

@@ -87,7 +87,6 @@ class DescriptorChannel:
         self._policy = policy
         self._listener: socket.socket | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        self.refusals = 0
 
     async def start(self) -> None:
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -136,7 +135,6 @@ class DescriptorChannel:
                     descriptors.append(arena.export())
                 packets = _packets(descriptors)
             except Refusal as refusal:
-                self.refusals += 1
                 logger.warning("descriptor channel: refused peer pid %d uid %d gid %d: %s",
                                peer.pid, peer.uid, peer.gid, refusal)
                 packets = [(json.dumps({"error": str(refusal), "code": refusal.code}).encode(), [])]

@@ -78,7 +78,6 @@ class Entry:
     storage_bytes_read: int = 0
     metadata_bytes_downloaded: int = 0
     validated_at: float = 0.0  # time.monotonic()
-    loaded_at: float = 0.0  # Unix time
     last_used: float = 0.0  # Unix time of the last attach (or of the load)
     leases: set[str] = field(default_factory=set)
 
@@ -140,8 +139,9 @@ class Registry:
     def adopt(self) -> list[EntryKey]:
         """Take over the arenas a previous daemon completed (their manifests say what they hold); free the
         rest. Reads nothing from storage. Call once, on the event loop, before serving."""
+        manifests = self._manifests.read_all()
         newest: dict[EntryKey, ArenaManifest] = {}
-        for manifest in self._manifests.read_all():
+        for manifest in manifests:
             key = EntryKey(manifest.model_uri, manifest.tp_size, manifest.rank, manifest.rules)
             other = newest.get(key)
             if other is None or manifest.loaded_at > other.loaded_at:
@@ -161,7 +161,7 @@ class Registry:
             self._entries[key] = self._adopted_entry(key, manifest, arena)
             adopted.append(key)
             keep.add(arena.name)
-        for manifest in self._manifests.read_all():
+        for manifest in manifests:
             if manifest.arena_name not in keep:
                 self._manifests.remove(manifest.arena_name)
         self._memory.remove_orphans(keep)
@@ -443,7 +443,7 @@ class Registry:
         entry.reserved_bytes = 0
         entry.storage_bytes_read = manifest.storage_bytes_read
         entry.validated_at = validated_at
-        entry.loaded_at = entry.last_used = manifest.loaded_at
+        entry.last_used = manifest.loaded_at
 
 
 def all_rank_keys(key: EntryKey) -> list[EntryKey]:
