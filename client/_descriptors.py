@@ -12,7 +12,7 @@ import os
 import socket
 
 import grpc
-from weightd.client._errors import UnavailableError, error_for
+from weightd.client._errors import ResourceExhaustedError, UnavailableError, WeightdError, error_for
 
 # The kernel's SCM_MAX_FD: no packet carries more.
 MAX_DESCRIPTORS_PER_PACKET = 253
@@ -43,24 +43,26 @@ def receive_descriptors(path: str, lease_id: str, *, timeout: float = 30.0) -> l
                     raise UnavailableError(f"no descriptors from {path}: {e}", code=grpc.StatusCode.UNAVAILABLE) from e
                 received.extend(fds)
                 if flags & socket.MSG_CTRUNC:
-                    raise UnavailableError(
+                    raise ResourceExhaustedError(
                         f"descriptors from {path} were cut short: this process may not open more files "
                         "(raise its RLIMIT_NOFILE, ulimit -n)", code=grpc.StatusCode.RESOURCE_EXHAUSTED,
                     )
                 if not payload:
                     raise UnavailableError(f"weightd closed {path} before sending every descriptor",
                                            code=grpc.StatusCode.UNAVAILABLE)
-                reply = json.loads(payload)
+                try:
+                    reply = json.loads(payload)
+                except ValueError as e:
+                    raise WeightdError(f"{path} sent something other than JSON: {payload[:80]!r}",
+                                       code=grpc.StatusCode.INTERNAL) from e
                 if "error" in reply:
                     raise error_for(str(reply.get("code", "UNKNOWN")), f"weightd refused the descriptors of lease "
                                     f"{lease_id}: {reply['error']}")
                 if reply["first_slot"] != len(received) - len(fds):
-                    raise UnavailableError(f"descriptors from {path} arrived out of order",
-                                           code=grpc.StatusCode.INTERNAL)
+                    raise WeightdError(f"descriptors from {path} arrived out of order", code=grpc.StatusCode.INTERNAL)
                 if len(received) >= reply["total"]:
                     return received
     except BaseException:
         for fd in received:
             os.close(fd)
         raise
-

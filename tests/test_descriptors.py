@@ -162,7 +162,7 @@ def test_attach_and_sigkill_cycles_leak_nothing(daemon_factory, model_uri: str) 
     fds = Path(f"/proc/{daemon.process.pid}/fd")
     # Forked from a server that imported torch and the client once: 100 real processes in seconds.
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["torch", "weightd.client"])
+    context.set_forkserver_preload(["torch", "weightd.client", __name__])
     cycles = 100
     baseline = None
     for cycle in range(cycles):
