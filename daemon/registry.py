@@ -136,7 +136,7 @@ class Registry:
         check_group(tp_size, rank)
         return EntryKey(parse_model_uri(model_uri).uri, tp_size, rank, parse_rules(rules))
 
-    def adopt(self) -> list[EntryKey]:
+    def adopt(self) -> None:
         """Take over the arenas a previous daemon completed (their manifests say what they hold); free the
         rest. Reads nothing from storage. Call once, on the event loop, before serving."""
         manifests = self._manifests.read_all()
@@ -168,7 +168,6 @@ class Registry:
         if adopted:
             logger.info("adopted %d resident entr(y/ies) from the previous daemon: %s", len(adopted),
                         ", ".join(k.describe() for k in adopted))
-        return adopted
 
     def progress_of(self, key: EntryKey) -> Progress | None:
         entry = self._entries.get(key)
