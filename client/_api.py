@@ -14,14 +14,22 @@ from typing import Any
 import grpc
 import torch
 from weightd.client._descriptors import receive_descriptors
-from weightd.client._errors import DeadlineExceededError, InvalidRequestError, UnavailableError, from_rpc_error
+from weightd.client._errors import (
+    DeadlineExceededError,
+    InvalidRequestError,
+    PreconditionFailedError,
+    UnavailableError,
+    from_rpc_error,
+)
 from weightd.client._mapping import build_tensors, map_arena
 from weightd.v1 import weightd_pb2 as pb
 from weightd.v1 import weightd_pb2_grpc as pb_grpc
 
 DEFAULT_TARGET = "unix:///run/weightd/weightd.sock"
 _CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 256 * 2**20)]
-_MEMORY_KIND_NAMES = {pb.MEMORY_KIND_HOST: "host"}
+_MEMORY_KIND_NAMES = {pb.MEMORY_KIND_HOST: "host", pb.MEMORY_KIND_CUDA: "cuda"}
+# A GPU: a torch device ("cuda:1", torch.device), a CUDA device index, or a UUID ("GPU-..."); "cpu" is host memory.
+Device = torch.device | str | int
 _STATE_NAMES = {
     pb.MODEL_STATE_LOADING_METADATA: "loading_metadata",
     pb.MODEL_STATE_LOADING_WEIGHTS: "loading_weights",
@@ -51,7 +59,8 @@ class ResidentModel:
     state: str
     tp_size: int
     rank: int
-    memory_kind: str
+    memory_kind: str  # "host" or "cuda"
+    device_uuid: str  # the GPU, for "cuda" memory; empty for host memory
     resident_bytes: int
     leases: int
     storage_bytes_read: int
@@ -62,9 +71,10 @@ class ResidentModel:
 
 @dataclass(frozen=True)
 class MemoryBudget:
-    """How much of one kind of memory the daemon's arenas may hold (``limit_bytes``) and do hold."""
+    """How much of one memory (host, or one GPU) the daemon's arenas may hold (``limit_bytes``) and do hold."""
 
     kind: str
+    device_uuid: str  # the GPU, for "cuda" memory; empty for host memory
     limit_bytes: int
     used_bytes: int
     capacity_bytes: int
@@ -80,6 +90,47 @@ class ModelMetadata:
 
 def resolve_target(target: str | None) -> str:
     return target or os.environ.get("WEIGHTD_TARGET") or DEFAULT_TARGET
+
+
+def _cuda_index(device: Device | None) -> int | None:
+    """The CUDA device index ``device`` names in this process, or None for host memory. None means the current
+    CUDA device when CUDA is available, else host memory."""
+    if device is None:
+        return torch.cuda.current_device() if torch.cuda.is_available() else None
+    if isinstance(device, str) and device.upper().startswith("GPU-"):
+        raise InvalidRequestError(
+            f"device {device!r}: attach takes this process's torch device (e.g. 'cuda:0'); UUIDs are for load()",
+            code=grpc.StatusCode.INVALID_ARGUMENT,
+        )
+    try:
+        parsed = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise InvalidRequestError(f"device {device!r}: {e}", code=grpc.StatusCode.INVALID_ARGUMENT) from e
+    if parsed.type == "cpu":
+        return None
+    if parsed.type != "cuda":
+        raise InvalidRequestError(
+            f"device {device!r}: weightd serves host memory ('cpu') or CUDA memory ('cuda:N')",
+            code=grpc.StatusCode.INVALID_ARGUMENT,
+        )
+    if not torch.cuda.is_available():
+        raise PreconditionFailedError(
+            f"device {device!r}: CUDA is not available in this process (torch {torch.__version__}); "
+            "attach with device='cpu' for host memory", code=grpc.StatusCode.FAILED_PRECONDITION,
+        )
+    return parsed.index if parsed.index is not None else torch.cuda.current_device()
+
+
+def _device_uuid(device: Device | None) -> str:
+    """The UUID the daemon knows ``device`` by; empty for host memory (None or "cpu")."""
+    if isinstance(device, str) and device.upper().startswith("GPU-"):
+        return device
+    index = None if device is None else _cuda_index(device)
+    if index is None:
+        return ""
+    from weightd.client._cuda import device_uuid  # CUDA modules load only for GPU memory
+
+    return device_uuid(index)
 
 
 def _selector(model_uri: str, rank: int, tp_size: int, shard_rules: Sequence[ShardRule] | None) -> pb.ModelSelector:
@@ -100,11 +151,14 @@ def _selector(model_uri: str, rank: int, tp_size: int, shard_rules: Sequence[Sha
 class AttachedModel:
     """A lease on a resident model and zero-copy, read-only tensor views of it.
 
-    The lease lasts until ``close()`` (or the process exits). Host-memory tensors stay valid after close, and
-    after the daemon exits: the mapping lives as long as any tensor references it.
+    The lease lasts until ``close()`` (or the process exits). Tensors stay valid after close, and after the
+    daemon exits (except with a daemon that shares GPU memory by legacy CUDA IPC): the mapping lives as long as
+    any tensor references it.
     """
 
-    def __init__(self, channel: grpc.Channel, call: Any, grant: pb.Grant, tensors: dict[str, torch.Tensor]):
+    def __init__(
+        self, channel: grpc.Channel, call: Any, grant: pb.Grant, tensors: dict[str, torch.Tensor], device: torch.device
+    ):
         self._channel = channel
         self._call = call
         self.lease_id: str = grant.lease_id
@@ -113,6 +167,7 @@ class AttachedModel:
         self.tp_size: int = grant.tp_size
         self.rank: int = grant.rank
         self.config_dir = Path(grant.metadata_dir)
+        self.device = device  # where the tensors live: "cpu" (host shared memory) or a CUDA device
         self.tensors: Mapping[str, torch.Tensor] = MappingProxyType(tensors)
         # split_dims is empty when tp_size is 1: then no tensor is sharded and this mapping is empty.
         splits = zip(grant.tensors.names, grant.tensors.split_dims, strict=False)
@@ -135,7 +190,7 @@ class AttachedModel:
 
     def __repr__(self) -> str:
         return (
-            f"AttachedModel({self.model_uri!r}, rank={self.rank}, tp_size={self.tp_size}, "
+            f"AttachedModel({self.model_uri!r}, rank={self.rank}, tp_size={self.tp_size}, device={str(self.device)!r}, "
             f"tensors={len(self.tensors)}, lease_id={self.lease_id!r})"
         )
 
@@ -146,14 +201,22 @@ def attach(
     *,
     tp_size: int = 1,
     shard_rules: Sequence[ShardRule] | None = None,
+    device: Device | None = None,
     target: str | None = None,
     timeout: float | None = None,
 ) -> AttachedModel:
     """Attach rank ``rank`` of ``tp_size`` of a model, loading it into the daemon first if needed.
 
-    ``timeout`` bounds the wait for the grant (which includes a cold load); None waits as long as it takes.
+    ``device`` is where the tensors live: a CUDA device of this process (``"cuda:1"``, a ``torch.device`` or
+    an index), shared with every engine on that GPU, or ``"cpu"`` for host shared memory. None means the
+    current CUDA device when CUDA is available, else host memory. ``timeout`` bounds the wait for the grant
+    (which includes a cold load); None waits as long as it takes.
     """
-    request = pb.AttachModelRequest(model=_selector(model_uri, rank, tp_size, shard_rules))
+    device_index = _cuda_index(device)
+    selector = _selector(model_uri, rank, tp_size, shard_rules)
+    if device_index is not None:
+        selector.device_uuid = _device_uuid(device_index)
+    request = pb.AttachModelRequest(model=selector)
     resolved = resolve_target(target)
     channel = grpc.insecure_channel(resolved, options=_CHANNEL_OPTIONS)
     call = pb_grpc.WeightServiceStub(channel).AttachModel(request)
@@ -177,9 +240,11 @@ def attach(
             timer.cancel()
     grant = response.grant
     try:
-        descriptors = receive_descriptors(_descriptor_socket(resolved, grant.descriptor_socket), grant.lease_id)
+        descriptors: list[int] = []
+        if any(handle.WhichOneof("kind") != "cuda_ipc" for handle in grant.arenas):
+            descriptors = receive_descriptors(_descriptor_socket(resolved, grant.descriptor_socket), grant.lease_id)
         try:
-            arenas = [map_arena(handle, descriptors[handle.descriptor_slot]) for handle in grant.arenas]
+            arenas = [map_arena(handle, descriptors, device_index) for handle in grant.arenas]
         finally:
             for fd in descriptors:
                 os.close(fd)  # the mappings keep the memory
@@ -188,7 +253,8 @@ def attach(
         call.cancel()  # give the lease back
         channel.close()
         raise
-    return AttachedModel(channel, call, grant, tensors)
+    where = torch.device("cpu") if device_index is None else torch.device("cuda", device_index)
+    return AttachedModel(channel, call, grant, tensors, where)
 
 
 def _descriptor_socket(target: str, granted: str) -> str:
@@ -210,12 +276,16 @@ def load(
     memory_limit: int | None = None,
     distributed: bool | None = None,
     concurrency: int | None = None,
+    device: Device | None = None,
+    rank_devices: Sequence[Device] | None = None,
     target: str | None = None,
     on_progress: Callable[[LoadProgress], None] | None = None,
 ) -> LoadProgress:
     """Make a model resident without attaching it (re-checking storage for a newer revision if it already is).
 
-    ``all_ranks`` loads every rank of ``tp_size`` in one pass. ``memory_limit``, ``distributed`` and
+    ``device`` is a GPU (a UUID such as ``"GPU-5b6b..."`` from ``nvidia-smi -L``, or a CUDA device of this
+    process); None or ``"cpu"`` loads into host memory. ``all_ranks`` loads every rank of ``tp_size`` in one
+    pass; ``rank_devices`` then puts each rank on its own GPU. ``memory_limit``, ``distributed`` and
     ``concurrency`` override the daemon's streamer settings for this load (the names and meanings of the
     streamer's ``--model-loader-extra-config``). They apply only when this call streams the model: a model
     already resident, or being loaded by another caller, keeps the settings it was loaded with.
@@ -231,8 +301,11 @@ def load(
                 f"concurrency must be at least 1, got {concurrency}", code=grpc.StatusCode.INVALID_ARGUMENT
             )
         settings.concurrency = concurrency
+    selector = _selector(model_uri, rank, tp_size, shard_rules)
+    selector.device_uuid = _device_uuid(device)
     request = pb.LoadModelRequest(
-        model=_selector(model_uri, rank, tp_size, shard_rules), all_ranks=all_ranks, settings=settings
+        model=selector, all_ranks=all_ranks, settings=settings,
+        rank_device_uuids=[_device_uuid(d) for d in rank_devices or ()],
     )
     last = LoadProgress("unspecified", 0, 0)
     with _stub(target) as stub:
@@ -255,6 +328,7 @@ def list_models(*, target: str | None = None) -> list[ResidentModel]:
             tp_size=m.tp_size,
             rank=m.rank,
             memory_kind=_MEMORY_KIND_NAMES.get(m.memory_kind, "unspecified"),
+            device_uuid=m.device_uuid,
             resident_bytes=m.resident_bytes,
             leases=m.leases,
             storage_bytes_read=m.storage_bytes_read,
@@ -273,6 +347,7 @@ def memory_budgets(*, target: str | None = None) -> list[MemoryBudget]:
     return [
         MemoryBudget(
             kind=_MEMORY_KIND_NAMES.get(b.kind, "unspecified"),
+            device_uuid=b.device_uuid,
             limit_bytes=b.limit_bytes,
             used_bytes=b.used_bytes,
             capacity_bytes=b.capacity_bytes,

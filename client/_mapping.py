@@ -1,4 +1,4 @@
-"""Turning a grant and its descriptors into tensors: read-only host mappings now, CUDA VMM imports later."""
+"""Turning a grant and its descriptors into tensors: read-only host mappings, or GPU memory (weightd.client._cuda)."""
 
 from __future__ import annotations
 
@@ -31,17 +31,34 @@ TORCH_DTYPES: dict[int, torch.dtype] = {
 }
 
 
-def map_arena(handle: pb.MemoryHandle, descriptor: int) -> torch.Tensor:
-    """A uint8 tensor over the whole arena, mapped read-only: a write through it faults in the writer only.
+def map_arena(handle: pb.MemoryHandle, descriptors: Sequence[int], device_index: int | None) -> torch.Tensor:
+    """A uint8 tensor over the whole arena: host memory mapped read-only (a write faults in the writer only),
+    or GPU memory on CUDA device ``device_index`` (read-only with VMM; legacy IPC memory is writable).
 
-    The mapping outlives ``descriptor`` (the caller closes it), the lease and the daemon itself.
+    Mappings outlive the descriptors (the caller closes them), the lease and, except legacy IPC, the daemon.
     """
     kind = handle.WhichOneof("kind")
-    if kind != "host":
-        raise PreconditionFailedError(
-            f"this client cannot map {kind or 'unknown'} memory; upgrade weightd on the client",
-            code=grpc.StatusCode.FAILED_PRECONDITION,
-        )
+    if kind == "host":
+        return _map_host(handle, descriptors[handle.descriptor_slot])
+    if kind in ("cuda_vmm", "cuda_ipc"):
+        memory = handle.cuda_vmm if kind == "cuda_vmm" else handle.cuda_ipc
+        from weightd.client import _cuda  # CUDA modules load only for GPU memory
+
+        if device_index is None or _cuda.device_uuid(device_index) != memory.device_uuid:
+            raise PreconditionFailedError(
+                f"the grant holds memory of GPU {memory.device_uuid}, which is not this attach's device",
+                code=grpc.StatusCode.FAILED_PRECONDITION,
+            )
+        if kind == "cuda_vmm":
+            return _cuda.import_vmm(descriptors[handle.descriptor_slot], handle.size_bytes, device_index)
+        return _cuda.open_ipc(handle.cuda_ipc.ipc_handle, handle.size_bytes, device_index)
+    raise PreconditionFailedError(
+        f"this client cannot map {kind or 'unknown'} memory; upgrade weightd on the client",
+        code=grpc.StatusCode.FAILED_PRECONDITION,
+    )
+
+
+def _map_host(handle: pb.MemoryHandle, descriptor: int) -> torch.Tensor:
     if handle.size_bytes == 0:
         return torch.empty(0, dtype=torch.uint8)
     held = os.fstat(descriptor).st_size

@@ -55,6 +55,9 @@ def _parser() -> argparse.ArgumentParser:
                       help="the streamer's distributed mode for this load (needs CUDA; ignored without it)")
     load.add_argument("--concurrency", type=int, default=None,
                       help="storage clients (threads) for this load (default: the daemon's --concurrency)")
+    load.add_argument("--device", default=None,
+                      help="GPU to load into, by UUID (nvidia-smi -L) or as cuda:N; with several ranks, one per rank, "
+                      "comma-separated (default: host memory)")
     load.add_argument("--target", help=target_help)
     load.set_defaults(run=_load)
 
@@ -98,6 +101,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _load(args: argparse.Namespace) -> int:
     all_ranks = args.tp_size > 1 and args.rank is None
+    devices = [d.strip() for d in (args.device or "").split(",") if d.strip()]
     bar = _ProgressBar(sys.stderr)
     result = client.load(
         args.model_uri,
@@ -107,6 +111,8 @@ def _load(args: argparse.Namespace) -> int:
         memory_limit=args.memory_limit,
         distributed=args.distributed,
         concurrency=args.concurrency,
+        device=devices[0] if len(devices) == 1 else None,
+        rank_devices=devices if len(devices) > 1 else None,
         target=args.target,
         on_progress=bar.update,
     )
@@ -122,13 +128,15 @@ def _ls(args: argparse.Namespace) -> int:
         print(json.dumps([asdict(m) for m in models], indent=2))
         return 0
     for budget in client.memory_budgets(target=args.target):
-        print(f"{budget.kind} memory: {_human(budget.used_bytes)} used of a {_human(budget.limit_bytes)} budget "
+        memory = f"GPU {budget.device_uuid}" if budget.device_uuid else budget.kind
+        print(f"{memory} memory: {_human(budget.used_bytes)} used of a {_human(budget.limit_bytes)} budget "
               f"({_human(budget.capacity_bytes)} in all)")
-    header = ("MODEL", "TP", "RANK", "STATE", "RESIDENT", "READ", "LEASES", "LAST USED")
+    header = ("MODEL", "TP", "RANK", "MEMORY", "DEVICE", "STATE", "RESIDENT", "READ", "LEASES", "LAST USED")
     now = time.time()
     rows = [
-        (m.model_uri, str(m.tp_size), str(m.rank), m.state, _human(m.resident_bytes),
-         _human(m.storage_bytes_read), str(m.leases), _ago(now - m.last_used) if m.last_used else "-")
+        (m.model_uri, str(m.tp_size), str(m.rank), m.memory_kind, m.device_uuid or "-", m.state,
+         _human(m.resident_bytes), _human(m.storage_bytes_read), str(m.leases),
+         _ago(now - m.last_used) if m.last_used else "-")
         for m in models
     ]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]

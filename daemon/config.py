@@ -91,6 +91,15 @@ def _boolean(value: str | bool) -> bool:
     raise ValueError(f"{value!r} is not a boolean; use true or false")
 
 
+def _choice(*choices: str) -> Callable[[str], str]:
+    def parse(value: str) -> str:
+        if value.lower() not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}")
+        return value.lower()
+
+    return parse
+
+
 @dataclass(frozen=True)
 class Setting:
     name: str
@@ -117,6 +126,17 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("memory_limit", 512 * 2**20, parse_size, "Staging buffer per load for slices that scatter, e.g. 512MiB."),
     Setting("host_memory_limit", MemoryLimit(fraction=0.75), parse_memory_limit,
             "Budget for host arenas: bytes (64GiB) or a share of --shm-dir's size (75%)."),
+    Setting("memory", "auto", _choice("auto", "host", "cuda"),
+            "Where weights live: cuda (the node's GPUs, and host memory for clients without one), host, or auto "
+            "(cuda when the daemon finds GPUs and the weightd[cuda12]/[cuda13] extra, else host)."),
+    Setting("cuda_ipc", "vmm", _choice("vmm", "legacy"),
+            "How GPU memory is shared: vmm (read-only VMM descriptors) or legacy (cudaIpcMemHandle: writable by "
+            "clients, needs a shared PID namespace)."),
+    Setting("gpu_memory_limit", MemoryLimit(fraction=0.4), parse_memory_limit,
+            "Budget for weights on each GPU: bytes or a share of the GPU's memory (40%; the rest is the engines')."),
+    Setting("host_tier", "keep", _choice("keep", "drop"),
+            "After a GPU load, keep its host copy (within --host-memory-limit) so evictions and restarts refill "
+            "the GPU with no storage reads, or drop it."),
     Setting("free_on_stop", False, _boolean,
             "Free every arena when the daemon stops; by default they stay for the next start to adopt."),
     Setting("allowed_uids", frozenset(), _ids, "Peer uids that may receive arena descriptors (empty: anyone who can "
@@ -142,6 +162,10 @@ class DaemonConfig:
     concurrency: int
     memory_limit: int
     host_memory_limit: MemoryLimit
+    memory: str
+    cuda_ipc: str
+    gpu_memory_limit: MemoryLimit
+    host_tier: str
     free_on_stop: bool
     allowed_uids: frozenset[int]
     allowed_gids: frozenset[int]

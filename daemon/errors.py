@@ -46,3 +46,13 @@ class ModelInUseError(WeightdError):
 
 class OutOfMemoryError(WeightdError):
     """The arena does not fit in the memory the daemon may use: evict models or add memory."""
+
+
+class MemoryUnavailableError(WeightdError):
+    """The memory asked for does not exist here (GPU memory on a daemon without CUDA or without the extra that
+    drives it): use host memory, or install what the message names."""
+
+
+class DeviceError(WeightdError):
+    """The GPU or its driver failed an operation (the message names the CUDA call and error): check the GPU
+    (nvidia-smi, the kernel log), then retry."""

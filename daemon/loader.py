@@ -14,8 +14,9 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
-from weightd.daemon.memory.base import Arena, MemoryBackend
+from weightd.daemon.memory.base import FillableArena, HostBackend
 from weightd.daemon.plan import LoadPlan, RankLayout, build_plan
 from weightd.daemon.sharding import ShardRule, select_rules
 from weightd.daemon.source import ModelSource, resolve
@@ -50,8 +51,24 @@ class PreparedLoad:
 @dataclass(frozen=True)
 class LoadedRank:
     layout: RankLayout
-    arena: Arena
+    arena: FillableArena
     fetched_bytes: int
+
+
+class FillListener(Protocol):
+    """Follows a load's host arenas as they fill (weightd.daemon.mirror.DeviceMirror copies them to GPUs)."""
+
+    def started(self, arenas: Sequence[FillableArena]) -> None:
+        """The arenas exist, one per layout of the plan, and nothing is in them yet."""
+        ...
+
+    def filled(self, layout_index: int, offset: int, length: int) -> None:
+        """These bytes of arena ``layout_index`` are final."""
+        ...
+
+    def stopped(self, *, completed: bool) -> None:
+        """Streaming ended (completed, or failed and the arenas are released next)."""
+        ...
 
 
 def prepare(
@@ -79,10 +96,11 @@ def prepare(
 
 def stream(
     prepared: PreparedLoad,
-    memory: MemoryBackend,
+    memory: HostBackend,
     *,
     settings: LoadSettings,
     on_progress: Callable[[int], None],
+    listener: FillListener | None = None,
 ) -> list[LoadedRank]:
     """Allocate one arena per layout of the plan and fill it. On any failure every arena is released.
 
@@ -95,21 +113,28 @@ def stream(
     paths = [store.streamer_path(f.file) for f in plan.files]
     concurrency = settings.concurrency
     helper_concurrency = None if concurrency is None or process_concurrency_is(concurrency) else concurrency
-    arenas: list[Arena] = []
+    arenas: list[FillableArena] = []
     started = time.monotonic()
+    on_filled = listener.filled if listener is not None else None
     try:
         for layout in plan.layouts:
             arenas.append(memory.allocate(layout.size, label=f"{label}-r{layout.rank}"))
+        if listener is not None:
+            listener.started(arenas)
         try:
             if helper_concurrency is None:
                 fetch_into([a.tensor() for a in arenas], paths, plan, memory_limit=settings.memory_limit,
-                           on_progress=on_progress)
+                           on_progress=on_progress, on_filled=on_filled)
             else:
                 fetch_in_helper(arenas, paths, plan, memory_limit=settings.memory_limit,
-                                concurrency=helper_concurrency, on_progress=on_progress)
+                                concurrency=helper_concurrency, on_progress=on_progress, on_filled=on_filled)
         except StreamingError as e:
             raise explain(store, [f.file for f in plan.files], e) from e
+        if listener is not None:
+            listener.stopped(completed=True)
     except BaseException:
+        if listener is not None and len(arenas) == len(plan.layouts):
+            listener.stopped(completed=False)
         for arena in arenas:
             arena.release()
         raise

@@ -9,29 +9,48 @@ Revisions: a resident entry is re-checked against storage (one listing) when a L
 attach once it is older than ``revalidate_after``. If anything under the prefix changed, the entry is retired
 (no new leases; freed when its last lease ends) and the new revision is loaded beside it.
 
-Budget: arenas (resident, retired and being loaded) may hold at most ``budget`` bytes. A load that does not
-fit evicts unleased ready entries, least recently attached first; if what leases and loads hold leaves no
-room, it fails with OutOfMemoryError. A completed arena is recorded in a manifest, so a restarted daemon
-adopts it (``adopt``) instead of reading the model again.
+Memory: an entry lives in host memory, or on one GPU (its key names the GPU's UUID). Each memory (host, and
+each GPU) has its own budget: arenas (resident, retired and being loaded) may hold at most that many bytes.
+A load that does not fit evicts unleased ready entries of that memory, least recently attached first; if
+what leases and loads hold leaves no room, it fails with OutOfMemoryError. A completed host arena is
+recorded in a manifest, so a restarted daemon adopts it (``adopt``) instead of reading the model again.
+
+GPU entries are filled from host entries of the same model and rank, the host tier: a cold GPU load
+streams into host arenas and copies each range on to the GPU as it lands (weightd.daemon.mirror); a GPU
+entry whose host tier is resident (kept after an earlier load, or adopted after a restart) is one copy
+away, with no storage reads. With ``keep_host_tier`` off, a cold GPU load frees its host arenas at the end.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import enum
 import logging
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 from weightd.daemon import loader, source
+from weightd.daemon.devices import GpuDevice, pick
 from weightd.daemon.errors import ModelInUseError, ModelNotFoundError, OutOfMemoryError, WeightdError
 from weightd.daemon.loader import LoadSettings
 from weightd.daemon.manifests import ArenaManifest, ManifestStore
-from weightd.daemon.memory.base import AdoptionError, Arena, MemoryBackend
+from weightd.daemon.memory.base import (
+    HOST,
+    AdoptionError,
+    Arena,
+    DeviceArena,
+    DeviceBackend,
+    FillableArena,
+    HostBackend,
+    MemoryBackend,
+)
+from weightd.daemon.mirror import DeviceMirror, copy_whole
 from weightd.daemon.plan import RankLayout
 from weightd.daemon.sharding import ShardRule, check_group, parse_rules
 from weightd.daemon.storage.base import open_store, parse_model_uri
@@ -51,9 +70,17 @@ class EntryKey:
     tp_size: int
     rank: int
     rules: tuple[ShardRule, ...]
+    device: str = ""  # the GPU's UUID; empty: host memory
 
     def describe(self) -> str:
-        return self.model_uri if self.tp_size == 1 else f"{self.model_uri} (rank {self.rank} of {self.tp_size})"
+        where = f" on {self.device}" if self.device else ""
+        if self.tp_size == 1:
+            return f"{self.model_uri}{where}"
+        return f"{self.model_uri} (rank {self.rank} of {self.tp_size}){where}"
+
+    def on_host(self) -> EntryKey:
+        """The host-tier entry a GPU entry is filled from."""
+        return dataclasses.replace(self, device="")
 
 
 @dataclass
@@ -91,7 +118,7 @@ class EntrySnapshot:
     key: EntryKey
     revision: str
     state: State
-    memory_kind: str
+    memory_kind: str  # HOST or CUDA
     resident_bytes: int
     leases: int
     storage_bytes_read: int
@@ -105,36 +132,64 @@ class EntrySnapshot:
 @dataclass(frozen=True)
 class MemoryUsage:
     kind: str
+    device_uuid: str  # empty for host memory
     limit_bytes: int
     used_bytes: int
     capacity_bytes: int
 
 
+@dataclass(frozen=True)
+class MemoryPool:
+    """One memory the registry allocates from, and how much of it arenas may hold."""
+
+    backend: MemoryBackend
+    budget: int
+
+    @property
+    def limit_flag(self) -> str:
+        return "--host-memory-limit" if self.backend.kind == HOST else "--gpu-memory-limit"
+
+
 class Registry:
     def __init__(
         self,
-        memory: MemoryBackend,
+        host: HostBackend,
         *,
+        host_budget: int,
+        gpus: Mapping[GpuDevice, tuple[DeviceBackend, int]] | None = None,
+        gpus_unavailable: str = "",
+        keep_host_tier: bool = True,
         manifests: ManifestStore,
         cache_dir: Path,
         settings: LoadSettings,
-        budget: int,
         max_parallel_loads: int,
     ) -> None:
-        self._memory = memory
+        """``gpus`` maps each GPU to its backend and budget; ``gpus_unavailable`` says why there is none."""
+        self._host = host
+        self._devices = list(gpus or {})
+        self._gpus_unavailable = gpus_unavailable
+        self._pools: dict[str, MemoryPool] = {"": MemoryPool(host, host_budget)}
+        self._gpu_backends: dict[str, DeviceBackend] = {}
+        for device, (backend, budget) in (gpus or {}).items():
+            self._pools[device.uuid] = MemoryPool(backend, budget)
+            self._gpu_backends[device.uuid] = backend
+        self._keep_host_tier = keep_host_tier
         self._manifests = manifests
         self._cache_dir = cache_dir
         self._settings = settings
-        self._budget = budget
         self._entries: dict[EntryKey, Entry] = {}
         self._retired: list[Entry] = []
         self._leases: dict[str, Entry] = {}
         self._pool = ThreadPoolExecutor(max_workers=max_parallel_loads, thread_name_prefix="weightd-load")
 
-    @staticmethod
-    def key(model_uri: str, *, tp_size: int, rank: int, rules: Sequence[ShardRule]) -> EntryKey:
+    def key(
+        self, model_uri: str, *, tp_size: int, rank: int, rules: Sequence[ShardRule], device_uuid: str = ""
+    ) -> EntryKey:
+        """The entry a request names; ``device_uuid`` (a GPU's, any spelling nvidia-smi or torch prints) or
+        empty for host memory."""
         check_group(tp_size, rank)
-        return EntryKey(parse_model_uri(model_uri).uri, tp_size, rank, parse_rules(rules))
+        device = pick(self._devices, device_uuid, unavailable=self._gpus_unavailable).uuid if device_uuid else ""
+        return EntryKey(parse_model_uri(model_uri).uri, tp_size, rank, parse_rules(rules), device)
 
     def adopt(self) -> None:
         """Take over the arenas a previous daemon completed (their manifests say what they hold); free the
@@ -150,11 +205,11 @@ class Registry:
         keep: set[str] = set()
         for key, manifest in newest.items():
             try:
-                if manifest.arena_kind != self._memory.kind:
-                    raise AdoptionError(f"it is {manifest.arena_kind} memory; this daemon serves {self._memory.kind}")
+                if manifest.arena_kind != HOST:
+                    raise AdoptionError(f"it is {manifest.arena_kind} memory; only host memory is adopted")
                 if not manifest.metadata_dir.is_dir():
                     raise AdoptionError(f"its metadata directory {manifest.metadata_dir} is gone")
-                arena = self._memory.adopt(manifest.arena_name, manifest.arena_size)
+                arena = self._host.adopt(manifest.arena_name, manifest.arena_size)
             except AdoptionError as e:
                 logger.warning("not adopting the arena of %s: %s", key.describe(), e)
                 continue
@@ -164,7 +219,7 @@ class Registry:
         for manifest in manifests:
             if manifest.arena_name not in keep:
                 self._manifests.remove(manifest.arena_name)
-        self._memory.remove_orphans(keep)
+        self._host.remove_orphans(keep)
         if adopted:
             logger.info("adopted %d resident entr(y/ies) from the previous daemon: %s", len(adopted),
                         ", ".join(k.describe() for k in adopted))
@@ -184,7 +239,7 @@ class Registry:
             await self._revalidate(keys, revalidate_after)
         missing = [k for k in keys if k not in self._entries]
         if missing:
-            self._start_load(missing, settings or self._settings)
+            self._start_load(missing, settings or self._settings, revalidate_after)
         tasks = {self._entries[k].task for k in keys}
         # Shielded: a waiter that goes away (client disconnect) must not cancel a load others share.
         await asyncio.gather(*(asyncio.shield(t) for t in tasks))
@@ -218,7 +273,7 @@ class Registry:
         entry = self._leases.get(lease_id)
         if entry is None or entry.arena is None:
             return None
-        return [entry.arena]
+        return [entry.arena] if entry.arena.handle().by_descriptor else []
 
     async def metadata(self, model_uri: str) -> source.Metadata:
         location = parse_model_uri(model_uri)
@@ -232,7 +287,7 @@ class Registry:
                 key=e.key,
                 revision=e.revision,
                 state=e.progress.state,
-                memory_kind=self._memory.kind,
+                memory_kind=self._pools[e.key.device].backend.kind,
                 resident_bytes=e.arena.size if e.arena else 0,
                 leases=len(e.leases),
                 storage_bytes_read=e.storage_bytes_read,
@@ -247,7 +302,10 @@ class Registry:
         ]
 
     def memory_usage(self) -> list[MemoryUsage]:
-        return [MemoryUsage(self._memory.kind, self._budget, self._used_bytes(), self._memory.capacity())]
+        return [
+            MemoryUsage(pool.backend.kind, device, pool.budget, self._used_bytes(device), pool.backend.capacity())
+            for device, pool in self._pools.items()
+        ]
 
     def evict(self, model_uri: str) -> tuple[int, int]:
         """Free every ready, unleased entry of ``model_uri``; returns (entries, bytes) freed."""
@@ -275,6 +333,7 @@ class Registry:
         await asyncio.gather(*(e.task for e in self._entries.values()), return_exceptions=True)
         for entry in self._entries.values():
             if keep_arenas and entry.arena is not None:
+                self._unpin(entry.arena)
                 entry.arena.detach()
                 entry.arena = None
             else:
@@ -285,8 +344,8 @@ class Registry:
         self._retired.clear()
         self._pool.shutdown(wait=True)
 
-    def _used_bytes(self) -> int:
-        return sum(e.held_bytes for e in [*self._entries.values(), *self._retired])
+    def _used_bytes(self, device: str) -> int:
+        return sum(e.held_bytes for e in [*self._entries.values(), *self._retired] if e.key.device == device)
 
     def _free(self, entry: Entry) -> int:
         if entry.arena is None:
@@ -294,23 +353,42 @@ class Registry:
         size = entry.arena.size
         # The manifest goes first: a crash in between leaves an unrecorded arena, which the next start removes.
         self._manifests.remove(entry.arena.name)
+        self._unpin(entry.arena)
         entry.arena.release()
         entry.arena = None
         return size
 
+    def _unpin(self, arena: Arena) -> None:
+        """Undo a GPU copy's page-locking of a host arena before it is unmapped (pinning is process-wide)."""
+        if arena.kind == HOST:
+            for backend in self._gpu_backends.values():
+                backend.unpin(cast(FillableArena, arena))
+                break
+
+    def _reserve(self, keys: Sequence[EntryKey], layouts: Sequence[RankLayout]) -> None:
+        """Hold each entry's arena size in its memory's budget, making room first (see ``_make_room``)."""
+        for device in dict.fromkeys(k.device for k in keys):
+            group = [k for k in keys if k.device == device]
+            self._make_room(group, sum(lay.size for k, lay in zip(keys, layouts, strict=True) if k.device == device))
+        for key, layout in zip(keys, layouts, strict=True):
+            self._entries[key].reserved_bytes = layout.size
+
     def _make_room(self, keys: Sequence[EntryKey], needed: int) -> None:
-        """Reserve ``needed`` bytes for loading ``keys``, evicting unleased ready entries, least recently
-        used first, when the budget requires it."""
-        used = self._used_bytes()
-        if used + needed > self._budget:
+        """Make ``needed`` bytes of ``keys``' memory free for loading them, evicting unleased ready entries of
+        that memory, least recently used first, when its budget requires it."""
+        device = keys[0].device
+        budget = self._pools[device].budget
+        used = self._used_bytes(device)
+        if used + needed > budget:
             evictable = sorted(
-                (e for e in self._entries.values() if e.arena is not None and not e.leases and e.key not in keys),
+                (e for e in self._entries.values()
+                 if e.key.device == device and e.arena is not None and not e.leases and e.key not in keys),
                 key=lambda e: e.last_used,
             )
-            if used - sum(e.held_bytes for e in evictable) + needed > self._budget:
+            if used - sum(e.held_bytes for e in evictable) + needed > budget:
                 raise OutOfMemoryError(self._no_room(keys[0], needed, used))
             for entry in evictable:
-                if used + needed <= self._budget:
+                if used + needed <= budget:
                     break
                 del self._entries[entry.key]
                 used -= self._free(entry)
@@ -318,15 +396,17 @@ class Registry:
                             entry.key.describe(), time.ctime(entry.last_used), keys[0].describe())
 
     def _no_room(self, key: EntryKey, needed: int, used: int) -> str:
+        pool = self._pools[key.device]
         holders = [
             f"{e.key.describe()} ({_mib(e.held_bytes)}, "
             + (f"{len(e.leases)} lease(s)" if e.leases else "loading") + ")"
             for e in [*self._entries.values(), *self._retired]
-            if e.held_bytes and (e.leases or e.arena is None)
+            if e.key.device == key.device and e.held_bytes and (e.leases or e.arena is None)
         ]
+        memory = f"GPU {key.device}" if key.device else "host"
         return (
-            f"{key.describe()} needs {_mib(needed)} of {self._memory.kind} memory, but the budget is "
-            f"{_mib(self._budget)} (--{self._memory.kind}-memory-limit) and {_mib(used)} of it is in use; "
+            f"{key.describe()} needs {_mib(needed)} of {memory} memory, but the budget is "
+            f"{_mib(pool.budget)} ({pool.limit_flag}) and {_mib(used)} of it is in use; "
             + (f"held by: {', '.join(holders)}; " if holders else "")
             + "evicting every unleased model would not make room: detach clients or raise the limit"
         )
@@ -359,18 +439,32 @@ class Registry:
             else:
                 self._free(entry)
 
-    def _start_load(self, keys: list[EntryKey], settings: LoadSettings) -> None:
+    def _start_load(self, keys: list[EntryKey], settings: LoadSettings, revalidate_after: float | None) -> None:
         progress = Progress()
-        task = asyncio.get_running_loop().create_task(self._load(keys, progress, settings))
+        loop = asyncio.get_running_loop()
+        host_keys = [k.on_host() for k in keys]
+        # Decided now, with the entries created below, so that no other request starts a second load.
+        cold = bool(keys[0].device) and not any(k in self._entries for k in host_keys)
+        if not keys[0].device:
+            load = self._stream(keys, progress, settings, mirror_keys=[])
+        elif cold:
+            load = self._stream(host_keys, progress, settings, mirror_keys=keys)
+        else:
+            load = self._refill(keys, settings, revalidate_after)
+        task = loop.create_task(load)
         # Mark the outcome retrieved: the waiters, if any are left, have it reported to them.
         task.add_done_callback(lambda t: t.cancelled() or t.exception())
-        for key in keys:
+        for key in [*keys, *(host_keys if cold else [])]:
             self._entries[key] = Entry(key=key, progress=progress, task=task)
 
-    async def _load(self, keys: list[EntryKey], progress: Progress, settings: LoadSettings) -> None:
+    async def _stream(
+        self, keys: list[EntryKey], progress: Progress, settings: LoadSettings, *, mirror_keys: list[EntryKey]
+    ) -> None:
+        """Stream ``keys`` (host entries) from storage; copy each range on to ``mirror_keys``' GPUs as it lands."""
         first = keys[0]
         loop = asyncio.get_running_loop()
         loaded: list[loader.LoadedRank] = []
+        targets: list[DeviceArena] = []
         try:
             prepared = await loop.run_in_executor(
                 self._pool,
@@ -383,17 +477,21 @@ class Registry:
                     settings=settings,
                 ),
             )
-            self._make_room(keys, prepared.arena_bytes)
-            for key, layout in zip(keys, prepared.plan.layouts, strict=True):
-                self._entries[key].reserved_bytes = layout.size
+            layouts = prepared.plan.layouts
+            self._reserve(keys, layouts)
+            if mirror_keys:
+                self._reserve(mirror_keys, layouts)
+                targets = await loop.run_in_executor(self._pool, self._allocate_on_gpus, mirror_keys, layouts)
             progress.bytes_total = prepared.plan.fetched_bytes
             progress.state = State.LOADING_WEIGHTS
 
             def advance(n: int) -> None:
                 progress.bytes_done += n  # one writer thread; readers on the loop tolerate a stale value
 
+            mirror = self._mirror(mirror_keys, targets) if mirror_keys else None
             loaded = await loop.run_in_executor(
-                self._pool, lambda: loader.stream(prepared, self._memory, settings=settings, on_progress=advance)
+                self._pool,
+                lambda: loader.stream(prepared, self._host, settings=settings, on_progress=advance, listener=mirror),
             )
             metadata = prepared.source.metadata
             now = time.time()
@@ -402,7 +500,7 @@ class Registry:
                     model_uri=key.model_uri, tp_size=key.tp_size, rank=key.rank, rules=key.rules,
                     revision=metadata.revision,
                     object_versions={o.name: (o.size, o.version) for o in metadata.objects.values()},
-                    metadata_dir=metadata.directory, layout=rank.layout, arena_kind=self._memory.kind,
+                    metadata_dir=metadata.directory, layout=rank.layout, arena_kind=HOST,
                     arena_name=rank.arena.name, arena_size=rank.arena.size, storage_bytes_read=rank.fetched_bytes,
                     metadata_bytes_downloaded=metadata.downloaded_bytes, loaded_at=now, validated_at=now,
                 )
@@ -412,15 +510,83 @@ class Registry:
         except BaseException:
             for rank in loaded:
                 self._manifests.remove(rank.arena.name)
+                self._unpin(rank.arena)
                 rank.arena.release()
+            for target in targets:
+                target.release()
+            for key in [*keys, *mirror_keys]:
+                self._entries.pop(key, None)
+            raise
+        validated_at = time.monotonic()
+        for key, manifest, rank in zip(keys, manifests, loaded, strict=True):
+            self._fill(self._entries[key], manifest, rank.arena, validated_at=validated_at)
+        if mirror_keys:
+            for key, manifest, target in zip(mirror_keys, manifests, targets, strict=True):
+                self._fill(self._entries[key], manifest, target, validated_at=validated_at)
+            if not self._keep_host_tier:
+                for key in keys:
+                    self._free(self._entries.pop(key))
+        progress.state = State.READY
+        where = f" and copied to {', '.join(dict.fromkeys(k.device for k in mirror_keys))}" if mirror_keys else ""
+        logger.info("%s (tp_size %d, ranks %s) is resident%s", first.model_uri, first.tp_size,
+                    [k.rank for k in keys], where)
+
+    async def _refill(self, keys: list[EntryKey], settings: LoadSettings, revalidate_after: float | None) -> None:
+        """Fill GPU entries from their host tier (loading that first if need be): one copy, no storage reads
+        beyond the host tier's own load."""
+        loop = asyncio.get_running_loop()
+        targets: list[DeviceArena] = []
+        sources: list[Entry] = []
+        leases: list[str] = []
+        try:
+            sources = await self.ensure([k.on_host() for k in keys], settings=settings,
+                                        revalidate_after=revalidate_after)
+            leases = [self.acquire(e) for e in sources]  # no eviction of the host tier while copying from it
+            layouts = [cast(RankLayout, e.layout) for e in sources]
+            self._reserve(keys, layouts)
+            targets = await loop.run_in_executor(self._pool, self._allocate_on_gpus, keys, layouts)
+            host_arenas = [cast(FillableArena, e.arena) for e in sources]
+            await loop.run_in_executor(self._pool, copy_whole, host_arenas, self._mirror(keys, targets))
+        except BaseException:
+            for target in targets:
+                target.release()
             for key in keys:
                 self._entries.pop(key, None)
             raise
-        for key, manifest, rank in zip(keys, manifests, loaded, strict=True):
+        finally:
+            for lease_id in leases:
+                self.release(lease_id)
+        now = time.time()
+        for key, source_entry, target in zip(keys, sources, targets, strict=True):
             entry = self._entries[key]
-            self._fill(entry, manifest, rank.arena, validated_at=time.monotonic())
-        progress.state = State.READY
-        logger.info("%s (tp_size %d, ranks %s) is resident", first.model_uri, first.tp_size, [k.rank for k in keys])
+            entry.revision = source_entry.revision
+            entry.metadata_dir = source_entry.metadata_dir
+            entry.metadata_bytes_downloaded = 0
+            entry.layout = source_entry.layout
+            entry.arena = target
+            entry.reserved_bytes = 0
+            entry.storage_bytes_read = 0  # what storage gave the host tier is counted there
+            entry.validated_at = source_entry.validated_at
+            entry.last_used = now
+        self._entries[keys[0]].progress.state = State.READY
+        logger.info("%s (ranks %s) copied to %s from the host tier", keys[0].model_uri, [k.rank for k in keys],
+                    ", ".join(dict.fromkeys(k.device for k in keys)))
+
+    def _allocate_on_gpus(self, keys: Sequence[EntryKey], layouts: Sequence[RankLayout]) -> list[DeviceArena]:
+        """One arena per key on the key's GPU (blocking: runs on a load thread); all or none."""
+        targets: list[DeviceArena] = []
+        try:
+            for key, layout in zip(keys, layouts, strict=True):
+                label = f"{key.model_uri.rstrip('/').rsplit('/', 1)[-1]}-tp{key.tp_size}-r{key.rank}"
+                targets.append(self._gpu_backends[key.device].allocate(layout.size, label=label))
+        except BaseException:
+            for target in targets:
+                target.release()
+            raise
+        return targets
+
+    def _mirror(self, keys: Sequence[EntryKey], targets: Sequence[DeviceArena]) -> DeviceMirror:
+        return DeviceMirror(targets, [self._gpu_backends[k.device] for k in keys])
 
     def _adopted_entry(self, key: EntryKey, manifest: ArenaManifest, arena: Arena) -> Entry:
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()

@@ -19,10 +19,12 @@ from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined
 from grpc_reflection.v1alpha import reflection
 from weightd.daemon.config import DaemonConfig
 from weightd.daemon.descriptors import DescriptorChannel, PeerPolicy, descriptor_socket_path
-from weightd.daemon.errors import InvalidRequestError
+from weightd.daemon.devices import GpuDevice
+from weightd.daemon.errors import InvalidRequestError, MemoryUnavailableError
 from weightd.daemon.loader import LoadSettings
 from weightd.daemon.manifests import ManifestStore
-from weightd.daemon.memory import open_backend
+from weightd.daemon.memory import open_backend, open_gpus
+from weightd.daemon.memory.base import DeviceBackend
 from weightd.daemon.registry import Registry
 from weightd.daemon.service import WeightService
 from weightd.v1 import weightd_pb2, weightd_pb2_grpc
@@ -48,12 +50,16 @@ async def serve(config: DaemonConfig) -> None:
     memory = open_backend("host", directory=config.shm_dir, namespace=arena_namespace(config.cache_dir))
     settings = LoadSettings(memory_limit=config.memory_limit, distributed=config.distributed)
     budget = config.host_memory_limit.of(memory.capacity())
+    gpus, gpus_unavailable = _open_gpus(config)
     registry = Registry(
         memory,
+        host_budget=budget,
+        gpus={device: (backend, config.gpu_memory_limit.of(device.total_bytes)) for device, backend in gpus},
+        gpus_unavailable=gpus_unavailable,
+        keep_host_tier=config.host_tier == "keep",
         manifests=ManifestStore(config.cache_dir / "arenas"),
         cache_dir=config.cache_dir,
         settings=settings,
-        budget=budget,
         max_parallel_loads=config.max_parallel_loads,
     )
     registry.adopt()
@@ -127,6 +133,25 @@ async def serve(config: DaemonConfig) -> None:
     with contextlib.suppress(FileNotFoundError):
         config.socket.unlink()
     lock.close()
+
+
+def _open_gpus(config: DaemonConfig) -> tuple[list[tuple[GpuDevice, DeviceBackend]], str]:
+    """The node's GPUs as --memory asks, and, when there are none, why (clients asking for one are told)."""
+    if config.memory == "host":
+        return [], "it was started with --memory host"
+    try:
+        backends = open_gpus(sharing=config.cuda_ipc)
+    except MemoryUnavailableError as e:
+        if config.memory == "cuda":
+            raise MemoryUnavailableError(f"--memory cuda: {e}") from e
+        logger.info("serving host memory only: %s", e)
+        return [], str(e)
+    devices = [(backend.device, backend) for backend in backends]
+    for device, _ in devices:
+        logger.info("GPU %d: %s (%s, %.1f GiB; weights budget %.1f GiB, shared by %s)", device.ordinal, device.uuid,
+                    device.name, device.total_bytes / 2**30, config.gpu_memory_limit.of(device.total_bytes) / 2**30,
+                    "read-only VMM descriptors" if config.cuda_ipc == "vmm" else "legacy CUDA IPC handles")
+    return devices, ""
 
 
 def _add_api_port(server: grpc.aio.Server, config: DaemonConfig) -> None:

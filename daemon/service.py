@@ -13,6 +13,7 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 from weightd.daemon import errors
 from weightd.daemon.loader import LoadSettings
+from weightd.daemon.memory.base import CUDA, HOST, ArenaHandle
 from weightd.daemon.registry import Entry, EntryKey, Registry, State, all_rank_keys
 from weightd.daemon.sharding import ShardRule
 from weightd.v1 import weightd_pb2 as pb
@@ -31,6 +32,8 @@ STATUS_BY_ERROR: dict[type[errors.WeightdError], grpc.StatusCode] = {
     errors.UnsupportedModelError: grpc.StatusCode.FAILED_PRECONDITION,
     errors.ModelInUseError: grpc.StatusCode.FAILED_PRECONDITION,
     errors.OutOfMemoryError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.MemoryUnavailableError: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.DeviceError: grpc.StatusCode.INTERNAL,
 }
 
 _STATE_TO_PB = {
@@ -39,7 +42,7 @@ _STATE_TO_PB = {
     State.READY: pb.MODEL_STATE_READY,
 }
 
-_MEMORY_KIND_TO_PB = {"host": pb.MEMORY_KIND_HOST}
+_MEMORY_KIND_TO_PB = {HOST: pb.MEMORY_KIND_HOST, CUDA: pb.MEMORY_KIND_CUDA}
 
 PROGRESS_INTERVAL_S = 0.25
 
@@ -59,10 +62,43 @@ def _rules(selector: pb.ModelSelector) -> list[ShardRule]:
     ]
 
 
-def _key(selector: pb.ModelSelector) -> EntryKey:
-    return Registry.key(
-        selector.model_uri, tp_size=selector.tp_size or 1, rank=selector.rank, rules=_rules(selector)
-    )
+def _key(registry: Registry, selector: pb.ModelSelector) -> EntryKey:
+    return registry.key(selector.model_uri, tp_size=selector.tp_size or 1, rank=selector.rank,
+                        rules=_rules(selector), device_uuid=selector.device_uuid)
+
+
+def _group_keys(registry: Registry, request: pb.LoadModelRequest) -> list[EntryKey]:
+    """The entries a LoadModel fills: one rank, or every rank (each on its own GPU when the request says so)."""
+    key = _key(registry, request.model)
+    if not request.all_ranks:
+        if request.rank_device_uuids:
+            raise errors.InvalidRequestError("rank_device_uuids needs all_ranks; set model.device_uuid instead")
+        return [key]
+    keys = all_rank_keys(key)
+    if not request.rank_device_uuids:
+        return keys
+    if len(request.rank_device_uuids) != key.tp_size:
+        raise errors.InvalidRequestError(
+            f"rank_device_uuids has {len(request.rank_device_uuids)} entries; give one GPU per rank ({key.tp_size})"
+        )
+    if not all(request.rank_device_uuids):
+        raise errors.InvalidRequestError("rank_device_uuids: every rank needs a GPU UUID (or leave the list empty)")
+    return [
+        registry.key(k.model_uri, tp_size=k.tp_size, rank=k.rank, rules=k.rules, device_uuid=uuid)
+        for k, uuid in zip(keys, request.rank_device_uuids, strict=True)
+    ]
+
+
+def _memory_handle(handle: ArenaHandle, descriptor_slot: int) -> pb.MemoryHandle:
+    if handle.transport == "cuda_vmm":
+        return pb.MemoryHandle(cuda_vmm=pb.CudaVmmMemory(device_uuid=handle.device_uuid), size_bytes=handle.size,
+                               descriptor_slot=descriptor_slot)
+    if handle.transport == "cuda_ipc":
+        return pb.MemoryHandle(
+            cuda_ipc=pb.CudaIpcMemory(device_uuid=handle.device_uuid, ipc_handle=handle.ipc_handle),
+            size_bytes=handle.size,
+        )
+    return pb.MemoryHandle(host=pb.HostMemory(), size_bytes=handle.size, descriptor_slot=descriptor_slot)
 
 
 def _split_dim(dim: int | None) -> int:
@@ -77,7 +113,7 @@ def _grant_template(entry: Entry, descriptor_socket: Path) -> pb.Grant:
         tp_size=entry.key.tp_size,
         rank=entry.key.rank,
         metadata_dir=str(entry.metadata_dir),
-        arenas=[pb.MemoryHandle(host=pb.HostMemory(), size_bytes=entry.arena.size, descriptor_slot=0)],
+        arenas=[_memory_handle(entry.arena.handle(), descriptor_slot=0)],
         descriptor_socket=str(descriptor_socket),
     )
     slots = entry.layout.slots
@@ -134,8 +170,7 @@ class WeightService(pb_grpc.WeightServiceServicer):
         self, request: pb.LoadModelRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> AsyncIterator[pb.LoadModelResponse]:
         try:
-            key = _key(request.model)
-            keys = all_rank_keys(key) if request.all_ranks else [key]
+            keys = _group_keys(self._registry, request)
             settings = self._load_settings(request.settings)
             # An explicit load always re-checks storage: it is how an operator picks up a changed model.
             load = asyncio.ensure_future(self._registry.ensure(keys, settings=settings, revalidate_after=0))
@@ -161,7 +196,9 @@ class WeightService(pb_grpc.WeightServiceServicer):
         self, request: pb.AttachModelRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> AsyncIterator[pb.AttachModelResponse]:
         try:
-            (entry,) = await self._registry.ensure([_key(request.model)], revalidate_after=self._revalidate_after)
+            (entry,) = await self._registry.ensure(
+                [_key(self._registry, request.model)], revalidate_after=self._revalidate_after
+            )
             lease_id = self._registry.acquire(entry)
         except Exception as e:
             await abort_with(context, e)
@@ -194,6 +231,7 @@ class WeightService(pb_grpc.WeightServiceServicer):
                     current=s.current,
                     memory_kind=_MEMORY_KIND_TO_PB[s.memory_kind],
                     last_used=_timestamp(s.last_used),
+                    device_uuid=s.key.device,
                 )
                 for s in self._registry.snapshot()
             ],
@@ -203,6 +241,7 @@ class WeightService(pb_grpc.WeightServiceServicer):
                     limit_bytes=u.limit_bytes,
                     used_bytes=u.used_bytes,
                     capacity_bytes=u.capacity_bytes,
+                    device_uuid=u.device_uuid,
                 )
                 for u in self._registry.memory_usage()
             ],

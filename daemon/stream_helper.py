@@ -21,12 +21,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from weightd.daemon.memory.base import Arena, map_writable
+from weightd.daemon.memory.base import FillableArena, map_writable
 from weightd.daemon.plan import LoadPlan
-from weightd.daemon.streaming import StreamingError, fetch_into
+from weightd.daemon.streaming import FillCallback, StreamingError, fetch_into
 
 # One line per message from the helper to the daemon: "<kind> <detail>".
-HELPER_LANDED, HELPER_FAILED, HELPER_DONE = "landed", "failed", "done"
+HELPER_LANDED, HELPER_FILLED, HELPER_FAILED, HELPER_DONE = "landed", "filled", "failed", "done"
 HELPER_EXIT_TIMEOUT_S = 10
 # Object-store clients and file queue depth; RUNAI_STREAMER_CONCURRENCY fills whichever is unset.
 CONCURRENCY_OVERRIDES = ("RUNAI_STREAMER_OBJ_CONCURRENCY", "RUNAI_STREAMER_FS_QUEUE_DEPTH")
@@ -40,6 +40,7 @@ class HelperJob:
     plan: LoadPlan
     descriptors: list[int]  # inherited writable descriptors, one per plan.layouts entry
     memory_limit: int
+    report_fills: bool  # whether the daemon copies filled regions on (to a GPU) as they land
 
 
 def process_concurrency_is(concurrency: int) -> bool:
@@ -50,13 +51,14 @@ def process_concurrency_is(concurrency: int) -> bool:
 
 
 def fetch_in_helper(
-    arenas: list[Arena],
+    arenas: list[FillableArena],
     paths: list[str],
     plan: LoadPlan,
     *,
     memory_limit: int,
     concurrency: int,
     on_progress: Callable[[int], None],
+    on_filled: FillCallback | None = None,
 ) -> None:
     """Run ``fetch_into`` in a child process whose environment carries this load's streamer settings.
 
@@ -77,12 +79,16 @@ def fetch_in_helper(
     assert process.stdin is not None and process.stdout is not None
     try:
         # Parent to its own child over an anonymous pipe: nothing untrusted is unpickled.
-        pickle.dump(HelperJob(paths, plan, descriptors, memory_limit), process.stdin)
+        pickle.dump(HelperJob(paths, plan, descriptors, memory_limit, on_filled is not None), process.stdin)
         process.stdin.flush()
         for line in process.stdout:
             kind, _, detail = line.decode().rstrip("\n").partition(" ")
             if kind == HELPER_LANDED:
                 on_progress(int(detail))
+            elif kind == HELPER_FILLED:
+                if on_filled is not None:
+                    layout_index, offset, length = map(int, detail.split())
+                    on_filled(layout_index, offset, length)
             elif kind == HELPER_FAILED:
                 raise StreamingError(detail)
             elif kind == HELPER_DONE:
@@ -113,7 +119,8 @@ def main() -> int:
 
     try:
         fetch_into(destinations, job.paths, job.plan, memory_limit=job.memory_limit,
-                   on_progress=lambda n: reply(HELPER_LANDED, str(n)))
+                   on_progress=lambda n: reply(HELPER_LANDED, str(n)),
+                   on_filled=(lambda i, o, n: reply(HELPER_FILLED, f"{i} {o} {n}")) if job.report_fills else None)
     except StreamingError as e:
         reply(HELPER_FAILED, " ".join(str(e).split()))
         return 1

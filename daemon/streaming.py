@@ -114,12 +114,16 @@ def fetch_into(
     *,
     memory_limit: int,
     on_progress: Callable[[int], None],
+    on_filled: FillCallback | None = None,
 ) -> None:
     """Drive the streamer's range API directly so that it writes into the arenas themselves.
 
     ``paths`` are the streamer's paths of ``plan.files``. ``memory_limit`` bounds only the staging buffer
-    that scattered blocks pass through. A storage failure raises StreamingError.
+    that scattered blocks pass through. ``on_progress`` gets the bytes of each fetched range as it lands;
+    ``on_filled`` each destination region (layout index, offset, length) once its final bytes are in place.
+    Both are called from this thread. A storage failure raises StreamingError.
     """
+    filled = on_filled or _ignore_filled
     direct, staged, duplicates = _route(plan)
     if not direct and not staged:
         return
@@ -134,9 +138,9 @@ def fetch_into(
             session.handle_object_store(paths[0], session.streamer)
             reader = _RangeReader(session.streamer, paths)
             reader.submit([_Range(d.file_index, d.file_offset, d.length, bases[d.layout_index] + d.dst_offset,
-                                  functools.partial(on_progress, d.length)) for d in direct])
+                                  functools.partial(_direct_landed, d, on_progress, filled)) for d in direct])
             for batch in _batches(staged, staging.numel()):
-                reader.submit([_staged_range(item, staging[cursor:], destinations, on_progress)
+                reader.submit([_staged_range(item, staging[cursor:], destinations, on_progress, filled)
                                for cursor, item in batch])
                 reader.wait()  # the next batch reuses the staging buffer
             reader.wait()
@@ -145,6 +149,21 @@ def fetch_into(
     finally:
         _return_freed_heap()  # the streamer has ended and freed its buffers
     _copy_duplicates(duplicates, destinations)
+    for d in duplicates:
+        filled(d.dst_layout, d.dst_offset, d.length)
+
+
+# (layout index, offset, length) of a destination region whose bytes are final.
+FillCallback = Callable[[int, int, int], None]
+
+
+def _ignore_filled(layout_index: int, offset: int, length: int) -> None:
+    pass
+
+
+def _direct_landed(d: _Direct, on_progress: Callable[[int], None], on_filled: FillCallback) -> None:
+    on_progress(d.length)
+    on_filled(d.layout_index, d.dst_offset, d.length)
 
 
 @dataclass(frozen=True)
@@ -157,13 +176,21 @@ class _Range:
 
 
 def _staged_range(
-    item: _Staged, buffer: torch.Tensor, destinations: list[torch.Tensor], on_progress: Callable[[int], None]
+    item: _Staged,
+    buffer: torch.Tensor,
+    destinations: list[torch.Tensor],
+    on_progress: Callable[[int], None],
+    on_filled: FillCallback,
 ) -> _Range:
     view = buffer[: item.block.length]
+    block = item.block
 
     def landed() -> None:
-        _scatter_block(view, item.block, destinations)
-        on_progress(item.block.length)
+        _scatter_block(view, block, destinations)
+        on_progress(block.length)
+        for t in block.targets:
+            # A target's rows lie dst_row_stride apart; the plan makes that its width, or gives it one row.
+            on_filled(t.layout_index, t.dst_offset, (block.rows - 1) * t.dst_row_stride + t.width)
 
     return _Range(item.file_index, item.block.file_offset, item.block.length, view.data_ptr(), landed)
 

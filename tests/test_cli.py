@@ -41,9 +41,11 @@ def test_load_ls_evict(daemon_factory, llama_model: Model, tmp_path: Path) -> No
 
     table = weightd("ls", "--target", daemon.target).stdout.splitlines()
     assert re.fullmatch(r"host memory: [\d.]+ MiB used of a \d+\.\d GiB budget \(\d+\.\d GiB in all\)", table[0])
-    assert table[1].split() == ["MODEL", "TP", "RANK", "STATE", "RESIDENT", "READ", "LEASES", "LAST", "USED"]
-    assert str(directory) in table[2] and table[2].endswith("s ago")
-    assert row["last_used"] > 0 and row["memory_kind"] == "host"
+    assert table[1].split() == [
+        "MODEL", "TP", "RANK", "MEMORY", "DEVICE", "STATE", "RESIDENT", "READ", "LEASES", "LAST", "USED"
+    ]
+    assert str(directory) in table[2] and table[2].split()[3:5] == ["host", "-"] and table[2].endswith("s ago")
+    assert row["last_used"] > 0 and row["memory_kind"] == "host" and row["device_uuid"] == ""
 
     # A plain path names the same model as its file:// URI: no second load.
     with client.attach(str(directory), target=daemon.target) as model:

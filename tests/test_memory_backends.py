@@ -30,7 +30,7 @@ import sys, torch
 from weightd.client._mapping import map_arena
 from weightd.v1 import weightd_pb2 as pb
 fd, size = int(sys.argv[1]), int(sys.argv[2])
-arena = map_arena(pb.MemoryHandle(host=pb.HostMemory(), size_bytes=size), fd)
+arena = map_arena(pb.MemoryHandle(host=pb.HostMemory(), size_bytes=size, descriptor_slot=0), [fd], None)
 print(int(arena.to(torch.int64).sum()), flush=True)
 if sys.argv[3] == "write":
     arena[0] = 1
@@ -73,6 +73,7 @@ def test_hand_over_and_map_read_only_in_another_process(kind: str, arena_dir: Pa
     memory = backend(kind, arena_dir)
     arena = memory.allocate(3 << 20, label="handover")
     assert arena.kind == memory.kind == kind and arena.size == 3 << 20
+    assert arena.handle().by_descriptor and arena.handle().size == arena.size and memory.device_uuid == ""
     checksum = fill(arena.tensor())
     fd = arena.export()
     try:

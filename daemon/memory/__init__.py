@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
-from weightd.daemon.memory.base import MemoryBackend
+from weightd.daemon.memory.base import DeviceBackend, HostBackend
 
 # name -> "module:class"; each class takes the keyword options of ``open_backend``.
 BACKENDS: dict[str, str] = {
@@ -13,10 +13,18 @@ BACKENDS: dict[str, str] = {
 }
 
 
-def open_backend(kind: str, *, directory: Path, namespace: str) -> MemoryBackend:
-    """The backend called ``kind``. ``directory`` holds host arenas; ``namespace`` names this daemon's."""
+def open_backend(kind: str, *, directory: Path, namespace: str) -> HostBackend:
+    """The host backend called ``kind``. ``directory`` holds its arenas; ``namespace`` names this daemon's."""
     module_name, _, class_name = BACKENDS[kind].partition(":")
-    backend: MemoryBackend = getattr(importlib.import_module(module_name), class_name)(
+    backend: HostBackend = getattr(importlib.import_module(module_name), class_name)(
         directory=directory, namespace=namespace
     )
     return backend
+
+
+def open_gpus(*, sharing: str) -> list[DeviceBackend]:
+    """One backend per GPU of the node (CUDA is imported only now); raises MemoryUnavailableError, saying
+    what is missing, when there is none."""
+    from weightd.daemon.memory import cuda  # the CUDA extra is optional
+
+    return list(cuda.open_gpus(sharing=sharing))

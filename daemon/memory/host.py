@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 from weightd.daemon.errors import OutOfMemoryError
-from weightd.daemon.memory.base import AdoptionError, map_writable
+from weightd.daemon.memory.base import HOST, AdoptionError, ArenaHandle, map_writable
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ PREFIX = "weightd"
 
 
 class HostArena:
-    kind = "host"
+    kind = HOST
 
     def __init__(self, path: Path, size: int, *, create: bool) -> None:
         self.path = path
@@ -66,6 +66,9 @@ class HostArena:
             raise RuntimeError(f"arena {self.path} was released")
         return self._tensor[: self._size]
 
+    def handle(self) -> ArenaHandle:
+        return ArenaHandle("host", self._size)
+
     def export(self) -> int:
         return os.dup(self._read_fd)
 
@@ -94,7 +97,8 @@ class HostArena:
 
 
 class HostMemory:
-    kind = "host"
+    kind = HOST
+    device_uuid = ""
 
     def __init__(self, *, directory: Path, namespace: str) -> None:
         self.directory = directory

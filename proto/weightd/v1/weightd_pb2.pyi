@@ -40,6 +40,7 @@ class MemoryKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     MEMORY_KIND_UNSPECIFIED: _ClassVar[MemoryKind]
     MEMORY_KIND_HOST: _ClassVar[MemoryKind]
+    MEMORY_KIND_CUDA: _ClassVar[MemoryKind]
 MODEL_STATE_UNSPECIFIED: ModelState
 MODEL_STATE_LOADING_METADATA: ModelState
 MODEL_STATE_LOADING_WEIGHTS: ModelState
@@ -62,6 +63,7 @@ DATA_TYPE_F8_E4M3: DataType
 DATA_TYPE_F8_E5M2: DataType
 MEMORY_KIND_UNSPECIFIED: MemoryKind
 MEMORY_KIND_HOST: MemoryKind
+MEMORY_KIND_CUDA: MemoryKind
 
 class ShardRule(_message.Message):
     __slots__ = ("pattern", "split_dim", "replicate")
@@ -74,16 +76,18 @@ class ShardRule(_message.Message):
     def __init__(self, pattern: _Optional[str] = ..., split_dim: _Optional[int] = ..., replicate: bool = ...) -> None: ...
 
 class ModelSelector(_message.Message):
-    __slots__ = ("model_uri", "tp_size", "rank", "shard_rules")
+    __slots__ = ("model_uri", "tp_size", "rank", "shard_rules", "device_uuid")
     MODEL_URI_FIELD_NUMBER: _ClassVar[int]
     TP_SIZE_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     SHARD_RULES_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_UUID_FIELD_NUMBER: _ClassVar[int]
     model_uri: str
     tp_size: int
     rank: int
     shard_rules: _containers.RepeatedCompositeFieldContainer[ShardRule]
-    def __init__(self, model_uri: _Optional[str] = ..., tp_size: _Optional[int] = ..., rank: _Optional[int] = ..., shard_rules: _Optional[_Iterable[_Union[ShardRule, _Mapping]]] = ...) -> None: ...
+    device_uuid: str
+    def __init__(self, model_uri: _Optional[str] = ..., tp_size: _Optional[int] = ..., rank: _Optional[int] = ..., shard_rules: _Optional[_Iterable[_Union[ShardRule, _Mapping]]] = ..., device_uuid: _Optional[str] = ...) -> None: ...
 
 class StreamerSettings(_message.Message):
     __slots__ = ("memory_limit", "distributed", "concurrency")
@@ -96,14 +100,16 @@ class StreamerSettings(_message.Message):
     def __init__(self, memory_limit: _Optional[int] = ..., distributed: bool = ..., concurrency: _Optional[int] = ...) -> None: ...
 
 class LoadModelRequest(_message.Message):
-    __slots__ = ("model", "all_ranks", "settings")
+    __slots__ = ("model", "all_ranks", "settings", "rank_device_uuids")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ALL_RANKS_FIELD_NUMBER: _ClassVar[int]
     SETTINGS_FIELD_NUMBER: _ClassVar[int]
+    RANK_DEVICE_UUIDS_FIELD_NUMBER: _ClassVar[int]
     model: ModelSelector
     all_ranks: bool
     settings: StreamerSettings
-    def __init__(self, model: _Optional[_Union[ModelSelector, _Mapping]] = ..., all_ranks: bool = ..., settings: _Optional[_Union[StreamerSettings, _Mapping]] = ...) -> None: ...
+    rank_device_uuids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model: _Optional[_Union[ModelSelector, _Mapping]] = ..., all_ranks: bool = ..., settings: _Optional[_Union[StreamerSettings, _Mapping]] = ..., rank_device_uuids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class LoadModelResponse(_message.Message):
     __slots__ = ("state", "bytes_done", "bytes_total")
@@ -119,15 +125,33 @@ class HostMemory(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class CudaVmmMemory(_message.Message):
+    __slots__ = ("device_uuid",)
+    DEVICE_UUID_FIELD_NUMBER: _ClassVar[int]
+    device_uuid: str
+    def __init__(self, device_uuid: _Optional[str] = ...) -> None: ...
+
+class CudaIpcMemory(_message.Message):
+    __slots__ = ("device_uuid", "ipc_handle")
+    DEVICE_UUID_FIELD_NUMBER: _ClassVar[int]
+    IPC_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    device_uuid: str
+    ipc_handle: bytes
+    def __init__(self, device_uuid: _Optional[str] = ..., ipc_handle: _Optional[bytes] = ...) -> None: ...
+
 class MemoryHandle(_message.Message):
-    __slots__ = ("host", "size_bytes", "descriptor_slot")
+    __slots__ = ("host", "cuda_vmm", "cuda_ipc", "size_bytes", "descriptor_slot")
     HOST_FIELD_NUMBER: _ClassVar[int]
+    CUDA_VMM_FIELD_NUMBER: _ClassVar[int]
+    CUDA_IPC_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTOR_SLOT_FIELD_NUMBER: _ClassVar[int]
     host: HostMemory
+    cuda_vmm: CudaVmmMemory
+    cuda_ipc: CudaIpcMemory
     size_bytes: int
     descriptor_slot: int
-    def __init__(self, host: _Optional[_Union[HostMemory, _Mapping]] = ..., size_bytes: _Optional[int] = ..., descriptor_slot: _Optional[int] = ...) -> None: ...
+    def __init__(self, host: _Optional[_Union[HostMemory, _Mapping]] = ..., cuda_vmm: _Optional[_Union[CudaVmmMemory, _Mapping]] = ..., cuda_ipc: _Optional[_Union[CudaIpcMemory, _Mapping]] = ..., size_bytes: _Optional[int] = ..., descriptor_slot: _Optional[int] = ...) -> None: ...
 
 class TensorTable(_message.Message):
     __slots__ = ("names", "dtypes", "ndims", "dims", "arena_indices", "byte_offsets", "byte_lengths", "split_dims")
@@ -188,7 +212,7 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ResidentModel(_message.Message):
-    __slots__ = ("model_uri", "revision", "state", "tp_size", "rank", "resident_bytes", "leases", "storage_bytes_read", "bytes_done", "bytes_total", "metadata_bytes_downloaded", "current", "memory_kind", "last_used")
+    __slots__ = ("model_uri", "revision", "state", "tp_size", "rank", "resident_bytes", "leases", "storage_bytes_read", "bytes_done", "bytes_total", "metadata_bytes_downloaded", "current", "memory_kind", "last_used", "device_uuid")
     MODEL_URI_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -203,6 +227,7 @@ class ResidentModel(_message.Message):
     CURRENT_FIELD_NUMBER: _ClassVar[int]
     MEMORY_KIND_FIELD_NUMBER: _ClassVar[int]
     LAST_USED_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_UUID_FIELD_NUMBER: _ClassVar[int]
     model_uri: str
     revision: str
     state: ModelState
@@ -217,19 +242,22 @@ class ResidentModel(_message.Message):
     current: bool
     memory_kind: MemoryKind
     last_used: _timestamp_pb2.Timestamp
-    def __init__(self, model_uri: _Optional[str] = ..., revision: _Optional[str] = ..., state: _Optional[_Union[ModelState, str]] = ..., tp_size: _Optional[int] = ..., rank: _Optional[int] = ..., resident_bytes: _Optional[int] = ..., leases: _Optional[int] = ..., storage_bytes_read: _Optional[int] = ..., bytes_done: _Optional[int] = ..., bytes_total: _Optional[int] = ..., metadata_bytes_downloaded: _Optional[int] = ..., current: bool = ..., memory_kind: _Optional[_Union[MemoryKind, str]] = ..., last_used: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    device_uuid: str
+    def __init__(self, model_uri: _Optional[str] = ..., revision: _Optional[str] = ..., state: _Optional[_Union[ModelState, str]] = ..., tp_size: _Optional[int] = ..., rank: _Optional[int] = ..., resident_bytes: _Optional[int] = ..., leases: _Optional[int] = ..., storage_bytes_read: _Optional[int] = ..., bytes_done: _Optional[int] = ..., bytes_total: _Optional[int] = ..., metadata_bytes_downloaded: _Optional[int] = ..., current: bool = ..., memory_kind: _Optional[_Union[MemoryKind, str]] = ..., last_used: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., device_uuid: _Optional[str] = ...) -> None: ...
 
 class MemoryBudget(_message.Message):
-    __slots__ = ("kind", "limit_bytes", "used_bytes", "capacity_bytes")
+    __slots__ = ("kind", "limit_bytes", "used_bytes", "capacity_bytes", "device_uuid")
     KIND_FIELD_NUMBER: _ClassVar[int]
     LIMIT_BYTES_FIELD_NUMBER: _ClassVar[int]
     USED_BYTES_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_UUID_FIELD_NUMBER: _ClassVar[int]
     kind: MemoryKind
     limit_bytes: int
     used_bytes: int
     capacity_bytes: int
-    def __init__(self, kind: _Optional[_Union[MemoryKind, str]] = ..., limit_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., capacity_bytes: _Optional[int] = ...) -> None: ...
+    device_uuid: str
+    def __init__(self, kind: _Optional[_Union[MemoryKind, str]] = ..., limit_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., capacity_bytes: _Optional[int] = ..., device_uuid: _Optional[str] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models", "budgets")
