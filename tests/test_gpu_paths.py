@@ -351,6 +351,8 @@ def test_a_daemon_without_cuda_refuses_gpu_memory_and_keeps_serving(
         with client.attach(str(directory), target=daemon.target, device="cpu") as model:  # still serving
             assert model.device == torch.device("cpu") and torch.equal(model.tensors[next(iter(full))],
                                                                         full[next(iter(full))])
+    # CUDA modules are imported only for GPU memory.
+    assert not any(name == "cupy" or name.startswith("cuda.") for name in sys.modules)
 
 
 def test_serve_memory_cuda_without_cuda_names_what_is_missing(tmp_path: Path) -> None:

@@ -1,0 +1,20 @@
+"""GPU tests: ``python -m pytest -m gpu tests/gpu`` on a machine with an NVIDIA GPU, CUDA-enabled torch and
+``weightd[cuda12]`` or ``weightd[cuda13]``. Local-directory models only: no storage server, no network.
+
+On a GPU machine without network access, carry the wheels weightd needs that its image lacks (see
+benchmarks/README.md) and install them first.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+    for item in items:
+        if "tests/gpu/" in str(item.fspath):
+            item.add_marker(skip)
