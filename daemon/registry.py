@@ -544,6 +544,7 @@ class Registry:
             leases = [self.acquire(e) for e in sources]  # no eviction of the host tier while copying from it
             layouts = [cast(RankLayout, e.layout) for e in sources]
             self._reserve(keys, layouts)
+            self._entries[keys[0]].progress.state = State.LOADING_WEIGHTS
             targets = await loop.run_in_executor(self._pool, self._allocate_on_gpus, keys, layouts)
             host_arenas = [cast(FillableArena, e.arena) for e in sources]
             await loop.run_in_executor(self._pool, copy_whole, host_arenas, self._mirror(keys, targets))

@@ -16,6 +16,7 @@ arena being filled. The daemon never maps its arenas into torch: all it does is 
 from __future__ import annotations
 
 import abc
+import ctypes
 import importlib
 import logging
 import os
@@ -33,6 +34,7 @@ logger = logging.getLogger(__name__)
 
 INSTALL_HINT = "pip install 'weightd[cuda12]' (or 'weightd[cuda13]' on CUDA 13 drivers)"
 SHARING_MODES = ("vmm", "legacy")
+IPC_HANDLE_BYTES = 64  # sizeof(CUipcMemHandle)
 _HOST_PAGE = os.sysconf("SC_PAGE_SIZE")
 _PINNED: dict[int, int] = {}  # host address -> pinned bytes; registrations are process-wide (PORTABLE)
 _PINNED_LOCK = threading.Lock()
@@ -67,7 +69,10 @@ def _text(value: Any) -> str:
 def discover() -> list[GpuDevice]:
     """Every GPU the daemon sees; MemoryUnavailableError names what is missing when there is none."""
     drv = _driver()
-    (status,) = drv.cuInit(0)
+    try:
+        (status,) = drv.cuInit(0)
+    except RuntimeError as e:  # cuda-bindings raises when it cannot find the driver library at all
+        raise MemoryUnavailableError(f"no NVIDIA driver library ({e})") from e
     if status != drv.CUresult.CUDA_SUCCESS:
         raise MemoryUnavailableError(
             f"the CUDA driver did not initialise ({_text(drv.cuGetErrorName(status)[1])}): no NVIDIA driver, or no "
@@ -227,7 +232,8 @@ class IpcArena(_CudaArena):
         except BaseException:
             drv.cuMemFree(address)
             raise
-        self._ipc_handle = bytes(ipc.reserved)
+        # The bindings expose the handle's 64 bytes only through its address.
+        self._ipc_handle = ctypes.string_at(ipc.getPtr(), IPC_HANDLE_BYTES)
         self._live = True
         super().__init__(device, name, size, address)
 
