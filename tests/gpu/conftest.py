@@ -1,8 +1,8 @@
 """GPU tests: ``python -m pytest -m gpu tests/gpu`` on a machine with an NVIDIA GPU, CUDA-enabled torch and
 ``weightd[cuda12]`` or ``weightd[cuda13]``. Local-directory models only: no storage server, no network.
 
-On a GPU machine without network access, carry the wheels weightd needs that its image lacks (see
-benchmarks/README.md) and install them first.
+On a GPU machine without network access, carry the wheels weightd needs that its image lacks: build them
+with scripts/gpu_wheels.sh where pip works, and install them there as that script says.
 """
 
 from __future__ import annotations
