@@ -64,8 +64,8 @@ def test_client_public_surface_is_pinned() -> None:
         assert getattr(weightd.client, name).__module__.startswith("weightd.client")
 
 
-def test_client_never_imports_the_daemon() -> None:
-    for path in (ROOT / "client").glob("*.py"):
+def test_client_and_integrations_never_import_the_daemon() -> None:
+    for path in [*(ROOT / "client").glob("*.py"), *(ROOT / "integrations").glob("*.py")]:
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom | ast.Import):
                 names = [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
