@@ -29,14 +29,14 @@ import enum
 import logging
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import cast
 
 from weightd.daemon import loader, source
-from weightd.daemon.devices import GpuDevice, pick
+from weightd.daemon.devices import pick
 from weightd.daemon.errors import ModelInUseError, ModelNotFoundError, OutOfMemoryError, WeightdError
 from weightd.daemon.loader import LoadSettings
 from weightd.daemon.manifests import ArenaManifest, ManifestStore
@@ -156,7 +156,7 @@ class Registry:
         host: HostBackend,
         *,
         host_budget: int,
-        gpus: Mapping[GpuDevice, tuple[DeviceBackend, int]] | None = None,
+        gpus: Sequence[tuple[DeviceBackend, int]] = (),
         gpus_unavailable: str = "",
         keep_host_tier: bool = True,
         manifests: ManifestStore,
@@ -164,15 +164,14 @@ class Registry:
         settings: LoadSettings,
         max_parallel_loads: int,
     ) -> None:
-        """``gpus`` maps each GPU to its backend and budget; ``gpus_unavailable`` says why there is none."""
+        """``gpus``: each GPU's backend and budget; ``gpus_unavailable`` says why there is none."""
         self._host = host
-        self._devices = list(gpus or {})
         self._gpus_unavailable = gpus_unavailable
         self._pools: dict[str, MemoryPool] = {"": MemoryPool(host, host_budget)}
         self._gpu_backends: dict[str, DeviceBackend] = {}
-        for device, (backend, budget) in (gpus or {}).items():
-            self._pools[device.uuid] = MemoryPool(backend, budget)
-            self._gpu_backends[device.uuid] = backend
+        for backend, budget in gpus:
+            self._pools[backend.device.uuid] = MemoryPool(backend, budget)
+            self._gpu_backends[backend.device.uuid] = backend
         self._keep_host_tier = keep_host_tier
         self._manifests = manifests
         self._cache_dir = cache_dir
@@ -188,7 +187,8 @@ class Registry:
         """The entry a request names; ``device_uuid`` (a GPU's, any spelling nvidia-smi or torch prints) or
         empty for host memory."""
         check_group(tp_size, rank)
-        device = pick(self._devices, device_uuid, unavailable=self._gpus_unavailable).uuid if device_uuid else ""
+        devices = [backend.device for backend in self._gpu_backends.values()]
+        device = pick(devices, device_uuid, unavailable=self._gpus_unavailable).uuid if device_uuid else ""
         return EntryKey(parse_model_uri(model_uri).uri, tp_size, rank, parse_rules(rules), device)
 
     def adopt(self) -> None:

@@ -19,7 +19,6 @@ from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined
 from grpc_reflection.v1alpha import reflection
 from weightd.daemon.config import DaemonConfig
 from weightd.daemon.descriptors import DescriptorChannel, PeerPolicy, descriptor_socket_path
-from weightd.daemon.devices import GpuDevice
 from weightd.daemon.errors import InvalidRequestError, MemoryUnavailableError
 from weightd.daemon.loader import LoadSettings
 from weightd.daemon.manifests import ManifestStore
@@ -54,7 +53,7 @@ async def serve(config: DaemonConfig) -> None:
     registry = Registry(
         memory,
         host_budget=budget,
-        gpus={device: (backend, config.gpu_memory_limit.of(device.total_bytes)) for device, backend in gpus},
+        gpus=[(backend, config.gpu_memory_limit.of(backend.device.total_bytes)) for backend in gpus],
         gpus_unavailable=gpus_unavailable,
         keep_host_tier=config.host_tier == "keep",
         manifests=ManifestStore(config.cache_dir / "arenas"),
@@ -135,7 +134,7 @@ async def serve(config: DaemonConfig) -> None:
     lock.close()
 
 
-def _open_gpus(config: DaemonConfig) -> tuple[list[tuple[GpuDevice, DeviceBackend]], str]:
+def _open_gpus(config: DaemonConfig) -> tuple[list[DeviceBackend], str]:
     """The node's GPUs as --memory asks, and, when there are none, why (clients asking for one are told)."""
     if config.memory == "host":
         return [], "it was started with --memory host"
@@ -146,12 +145,11 @@ def _open_gpus(config: DaemonConfig) -> tuple[list[tuple[GpuDevice, DeviceBacken
             raise MemoryUnavailableError(f"--memory cuda: {e}") from e
         logger.info("serving host memory only: %s", e)
         return [], str(e)
-    devices = [(backend.device, backend) for backend in backends]
-    for device, _ in devices:
+    for device in (backend.device for backend in backends):
         logger.info("GPU %d: %s (%s, %.1f GiB; weights budget %.1f GiB, shared by %s)", device.ordinal, device.uuid,
                     device.name, device.total_bytes / 2**30, config.gpu_memory_limit.of(device.total_bytes) / 2**30,
                     "read-only VMM descriptors" if config.cuda_ipc == "vmm" else "legacy CUDA IPC handles")
-    return devices, ""
+    return backends, ""
 
 
 def _add_api_port(server: grpc.aio.Server, config: DaemonConfig) -> None:

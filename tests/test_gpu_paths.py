@@ -246,7 +246,7 @@ def make_registry(shm: Path, cache: Path, *, gpu_budget: int, keep_host_tier: bo
     gpus = [HostBackedGpu(GPU0, shm, pinned), HostBackedGpu(GPU1, shm, pinned)]
     registry = Registry(
         HostMemory(directory=shm, namespace="host"), host_budget=host_budget,
-        gpus={gpu.device: (gpu, gpu_budget) for gpu in gpus}, keep_host_tier=keep_host_tier,
+        gpus=[(gpu, gpu_budget) for gpu in gpus], keep_host_tier=keep_host_tier,
         manifests=ManifestStore(cache / "arenas"), cache_dir=cache, settings=LoadSettings(memory_limit=64 << 20),
         max_parallel_loads=2,
     )
