@@ -50,7 +50,7 @@ class _VmmMapping:
     """An imported VMM allocation mapped read-only at ``address``; undone when this object is collected."""
 
     def __init__(self, drv: Any, descriptor: int, size: int, device_index: int) -> None:
-        _check(drv, "cuInit", drv.cuInit(0))  # the driver API's own initialisation; torch's does not count
+        _check(drv, "cuInit", drv.cuInit(0))  # idempotent: the driver API is usable whatever torch did so far
         device = _check(drv, "cuDeviceGet", drv.cuDeviceGet(device_index))
         # torch and this call share the device's primary context.
         context = _check(drv, "cuDevicePrimaryCtxRetain", drv.cuDevicePrimaryCtxRetain(device))
