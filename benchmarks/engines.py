@@ -20,7 +20,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from weightd import client  # noqa: E402
 
-from tests.storage_servers import stop_process  # noqa: E402
+from benchmarks.daemon import Daemon  # noqa: E402
 
 VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
 
@@ -120,22 +119,10 @@ def main() -> int:
     write_model(model, args.layers)
     for path in model.glob("*.safetensors"):
         path.read_bytes()  # into the page cache
-    socket = work / "w.sock"
-    daemon = subprocess.Popen(
-        [sys.executable, "-m", "weightd.daemon", "serve", "--socket", str(socket), "--cache-dir", str(work / "cache"),
-         "--memory", "host", "--free-on-stop", "true", "--log-level", "WARNING"], stderr=subprocess.DEVNULL,
-    )
-    target = f"unix://{socket}"
+    daemon = Daemon(work / "daemon", extra_args=("--memory", "host"))
+    target = daemon.target
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                client.load(str(model), target=target)
-                break
-            except client.UnavailableError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)
+        client.load(str(model), target=target)
         samples: dict[str, list[dict[str, Any]]] = {"transformers/weightd": [], "transformers/own": []}
         if not args.skip_vllm:
             samples |= {"vllm/weightd": [], "vllm/own": []}
@@ -147,7 +134,7 @@ def main() -> int:
                     samples[f"vllm/{mode}"].append(
                         fresh(VLLM_PYTHON, VLLM_START, mode, str(model), target, marker="RESULT "))
     finally:
-        stop_process(daemon)
+        daemon.stop()
     medians = {name: {key: statistics.median(s[key] for s in runs) for key in runs[0]}
                for name, runs in samples.items()}
     model_bytes = medians["transformers/own"]["model_bytes"]

@@ -25,7 +25,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -37,7 +36,7 @@ import torch  # noqa: E402
 from weightd import client  # noqa: E402
 from weightd.daemon.synthetic import write_synthetic_model  # noqa: E402
 
-from tests.storage_servers import stop_process  # noqa: E402
+from benchmarks.daemon import Daemon  # noqa: E402
 
 SAFETENSORS_TO_GPU = r"""
 import json, sys, time, torch
@@ -106,31 +105,8 @@ def run_json(script: str, *args: str) -> dict[str, Any]:
     return parsed
 
 
-class Daemon:
-    def __init__(self, root: Path, memory: str) -> None:
-        root.mkdir(parents=True, exist_ok=True)
-        self.target = f"unix://{root}/w.sock"
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "weightd.daemon", "serve", "--socket", f"{root}/w.sock", "--cache-dir",
-             f"{root}/cache", "--memory", memory, "--free-on-stop", "true", "--log-level", "WARNING"],
-            stdout=subprocess.DEVNULL, stderr=open(root / "daemon.log", "ab"),
-        )
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                client.list_models(target=self.target)
-                return
-            except client.UnavailableError:
-                if self.process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError((root / "daemon.log").read_text()[-3000:]) from None
-                time.sleep(0.1)
-
-    def stop(self) -> None:
-        stop_process(self.process)
-
-
 def cold_attach(work: Path, model: Path, memory: str, device: str) -> float:
-    daemon = Daemon(Path(tempfile.mkdtemp(dir=work)), memory)
+    daemon = Daemon(Path(tempfile.mkdtemp(dir=work)), extra_args=("--memory", memory))
     try:
         return float(run_json(ATTACH, daemon.target, str(model), device)["seconds"])
     finally:
@@ -138,7 +114,7 @@ def cold_attach(work: Path, model: Path, memory: str, device: str) -> float:
 
 
 def four_engines(work: Path, model: Path) -> dict[str, float]:
-    daemon = Daemon(Path(tempfile.mkdtemp(dir=work)), "cuda")
+    daemon = Daemon(Path(tempfile.mkdtemp(dir=work)), extra_args=("--memory", "cuda"))
     engines: list[subprocess.Popen[str]] = []
     try:
         client.load(str(model), device="cuda:0", target=daemon.target)
@@ -162,7 +138,7 @@ def four_engines(work: Path, model: Path) -> dict[str, float]:
 
 
 def warm_attach(work: Path, model: Path, repetitions: int) -> float:
-    daemon = Daemon(Path(tempfile.mkdtemp(dir=work)), "cuda")
+    daemon = Daemon(Path(tempfile.mkdtemp(dir=work)), extra_args=("--memory", "cuda"))
     try:
         client.load(str(model), device="cuda:0", target=daemon.target)
         return statistics.median(float(run_json(ATTACH, daemon.target, str(model), "cuda:0")["seconds"])

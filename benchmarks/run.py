@@ -39,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 from weightd import client  # noqa: E402
 from weightd.daemon.synthetic import write_synthetic_model  # noqa: E402
 
+from benchmarks.daemon import Daemon  # noqa: E402
 from tests.storage_servers import S3Server, start_seaweedfs, stop_process  # noqa: E402
 
 BUCKET = "bench"
@@ -130,41 +131,6 @@ def run_script(script: str, *args: str, env: dict[str, str]) -> dict[str, Any]:
     return result
 
 
-class Daemon:
-    def __init__(self, root: Path, env: dict[str, str], *, concurrency: int | None = None) -> None:
-        root.mkdir(parents=True, exist_ok=True)
-        self.socket = root / "w.sock"
-        self.target = f"unix://{self.socket}"
-        self.started = time.perf_counter()
-        # --free-on-stop: every scenario starts cold, and a stopped daemon leaves no arena in /dev/shm.
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "weightd.daemon", "serve", "--socket", str(self.socket), "--cache-dir",
-             str(root / "cache"), "--log-level", "WARNING", "--free-on-stop", "true",
-             *(["--concurrency", str(concurrency)] if concurrency is not None else [])],
-            env=env, stdout=subprocess.DEVNULL, stderr=open(root / "daemon.log", "ab"),
-        )
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                client.list_models(target=self.target)
-                return
-            except client.UnavailableError:
-                if time.monotonic() > deadline or self.process.poll() is not None:
-                    raise RuntimeError("daemon did not start") from None
-                time.sleep(0.05)
-
-    def private_bytes(self) -> int:
-        status = Path(f"/proc/{self.process.pid}/status").read_text()
-        return int(next(line.split()[1] for line in status.splitlines() if line.startswith("RssAnon:"))) * 1024
-
-    def stop(self) -> None:
-        stop_process(self.process)
-
-    def kill(self) -> None:
-        self.process.kill()
-        self.process.wait()
-
-
 class Bench:
     def __init__(self, s3: S3Server, work: Path, repetitions: int) -> None:
         self.s3 = s3
@@ -178,7 +144,8 @@ class Bench:
 
     def daemon(self, *, concurrency: int | None = None) -> Daemon:
         self.daemons += 1
-        return Daemon(self.work / f"daemon{self.daemons}", self.env, concurrency=concurrency)
+        extra = ("--concurrency", str(concurrency)) if concurrency is not None else ()
+        return Daemon(self.work / f"daemon{self.daemons}", self.env, extra_args=extra)
 
     def model(self, size_gb: float, name: str) -> dict[str, Any]:
         directory = self.work / name
