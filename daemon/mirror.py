@@ -8,13 +8,10 @@ bookkeeping on top of the ``DeviceArena``/``DeviceBackend`` seam: nothing here i
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Sequence
 
 from weightd.daemon.memory.base import DeviceArena, DeviceBackend, FillableArena
 from weightd.daemon.plan import ALIGNMENT, align
-
-logger = logging.getLogger(__name__)
 
 # A queued copy costs a few microseconds; at tens of GB/s, 8 MiB takes well over a hundred.
 MIN_COPY_BYTES = 8 << 20

@@ -18,7 +18,6 @@ from __future__ import annotations
 import abc
 import ctypes
 import importlib
-import logging
 import os
 import re
 import secrets
@@ -29,8 +28,6 @@ from typing import Any
 from weightd.daemon.devices import GpuDevice, uuid_from_bytes
 from weightd.daemon.errors import DeviceError, MemoryUnavailableError, OutOfMemoryError
 from weightd.daemon.memory.base import CUDA, AdoptionError, ArenaHandle, FillableArena
-
-logger = logging.getLogger(__name__)
 
 INSTALL_HINT = "pip install 'weightd[cuda12]' (or 'weightd[cuda13]' on CUDA 13 drivers)"
 SHARING_MODES = ("vmm", "legacy")
