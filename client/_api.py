@@ -39,10 +39,14 @@ _STATE_NAMES = {
 
 @dataclass(frozen=True)
 class ShardRule:
-    """Tensors whose name matches ``pattern`` (``re.search``) split on ``split_dim``; None = replicate."""
+    """Tensors whose name matches ``pattern`` (``re.search``) split on ``split_dim``; None = replicate.
+
+    The split dimension is first padded with zeros to a multiple of ``pad_multiple``, as vLLM and SGLang pad a
+    vocabulary to 64, so every rank's slice has the same size."""
 
     pattern: str
     split_dim: int | None
+    pad_multiple: int = 1
 
 
 @dataclass(frozen=True)
@@ -142,7 +146,7 @@ def _selector(model_uri: str, rank: int, tp_size: int, shard_rules: Sequence[Sha
     rules = [
         pb.ShardRule(pattern=r.pattern, replicate=True)
         if r.split_dim is None
-        else pb.ShardRule(pattern=r.pattern, split_dim=r.split_dim)
+        else pb.ShardRule(pattern=r.pattern, split_dim=r.split_dim, pad_multiple=r.pad_multiple)
         for r in shard_rules or ()
     ]
     return pb.ModelSelector(model_uri=model_uri, rank=rank, tp_size=tp_size, shard_rules=rules)

@@ -121,6 +121,9 @@ def stream(
             arenas.append(memory.allocate(layout.size, label=f"{label}-r{layout.rank}"))
         if listener is not None:
             listener.started(arenas)
+            for index, layout in enumerate(plan.layouts):
+                for offset, length in layout.padding:  # zeros already, and the copy must carry them
+                    listener.filled(index, offset, length)
         try:
             if helper_concurrency is None:
                 fetch_into([a.tensor() for a in arenas], paths, plan, memory_limit=settings.memory_limit,

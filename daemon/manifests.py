@@ -23,7 +23,8 @@ from weightd.daemon.sharding import ShardRule
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+# 2: rules carry pad_multiple, and default plans pad vocabularies (a version-1 layout differs).
+FORMAT_VERSION = 2
 SUFFIX = ".json"
 
 
@@ -51,7 +52,7 @@ class ArenaManifest:
             "model_uri": self.model_uri,
             "tp_size": self.tp_size,
             "rank": self.rank,
-            "rules": [[r.pattern, r.split_dim] for r in self.rules],
+            "rules": [[r.pattern, r.split_dim, r.pad_multiple] for r in self.rules],
             "revision": self.revision,
             "object_versions": {name: list(v) for name, v in self.object_versions.items()},
             "metadata_dir": str(self.metadata_dir),
@@ -79,7 +80,7 @@ class ArenaManifest:
             model_uri=str(data["model_uri"]),
             tp_size=int(data["tp_size"]),
             rank=int(data["rank"]),
-            rules=tuple(ShardRule(str(p), None if d is None else int(d)) for p, d in data["rules"]),
+            rules=tuple(ShardRule(str(p), None if d is None else int(d), int(m)) for p, d, m in data["rules"]),
             revision=str(data["revision"]),
             object_versions={str(n): (int(s), str(v)) for n, (s, v) in data["object_versions"].items()},
             metadata_dir=Path(data["metadata_dir"]),

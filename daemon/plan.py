@@ -1,9 +1,10 @@
 """From validated headers and a sharding to (a) each rank's arena layout and (b) the byte ranges to fetch.
 
 Every tensor is seen as a byte matrix: ``outer`` rows of ``row_bytes`` (outer = product of the dimensions
-before the split dim). Rank r of N owns columns [r*piece, (r+1)*piece) of every row, piece = row_bytes / N; a
-replicated tensor is one row that every rank owns whole. Rank r's slice is then exactly
-``full.narrow(d, r*size//N, size//N)``, stored contiguously in its arena.
+before the split dim). Rank r owns columns [r*piece, (r+1)*piece) of every row, piece = the split's ``part``
+entries of the split dim; a replicated tensor is one row that every rank owns whole. Rank r's slice is then
+exactly ``full.narrow(d, r*part, part)`` of the tensor zero-padded to N*part along d (no padding when N divides
+the dim), stored contiguously in its arena. Columns past the end of a row are never fetched: they stay zero.
 
 What is fetched:
 - a tensor split on dim 0 (or replicated) is a single row, so any rank's share is one contiguous range;
@@ -23,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from weightd.daemon.safetensors_header import SafetensorsHeader, TensorEntry
-from weightd.daemon.sharding import ShardRule, split_dim_for
+from weightd.daemon.sharding import ShardRule, Split, split_for
 
 # Tensor start alignment inside an arena (covers every dtype and CUDA's 256-byte allocation granularity).
 ALIGNMENT = 256
@@ -48,6 +49,8 @@ class RankLayout:
     size: int
     # (tensor name, split dim or None for replicated), in slot order; empty when tp_size is 1.
     shards: tuple[tuple[str, int | None], ...]
+    # (offset, length) of the zeros that pad split dimensions: no block fills them, a fresh arena holds them.
+    padding: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -112,8 +115,8 @@ def build_plan(
     for header in headers:
         blocks: list[Block] = []
         for tensor in header.tensors:
-            dim = split_dim_for(tensor.name, tensor.shape, rules, tp_size=tp_size)
-            blocks.extend(builder.add_tensor(tensor, dim))
+            split = split_for(tensor.name, tensor.shape, rules, tp_size=tp_size)
+            blocks.extend(builder.add_tensor(tensor, split))
         files.append(FilePlan(file=header.file, blocks=tuple(blocks)))
     return builder.finish(tuple(files))
 
@@ -127,29 +130,33 @@ class _PlanBuilder:
         self.cursors = [0] * len(ranks)
         self.slots: list[list[Slot]] = [[] for _ in ranks]
         self.shards: list[tuple[str, int | None]] = []
+        self.padding: list[list[tuple[int, int]]] = [[] for _ in ranks]
         self.fetched = [0] * len(ranks)
 
-    def add_tensor(self, tensor: TensorEntry, dim: int | None) -> list[Block]:
+    def add_tensor(self, tensor: TensorEntry, split: Split | None) -> list[Block]:
         """Place ``tensor`` in every rank's layout; return the blocks to fetch for it."""
-        n = 1 if dim is None else self.tp_size
         shape = list(tensor.shape)
-        if dim is not None:
-            shape[dim] //= n
-            self.shards.append((tensor.name, dim))
-        elif self.tp_size > 1:
-            self.shards.append((tensor.name, None))
-        outer = 1 if dim is None else math.prod(tensor.shape[:dim])
+        outer = 1 if split is None else math.prod(tensor.shape[: split.dim])
         row_bytes = tensor.nbytes // max(outer, 1)
-        piece = row_bytes // n
+        if split is None:
+            piece = row_bytes
+            if self.tp_size > 1:
+                self.shards.append((tensor.name, None))
+        else:
+            piece = row_bytes // shape[split.dim] * split.part if shape[split.dim] else 0
+            shape[split.dim] = split.part
+            self.shards.append((tensor.name, split.dim))
         slots = []
         for i, rank in enumerate(self.ranks):
             offset = align(self.cursors[i])
             slot = Slot(tensor.name, tensor.dtype, tuple(shape), offset, piece * outer)
             self.slots[i].append(slot)
             self.cursors[i] = offset + slot.nbytes
-            slots.append((i, slot, 0 if dim is None else rank * piece))
-        if tensor.nbytes == 0:
-            return []
+            window = 0 if split is None else rank * piece
+            slots.append((i, slot, window))
+            if window + piece > row_bytes:
+                start = max(window, row_bytes) - window
+                self.padding[i].extend((slot.offset + row * piece + start, piece - start) for row in range(outer))
 
         def block_at(row: int, rows: int, column: int, width: int) -> Block:
             targets = []
@@ -162,11 +169,14 @@ class _PlanBuilder:
             return Block(tensor.begin + row * row_bytes + column, rows, width, tuple(targets))
 
         windows = [window for _, _, window in slots]
-        lo, hi = min(windows), max(windows) + piece
+        # Padding (columns past row_bytes) is never fetched: a rank holding only padding reads nothing.
+        lo, hi = min(windows), min(max(windows) + piece, row_bytes)
+        if lo >= hi:
+            return []
         if outer == 1:
             return [block_at(0, 1, c, min(self.max_range, hi - c)) for c in range(lo, hi, self.max_range)]
         if len(slots) == 1 and piece >= self.row_range_min:
-            return [block_at(row, 1, lo, piece) for row in range(outer)]
+            return [block_at(row, 1, lo, hi - lo) for row in range(outer)]
         rows_per_range = max(1, self.max_range // row_bytes)
         return [
             block_at(row, min(rows_per_range, outer - row), 0, row_bytes)
@@ -184,7 +194,8 @@ class _PlanBuilder:
 
     def finish(self, files: tuple[FilePlan, ...]) -> LoadPlan:
         layouts = tuple(
-            RankLayout(rank=rank, slots=tuple(self.slots[i]), size=align(self.cursors[i]), shards=tuple(self.shards))
+            RankLayout(rank=rank, slots=tuple(self.slots[i]), size=align(self.cursors[i]), shards=tuple(self.shards),
+                       padding=tuple(self.padding[i]))
             for i, rank in enumerate(self.ranks)
         )
         return LoadPlan(

@@ -3,7 +3,8 @@
 Pure functions over names and shapes. The default plans follow Megatron-style tensor parallelism as vLLM and
 SGLang apply it to Llama-family checkpoints: column-parallel (dim 0) for q/k/v/gate/up projections (weights and
 biases), the embedding and lm_head; row-parallel (dim 1) for o_proj/down_proj weights; everything else
-(norms, row-parallel biases, rotary buffers) replicated.
+(norms, row-parallel biases, rotary buffers) replicated. As in both engines, the vocabulary is padded with zero
+rows to a multiple of 64 before it is split, so any vocabulary size splits and each rank's rows are the engine's.
 """
 
 from __future__ import annotations
@@ -15,14 +16,18 @@ from functools import cached_property
 
 from weightd.daemon.errors import InvalidRequestError, UnsupportedModelError
 
+# vLLM's and SGLang's DEFAULT_VOCAB_PADDING_SIZE.
+VOCAB_PAD_MULTIPLE = 64
+
 
 @dataclass(frozen=True)
 class ShardRule:
     """Tensors whose name matches ``pattern`` (``re.search``) are split on ``split_dim``, or replicated
-    when ``split_dim`` is None."""
+    when ``split_dim`` is None. A split dimension is first padded with zeros to a multiple of ``pad_multiple``."""
 
     pattern: str
     split_dim: int | None
+    pad_multiple: int = 1
 
     @cached_property
     def regex(self) -> re.Pattern[str]:
@@ -32,8 +37,8 @@ class ShardRule:
 _LLAMA_FAMILY: tuple[ShardRule, ...] = (
     ShardRule(r"\.(q_proj|k_proj|v_proj|gate_proj|up_proj)\.(weight|bias)$", 0),
     ShardRule(r"\.(o_proj|down_proj)\.weight$", 1),
-    ShardRule(r"(^|\.)embed_tokens\.weight$", 0),
-    ShardRule(r"(^|\.)lm_head\.weight$", 0),
+    ShardRule(r"(^|\.)embed_tokens\.weight$", 0, VOCAB_PAD_MULTIPLE),
+    ShardRule(r"(^|\.)lm_head\.weight$", 0, VOCAB_PAD_MULTIPLE),
 )
 
 # config.json model_type -> plan. Only families whose checkpoints use exactly the Llama tensor names.
@@ -53,6 +58,8 @@ def parse_rules(rules: Iterable[ShardRule]) -> tuple[ShardRule, ...]:
             raise InvalidRequestError(f"shard rule pattern {rule.pattern!r} is not a valid regex: {e}") from e
         if rule.split_dim is not None and rule.split_dim < 0:
             raise InvalidRequestError(f"shard rule {rule.pattern!r}: split_dim must be >= 0")
+        if rule.pad_multiple < 1:
+            raise InvalidRequestError(f"shard rule {rule.pattern!r}: pad_multiple must be >= 1")
         checked.append(rule)
     return tuple(checked)
 
@@ -80,19 +87,31 @@ def select_rules(model_type: str | None, user_rules: Sequence[ShardRule], *, tp_
     return plan
 
 
-def split_dim_for(name: str, shape: Sequence[int], rules: Sequence[ShardRule], *, tp_size: int) -> int | None:
-    """The dimension ``name`` is split on for ``tp_size`` ranks, or None if every rank gets it whole."""
+@dataclass(frozen=True)
+class Split:
+    """A tensor split on ``dim``: every rank holds ``part`` entries of it (the last ones zeros past the end)."""
+
+    dim: int
+    part: int
+
+
+def split_for(name: str, shape: Sequence[int], rules: Sequence[ShardRule], *, tp_size: int) -> Split | None:
+    """How ``name`` is split for ``tp_size`` ranks, or None if every rank gets it whole."""
     if tp_size == 1:
         return None
-    dim = next((rule.split_dim for rule in rules if rule.regex.search(name)), None)
-    if dim is None:
+    rule = next((rule for rule in rules if rule.regex.search(name)), None)
+    if rule is None or rule.split_dim is None:
         return None
+    dim = rule.split_dim
     if dim >= len(shape):
         raise InvalidRequestError(
             f"tensor {name!r} has {len(shape)} dimension(s) (shape {list(shape)}); a rule splits it on dim {dim}"
         )
-    if shape[dim] % tp_size:
+    padded = -(-shape[dim] // rule.pad_multiple) * rule.pad_multiple
+    if padded % tp_size:
+        padding = f" (padded to a multiple of {rule.pad_multiple}: {padded})" if padded != shape[dim] else ""
         raise InvalidRequestError(
-            f"tensor {name!r} dim {dim} has size {shape[dim]}, which tp_size {tp_size} does not divide evenly"
+            f"tensor {name!r} dim {dim} has size {shape[dim]}{padding}, which tp_size {tp_size} does not "
+            "divide evenly"
         )
-    return dim
+    return Split(dim, padded // tp_size)

@@ -1,5 +1,5 @@
 """Fetch plans, checked by executing them against an in-memory file: every rank's slice equals
-``full.narrow(d, r*size//N, size//N)``, and the bytes fetched are what the rules promise."""
+``padded.narrow(d, r*part, part)``, and the bytes fetched are what the rules promise."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ from weightd.daemon.safetensors_header import header_length, parse_header
 from weightd.daemon.sharding import DEFAULT_PLANS, ShardRule, select_rules
 from weightd.daemon.streaming import _copy_duplicates, _route, _scatter_block
 
-RULES = (ShardRule(r"col", 0), ShardRule(r"row", 1), ShardRule(r"deep", 2), ShardRule(r"whole", None))
+RULES = (ShardRule(r"vocab", 0, 8), ShardRule(r"padrow", 1, 4), ShardRule(r"col", 0), ShardRule(r"row", 1),
+         ShardRule(r"deep", 2), ShardRule(r"whole", None))
+SPLIT = ("vocab", "row", "col", "deep")
 
 
 def model(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -27,7 +29,22 @@ def model(seed: int = 0) -> dict[str, torch.Tensor]:
         "norm.weight": torch.randn(12, generator=g),
         "empty.weight": torch.zeros(0, 4),
         "flag": torch.tensor([True, False, True]),
+        # Padded before splitting: 10 rows to 16 (rank 3 of 4 holds only zeros), 10 columns to 12.
+        "vocab.weight": torch.randn(10, 6, generator=g),
+        "padrow.weight": torch.randn(3, 10, generator=g).to(torch.bfloat16),
     }
+
+
+def expected_slice(full: torch.Tensor, dim: int | None, rule_pad: int, tp_size: int, rank: int) -> torch.Tensor:
+    if dim is None:
+        return full
+    padded_size = -(-full.shape[dim] // rule_pad) * rule_pad
+    part = padded_size // tp_size
+    shape = list(full.shape)
+    shape[dim] = padded_size
+    padded = torch.zeros(shape, dtype=full.dtype)
+    padded.narrow(dim, 0, full.shape[dim]).copy_(full)
+    return padded.narrow(dim, rank * part, part).contiguous()
 
 
 def execute(blob: bytes, plan: LoadPlan) -> list[torch.Tensor]:
@@ -69,10 +86,23 @@ def test_every_rank_gets_exactly_its_slice(tp_size: int, max_range: int, row_ran
                 assert slot.offset % ALIGNMENT == 0
                 full = tensors[slot.name]
                 dim = dict(layout.shards).get(slot.name) if tp_size > 1 else None
-                size = full.shape[dim] // tp_size if dim is not None else 0
-                want = full if dim is None else full.narrow(dim, layout.rank * size, size).contiguous()
+                pad = {"vocab.weight": 8, "padrow.weight": 4}.get(slot.name, 1)
+                want = expected_slice(full, dim, pad, tp_size, layout.rank)
                 got = arena[slot.offset : slot.offset + slot.nbytes].view(full.dtype).view(slot.shape)
                 assert torch.equal(got, want), (slot.name, layout.rank)
+            # The padding regions are exactly what no block writes: filled with ones, the slices must differ.
+            marked = arena.clone()
+            for offset, length in layout.padding:
+                marked[offset : offset + length] = 1
+            padded_away = {n for n in ("vocab.weight", "padrow.weight") if tp_size > 1}
+            for slot in layout.slots:
+                if slot.name not in padded_away or not slot.nbytes:
+                    continue
+                differs = not torch.equal(marked[slot.offset : slot.offset + slot.nbytes],
+                                          arena[slot.offset : slot.offset + slot.nbytes])
+                holds_padding = (layout.rank + 1) * slot.shape[dict(layout.shards)[slot.name]] > \
+                    tensors[slot.name].shape[dict(layout.shards)[slot.name]]
+                assert differs == holds_padding, (slot.name, layout.rank)
         fetched_total += plan.fetched_bytes
         direct, staged, _ = _route(plan)
         assert plan.fetched_bytes == sum(d.length for d in direct) + sum(s.block.length for s in staged)
@@ -81,7 +111,7 @@ def test_every_rank_gets_exactly_its_slice(tp_size: int, max_range: int, row_ran
         assert fetched_total == weights  # every byte once for the whole group
     if lone and row_range_min == 1 and tp_size > 1:
         # Row ranges: each lone rank reads only its own slices plus the replicated tensors.
-        replicated = sum(t.nbytes for n, t in tensors.items() if not any(k in n for k in ("col", "row", "deep")))
+        replicated = sum(t.nbytes for n, t in tensors.items() if not any(k in n for k in SPLIT))
         assert fetched_total == weights - replicated + tp_size * replicated
 
 

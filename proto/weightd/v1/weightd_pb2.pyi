@@ -66,14 +66,16 @@ MEMORY_KIND_HOST: MemoryKind
 MEMORY_KIND_CUDA: MemoryKind
 
 class ShardRule(_message.Message):
-    __slots__ = ("pattern", "split_dim", "replicate")
+    __slots__ = ("pattern", "split_dim", "replicate", "pad_multiple")
     PATTERN_FIELD_NUMBER: _ClassVar[int]
     SPLIT_DIM_FIELD_NUMBER: _ClassVar[int]
     REPLICATE_FIELD_NUMBER: _ClassVar[int]
+    PAD_MULTIPLE_FIELD_NUMBER: _ClassVar[int]
     pattern: str
     split_dim: int
     replicate: bool
-    def __init__(self, pattern: _Optional[str] = ..., split_dim: _Optional[int] = ..., replicate: bool = ...) -> None: ...
+    pad_multiple: int
+    def __init__(self, pattern: _Optional[str] = ..., split_dim: _Optional[int] = ..., replicate: bool = ..., pad_multiple: _Optional[int] = ...) -> None: ...
 
 class ModelSelector(_message.Message):
     __slots__ = ("model_uri", "tp_size", "rank", "shard_rules", "device_uuid")
