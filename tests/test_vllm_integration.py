@@ -10,6 +10,7 @@ safetensors loader on the same directory.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -31,14 +32,15 @@ def main():
     from vllm.model_executor.model_loader import get_model_loader
     from vllm.plugins import load_general_plugins
 
-    model, load_format, extra = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+    model, load_format, extra, tp_size = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4])
     load_general_plugins()
     plugins = sorted(e.value for e in entry_points(group="vllm.general_plugins"))
     loader = type(get_model_loader(LoadConfig(load_format="weightd"))).__name__
     # On CPU, gpu_memory_utilization is the share of the machine's memory vLLM insists is free at start (0.92
     # by default): the daemon and the test runner hold some, and a tiny model needs little.
     llm = LLM(model=model, dtype="bfloat16", max_model_len=128, enforce_eager=True, max_num_seqs=2,
-              gpu_memory_utilization=0.1, load_format=load_format, model_loader_extra_config=extra)
+              gpu_memory_utilization=0.1, load_format=load_format, model_loader_extra_config=extra,
+              tensor_parallel_size=tp_size, distributed_executor_backend="mp" if tp_size > 1 else None)
     outputs = llm.generate(["t5 t7 t9", "t3 t100 t42"], SamplingParams(max_tokens=8, temperature=0))
     print("RESULT " + json.dumps({"plugins": plugins, "loader": loader,
                       "tokens": [list(o.outputs[0].token_ids) for o in outputs]}))
@@ -80,18 +82,26 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     directory = tmp_path_factory.mktemp("vllm-llama")
     transformers.LlamaForCausalLM(transformers.LlamaConfig(
         hidden_size=256, intermediate_size=688, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
-        vocab_size=512, tie_word_embeddings=False, max_position_embeddings=256,
+        # 500: not a multiple of 64, so at tp_size 2 the last rank's vocabulary rows end in vLLM's zero padding.
+        vocab_size=500, tie_word_embeddings=False, max_position_embeddings=256,
     )).to(torch.bfloat16).save_pretrained(directory)
-    tokenizer = Tokenizer(models.WordLevel({f"t{i}": i for i in range(511)} | {"[UNK]": 511}, unk_token="[UNK]"))
+    tokenizer = Tokenizer(models.WordLevel({f"t{i}": i for i in range(499)} | {"[UNK]": 499}, unk_token="[UNK]"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", bos_token="t1",
                                          eos_token="t0").save_pretrained(directory)
     return directory
 
 
-def generate(python: Path, script: Path, model: str, load_format: str, extra: dict[str, str]) -> Any:
-    result = subprocess.run([str(python), str(script), model, load_format, json.dumps(extra)],
-                            capture_output=True, text=True, timeout=900)
+def generate(python: Path, script: Path, model: str, load_format: str, extra: dict[str, str], *,
+             tp_size: int = 1) -> Any:
+    env = dict(os.environ)
+    if tp_size > 1:
+        # vLLM's CPU workers each bind their OpenMP threads to a NUMA node; with one node, name the cores.
+        cores = sorted(os.sched_getaffinity(0))
+        env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(
+            ",".join(map(str, cores[i::tp_size])) for i in range(tp_size))
+    result = subprocess.run([str(python), str(script), model, load_format, json.dumps(extra), str(tp_size)],
+                            capture_output=True, text=True, timeout=900, env=env)
     # vLLM's processes log to stdout and stderr both: show every line that names a failure.
     output = result.stdout.splitlines() + result.stderr.splitlines()
     failures = [line for line in output if "rror" in line or "xception" in line]
@@ -111,6 +121,58 @@ def test_vllm_serves_a_model_through_the_weightd_load_format(
                     {"model_uri": str(tiny_llama_dir), "target": daemon.target})
     assert "weightd.integrations.vllm:register" in ours["plugins"] and ours["loader"] == "WeightdModelLoader"
     (row,) = daemon.models()
-    assert row.storage_bytes_read > 0 and row.leases == 0  # the daemon read the weights; vLLM let go
+    assert row.storage_bytes_read == weight_bytes(tiny_llama_dir) and row.leases == 0  # vLLM let go
     theirs = generate(vllm_python, script, str(tiny_llama_dir), "safetensors", {})
     assert ours["tokens"] == theirs["tokens"] and all(len(t) == 8 for t in ours["tokens"])
+
+
+def test_each_tensor_parallel_worker_copies_its_own_rank(
+    vllm_python: Path, tiny_llama_dir: Path, daemon_factory: Any, tmp_path: Path
+) -> None:
+    daemon = daemon_factory()
+    script = tmp_path / "generate.py"
+    script.write_text(GENERATE)
+    ours = generate(vllm_python, script, str(tiny_llama_dir), "weightd",
+                    {"model_uri": str(tiny_llama_dir), "target": daemon.target}, tp_size=2)
+    rows = sorted(daemon.models(), key=lambda r: r.rank)
+    # Two rank entries, no whole-model entry, and one pass over the weights for both.
+    assert [(r.tp_size, r.rank, r.leases) for r in rows] == [(2, 0, 0), (2, 1, 0)]
+    assert sum(r.storage_bytes_read for r in rows) == weight_bytes(tiny_llama_dir)
+    theirs = generate(vllm_python, script, str(tiny_llama_dir), "safetensors", {}, tp_size=2)
+    assert ours["tokens"] == theirs["tokens"] and all(len(t) == 8 for t in ours["tokens"])
+
+
+def weight_bytes(directory: Path) -> int:
+    from safetensors.torch import load_file
+
+    return sum(t.nbytes for t in load_file(directory / "model.safetensors").values())
+
+
+def test_slices_fill_fused_parameters_by_name_and_offset() -> None:
+    import torch
+    from weightd.integrations.vllm import SliceMismatchError, slice_copies
+
+    def param(*shape: int, output_dim: int = 0) -> torch.nn.Parameter:
+        p = torch.nn.Parameter(torch.zeros(*shape), requires_grad=False)
+        p.output_dim = output_dim  # type: ignore[attr-defined]  # as vLLM's parameters carry it
+        return p
+
+    params = {"l.qkv_proj.weight": param(8, 4), "l.o_proj.weight": param(4, 2, output_dim=0),
+              "embed.weight": param(6, 4)}
+    packed = {"qkv_proj": ["q_proj", "k_proj", "v_proj"]}
+    q, k, v, o, e = torch.randn(4, 4), torch.randn(2, 4), torch.randn(2, 4), torch.randn(4, 2), torch.randn(6, 4)
+    tensors = {"l.v_proj.weight": v, "l.q_proj.weight": q, "l.k_proj.weight": k, "l.o_proj.weight": o,
+               "embed.weight": e, "lm_head.weight": e, "l.rotary_emb.inv_freq": torch.ones(2)}
+    for destination, source in slice_copies(params, packed, tensors):
+        destination.copy_(source)
+    assert torch.equal(params["l.qkv_proj.weight"], torch.cat([q, k, v]))
+    assert torch.equal(params["l.o_proj.weight"], o) and torch.equal(params["embed.weight"], e)
+
+    with pytest.raises(SliceMismatchError, match="1 of its 3 parts"):
+        slice_copies(params, packed, {n: t for n, t in tensors.items() if n not in ("l.k_proj.weight", "l.v_proj.weight")})
+    with pytest.raises(SliceMismatchError, match=r"parts fill 7 of 8"):
+        slice_copies(params, packed, {**tensors, "l.v_proj.weight": torch.randn(1, 4)})
+    with pytest.raises(SliceMismatchError, match=r"no slice for 1 parameter\(s\), e.g. \['embed.weight'\]"):
+        slice_copies(params, packed, {n: t for n, t in tensors.items() if n != "embed.weight"})
+    with pytest.raises(SliceMismatchError, match="another shape"):
+        slice_copies(params, packed, {**tensors, "l.o_proj.weight": torch.randn(2, 4)})
