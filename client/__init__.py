@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from weightd.client._api import (
     AttachedModel,
+    Fusion,
     LoadProgress,
     MemoryBudget,
     ModelMetadata,
@@ -40,6 +41,7 @@ __all__ = [
     "AttachedModel",
     "CorruptModelError",
     "DeadlineExceededError",
+    "Fusion",
     "InvalidRequestError",
     "LoadProgress",
     "MemoryBudget",

@@ -50,6 +50,16 @@ class ShardRule:
 
 
 @dataclass(frozen=True)
+class Fusion:
+    """Serve the tensors ``<prefix>.<part>.<leaf>`` of ``parts`` as one tensor ``<prefix>.<fused>.<leaf>``, their
+    concatenation along dim 0 (this rank's slices), the layout of an engine's fused parameter: e.g.
+    ``Fusion("qkv_proj", ("q_proj", "k_proj", "v_proj"))``. Groups that cannot fuse are served unfused."""
+
+    fused: str
+    parts: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class LoadProgress:
     state: str
     bytes_done: int
@@ -137,7 +147,10 @@ def _device_uuid(device: Device | None) -> str:
     return device_uuid(index)
 
 
-def _selector(model_uri: str, rank: int, tp_size: int, shard_rules: Sequence[ShardRule] | None) -> pb.ModelSelector:
+def _selector(
+    model_uri: str, rank: int, tp_size: int, shard_rules: Sequence[ShardRule] | None,
+    fusions: Sequence[Fusion] | None,
+) -> pb.ModelSelector:
     # The wire's uint32 cannot carry these; the daemon checks rank < tp_size.
     if tp_size < 1:
         raise InvalidRequestError(f"tp_size must be at least 1, got {tp_size}", code=grpc.StatusCode.INVALID_ARGUMENT)
@@ -149,7 +162,8 @@ def _selector(model_uri: str, rank: int, tp_size: int, shard_rules: Sequence[Sha
         else pb.ShardRule(pattern=r.pattern, split_dim=r.split_dim, pad_multiple=r.pad_multiple)
         for r in shard_rules or ()
     ]
-    return pb.ModelSelector(model_uri=model_uri, rank=rank, tp_size=tp_size, shard_rules=rules)
+    return pb.ModelSelector(model_uri=model_uri, rank=rank, tp_size=tp_size, shard_rules=rules,
+                            fusions=[pb.Fusion(fused=f.fused, parts=f.parts) for f in fusions or ()])
 
 
 class AttachedModel:
@@ -205,6 +219,7 @@ def attach(
     *,
     tp_size: int = 1,
     shard_rules: Sequence[ShardRule] | None = None,
+    fusions: Sequence[Fusion] | None = None,
     device: Device | None = None,
     target: str | None = None,
     timeout: float | None = None,
@@ -213,11 +228,12 @@ def attach(
 
     ``device`` is where the tensors live: a CUDA device of this process (``"cuda:1"``, a ``torch.device`` or
     an index), shared with every engine on that GPU, or ``"cpu"`` for host shared memory. None means the
-    current CUDA device when CUDA is available, else host memory. ``timeout`` bounds the wait for the grant
-    (which includes a cold load); None waits as long as it takes.
+    current CUDA device when CUDA is available, else host memory. ``fusions`` serve groups of tensors as one
+    (an engine's fused parameters). ``timeout`` bounds the wait for the grant (which includes a cold load);
+    None waits as long as it takes.
     """
     device_index = _cuda_index(device)
-    selector = _selector(model_uri, rank, tp_size, shard_rules)
+    selector = _selector(model_uri, rank, tp_size, shard_rules, fusions)
     if device_index is not None:
         selector.device_uuid = _device_uuid(device_index)
     request = pb.AttachModelRequest(model=selector)
@@ -277,6 +293,7 @@ def load(
     rank: int = 0,
     all_ranks: bool = False,
     shard_rules: Sequence[ShardRule] | None = None,
+    fusions: Sequence[Fusion] | None = None,
     memory_limit: int | None = None,
     distributed: bool | None = None,
     concurrency: int | None = None,
@@ -305,7 +322,7 @@ def load(
                 f"concurrency must be at least 1, got {concurrency}", code=grpc.StatusCode.INVALID_ARGUMENT
             )
         settings.concurrency = concurrency
-    selector = _selector(model_uri, rank, tp_size, shard_rules)
+    selector = _selector(model_uri, rank, tp_size, shard_rules, fusions)
     selector.device_uuid = _device_uuid(device)
     request = pb.LoadModelRequest(
         model=selector, all_ranks=all_ranks, settings=settings,

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Protocol
 
 from weightd.daemon.memory.base import FillableArena, HostBackend
+from weightd.daemon.placement import Fusion
 from weightd.daemon.plan import LoadPlan, RankLayout, build_plan
 from weightd.daemon.sharding import ShardRule, select_rules
 from weightd.daemon.source import ModelSource, resolve
@@ -78,6 +79,7 @@ def prepare(
     tp_size: int,
     ranks: Sequence[int],
     rules: Sequence[ShardRule],
+    fusions: Sequence[Fusion] = (),
     settings: LoadSettings,
 ) -> PreparedLoad:
     store = open_store(location)
@@ -90,6 +92,7 @@ def prepare(
         ranks=ranks,
         rules=select_rules(source.model_type, rules, tp_size=tp_size),
         max_range_bytes=max(1 << 20, settings.memory_limit // 4),
+        fusions=fusions,
     )
     return PreparedLoad(store, source, plan)
 

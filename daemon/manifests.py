@@ -18,12 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from weightd.daemon.placement import Fusion
 from weightd.daemon.plan import RankLayout, Slot
 from weightd.daemon.sharding import ShardRule
 
 logger = logging.getLogger(__name__)
 
-# 2: rules carry pad_multiple, and default plans pad vocabularies (a version-1 layout differs).
+# 2: rules carry pad_multiple and default plans pad vocabularies (a version-1 layout differs); fusions.
 FORMAT_VERSION = 2
 SUFFIX = ".json"
 
@@ -34,6 +35,7 @@ class ArenaManifest:
     tp_size: int
     rank: int
     rules: tuple[ShardRule, ...]
+    fusions: tuple[Fusion, ...]
     revision: str
     object_versions: dict[str, tuple[int, str]]  # object name -> (size, version)
     metadata_dir: Path
@@ -53,6 +55,7 @@ class ArenaManifest:
             "tp_size": self.tp_size,
             "rank": self.rank,
             "rules": [[r.pattern, r.split_dim, r.pad_multiple] for r in self.rules],
+            "fusions": [[f.fused, list(f.parts)] for f in self.fusions],
             "revision": self.revision,
             "object_versions": {name: list(v) for name, v in self.object_versions.items()},
             "metadata_dir": str(self.metadata_dir),
@@ -81,6 +84,7 @@ class ArenaManifest:
             tp_size=int(data["tp_size"]),
             rank=int(data["rank"]),
             rules=tuple(ShardRule(str(p), None if d is None else int(d), int(m)) for p, d, m in data["rules"]),
+            fusions=tuple(Fusion(str(f), tuple(map(str, parts))) for f, parts in data["fusions"]),
             revision=str(data["revision"]),
             object_versions={str(n): (int(s), str(v)) for n, (s, v) in data["object_versions"].items()},
             metadata_dir=Path(data["metadata_dir"]),

@@ -5,6 +5,8 @@ before the split dim). Rank r owns columns [r*piece, (r+1)*piece) of every row, 
 entries of the split dim; a replicated tensor is one row that every rank owns whole. Rank r's slice is then
 exactly ``full.narrow(d, r*part, part)`` of the tensor zero-padded to N*part along d (no padding when N divides
 the dim), stored contiguously in its arena. Columns past the end of a row are never fetched: they stay zero.
+Every rank's slice of a tensor has the same size, so one placement serves all ranks; the parts of a fusion
+(weightd.daemon.placement) are placed back to back and served as one tensor.
 
 What is fetched:
 - a tensor split on dim 0 (or replicated) is a single row, so any rank's share is one contiguous range;
@@ -23,6 +25,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from weightd.daemon.placement import Fusion, fused_name
 from weightd.daemon.safetensors_header import SafetensorsHeader, TensorEntry
 from weightd.daemon.sharding import ShardRule, Split, split_for
 
@@ -109,73 +112,131 @@ def build_plan(
     rules: Sequence[ShardRule],
     max_range_bytes: int,
     row_range_min_bytes: int = ROW_RANGE_MIN_BYTES,
+    fusions: Sequence[Fusion] = (),
 ) -> LoadPlan:
-    builder = _PlanBuilder(tp_size, tuple(ranks), max_range_bytes, row_range_min_bytes)
-    files = []
-    for header in headers:
-        blocks: list[Block] = []
-        for tensor in header.tensors:
-            split = split_for(tensor.name, tensor.shape, rules, tp_size=tp_size)
-            blocks.extend(builder.add_tensor(tensor, split))
-        files.append(FilePlan(file=header.file, blocks=tuple(blocks)))
+    tensors = [tensor for header in headers for tensor in header.tensors]
+    splits = {t.name: split_for(t.name, t.shape, rules, tp_size=tp_size) for t in tensors}
+    placement = _place(tensors, splits, fusions, tp_size=tp_size)
+    builder = _PlanBuilder(tp_size, tuple(ranks), max_range_bytes, row_range_min_bytes, placement)
+    files = [
+        FilePlan(file=h.file, blocks=tuple(b for t in h.tensors for b in builder.add_tensor(t, splits[t.name])))
+        for h in headers
+    ]
     return builder.finish(tuple(files))
 
 
+@dataclass(frozen=True)
+class _Placement:
+    """Where each tensor's slice starts in every rank's arena (all ranks' slices have one size), and what the
+    arenas serve: each tensor, or in its place the fused tensor it is part of."""
+
+    offsets: dict[str, int]
+    served: tuple[Slot, ...]
+    shards: tuple[tuple[str, int | None], ...]
+    size: int
+
+
+def _slot_shape(tensor: TensorEntry, split: Split | None) -> tuple[int, ...]:
+    shape = list(tensor.shape)
+    if split is not None:
+        shape[split.dim] = split.part
+    return tuple(shape)
+
+
+def _place(
+    tensors: Sequence[TensorEntry], splits: dict[str, Split | None], fusions: Sequence[Fusion], *, tp_size: int
+) -> _Placement:
+    shapes = {t.name: _slot_shape(t, splits[t.name]) for t in tensors}
+    nbytes = {t.name: math.prod(shapes[t.name]) * t.nbytes // max(math.prod(t.shape), 1) for t in tensors}
+    dims = {name: None if split is None else split.dim for name, split in splits.items()}
+    groups: dict[str, list[TensorEntry | None]] = {}
+    for tensor in tensors:
+        found = fused_name(tensor.name, fusions)
+        if found is not None:
+            name, index, count = found
+            groups.setdefault(name, [None] * count)[index] = tensor
+
+    def fusable(parts: list[TensorEntry | None]) -> bool:
+        if any(p is None for p in parts):
+            return False
+        first = parts[0]
+        assert first is not None
+        return all(
+            p is not None and p.dtype == first.dtype and len(p.shape) == len(first.shape) >= 1
+            and shapes[p.name][1:] == shapes[first.name][1:] and dims[p.name] == dims[first.name] in (None, 0)
+            for p in parts
+        )
+
+    fused = {name: [p for p in parts if p is not None] for name, parts in groups.items() if fusable(parts)}
+    group_of = {p.name: name for name, parts in fused.items() for p in parts}
+    offsets: dict[str, int] = {}
+    served: list[Slot] = []
+    shards: list[tuple[str, int | None]] = []
+    cursor = 0
+    for tensor in tensors:
+        if tensor.name in offsets:
+            continue
+        group = group_of.get(tensor.name)
+        members = fused[group] if group is not None else [tensor]
+        start = cursor = align(cursor)
+        for member in members:  # back to back: the fused tensor is their concatenation
+            offsets[member.name] = cursor
+            cursor += nbytes[member.name]
+        shape = shapes[tensor.name]
+        if group is not None:
+            shape = (sum(shapes[m.name][0] for m in members), *shape[1:])
+        served.append(Slot(group or tensor.name, tensor.dtype, shape, start, cursor - start))
+        if tp_size > 1:
+            shards.append((group or tensor.name, dims[tensor.name]))
+    return _Placement(offsets, tuple(served), tuple(shards), align(cursor))
+
+
 class _PlanBuilder:
-    def __init__(self, tp_size: int, ranks: tuple[int, ...], max_range: int, row_range_min: int) -> None:
+    def __init__(
+        self, tp_size: int, ranks: tuple[int, ...], max_range: int, row_range_min: int, placement: _Placement
+    ) -> None:
         self.tp_size = tp_size
         self.ranks = ranks
         self.max_range = max(1, max_range)
         self.row_range_min = row_range_min
-        self.cursors = [0] * len(ranks)
-        self.slots: list[list[Slot]] = [[] for _ in ranks]
-        self.shards: list[tuple[str, int | None]] = []
+        self.placement = placement
         self.padding: list[list[tuple[int, int]]] = [[] for _ in ranks]
         self.fetched = [0] * len(ranks)
 
     def add_tensor(self, tensor: TensorEntry, split: Split | None) -> list[Block]:
-        """Place ``tensor`` in every rank's layout; return the blocks to fetch for it."""
-        shape = list(tensor.shape)
+        """Add ``tensor``'s padding to every rank's layout; return the blocks that fetch its slices."""
         outer = 1 if split is None else math.prod(tensor.shape[: split.dim])
         row_bytes = tensor.nbytes // max(outer, 1)
         if split is None:
             piece = row_bytes
-            if self.tp_size > 1:
-                self.shards.append((tensor.name, None))
         else:
-            piece = row_bytes // shape[split.dim] * split.part if shape[split.dim] else 0
-            shape[split.dim] = split.part
-            self.shards.append((tensor.name, split.dim))
-        slots = []
+            piece = row_bytes // tensor.shape[split.dim] * split.part if tensor.shape[split.dim] else 0
+        offset = self.placement.offsets[tensor.name]
+        windows = []
         for i, rank in enumerate(self.ranks):
-            offset = align(self.cursors[i])
-            slot = Slot(tensor.name, tensor.dtype, tuple(shape), offset, piece * outer)
-            self.slots[i].append(slot)
-            self.cursors[i] = offset + slot.nbytes
             window = 0 if split is None else rank * piece
-            slots.append((i, slot, window))
+            windows.append(window)
             if window + piece > row_bytes:
                 start = max(window, row_bytes) - window
-                self.padding[i].extend((slot.offset + row * piece + start, piece - start) for row in range(outer))
+                self.padding[i].extend((offset + row * piece + start, piece - start) for row in range(outer))
 
         def block_at(row: int, rows: int, column: int, width: int) -> Block:
             targets = []
-            for i, slot, window in slots:
+            for i, window in enumerate(windows):
                 lo, hi = max(column, window), min(column + width, window + piece)
                 if lo < hi:
-                    dst = slot.offset + row * piece + (lo - window)
+                    dst = offset + row * piece + (lo - window)
                     targets.append(Target(i, lo - column, hi - lo, dst, piece))
             self._attribute(rows * width, targets, rows)
             return Block(tensor.begin + row * row_bytes + column, rows, width, tuple(targets))
 
-        windows = [window for _, _, window in slots]
         # Padding (columns past row_bytes) is never fetched: a rank holding only padding reads nothing.
         lo, hi = min(windows), min(max(windows) + piece, row_bytes)
         if lo >= hi:
             return []
         if outer == 1:
             return [block_at(0, 1, c, min(self.max_range, hi - c)) for c in range(lo, hi, self.max_range)]
-        if len(slots) == 1 and piece >= self.row_range_min:
+        if len(windows) == 1 and piece >= self.row_range_min:
             return [block_at(row, 1, lo, hi - lo) for row in range(outer)]
         rows_per_range = max(1, self.max_range // row_bytes)
         return [
@@ -193,8 +254,9 @@ class _PlanBuilder:
             self.fetched[target.layout_index] += share
 
     def finish(self, files: tuple[FilePlan, ...]) -> LoadPlan:
+        placement = self.placement
         layouts = tuple(
-            RankLayout(rank=rank, slots=tuple(self.slots[i]), size=align(self.cursors[i]), shards=tuple(self.shards),
+            RankLayout(rank=rank, slots=placement.served, size=placement.size, shards=placement.shards,
                        padding=tuple(self.padding[i]))
             for i, rank in enumerate(self.ranks)
         )

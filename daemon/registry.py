@@ -51,6 +51,7 @@ from weightd.daemon.memory.base import (
     MemoryBackend,
 )
 from weightd.daemon.mirror import DeviceMirror, copy_whole
+from weightd.daemon.placement import Fusion, check_fusions
 from weightd.daemon.plan import RankLayout
 from weightd.daemon.sharding import ShardRule, check_group, parse_rules
 from weightd.daemon.storage.base import open_store, parse_model_uri
@@ -71,6 +72,7 @@ class EntryKey:
     rank: int
     rules: tuple[ShardRule, ...]
     device: str = ""  # the GPU's UUID; empty: host memory
+    fusions: tuple[Fusion, ...] = ()
 
     def describe(self) -> str:
         where = f" on {self.device}" if self.device else ""
@@ -182,14 +184,16 @@ class Registry:
         self._pool = ThreadPoolExecutor(max_workers=max_parallel_loads, thread_name_prefix="weightd-load")
 
     def key(
-        self, model_uri: str, *, tp_size: int, rank: int, rules: Sequence[ShardRule], device_uuid: str = ""
+        self, model_uri: str, *, tp_size: int, rank: int, rules: Sequence[ShardRule], device_uuid: str = "",
+        fusions: Sequence[Fusion] = (),
     ) -> EntryKey:
         """The entry a request names; ``device_uuid`` (a GPU's, any spelling nvidia-smi or torch prints) or
         empty for host memory."""
         check_group(tp_size, rank)
         devices = [backend.device for backend in self._gpu_backends.values()]
         device = pick(devices, device_uuid, unavailable=self._gpus_unavailable).uuid if device_uuid else ""
-        return EntryKey(parse_model_uri(model_uri).uri, tp_size, rank, parse_rules(rules), device)
+        return EntryKey(parse_model_uri(model_uri).uri, tp_size, rank, parse_rules(rules), device,
+                        check_fusions(fusions))
 
     def adopt(self) -> None:
         """Take over the arenas a previous daemon completed (their manifests say what they hold); free the
@@ -197,7 +201,8 @@ class Registry:
         manifests = self._manifests.read_all()
         newest: dict[EntryKey, ArenaManifest] = {}
         for manifest in manifests:
-            key = EntryKey(manifest.model_uri, manifest.tp_size, manifest.rank, manifest.rules)
+            key = EntryKey(manifest.model_uri, manifest.tp_size, manifest.rank, manifest.rules,
+                           fusions=manifest.fusions)
             other = newest.get(key)
             if other is None or manifest.loaded_at > other.loaded_at:
                 newest[key] = manifest
@@ -474,6 +479,7 @@ class Registry:
                     tp_size=first.tp_size,
                     ranks=[k.rank for k in keys],
                     rules=first.rules,
+                    fusions=first.fusions,
                     settings=settings,
                 ),
             )
@@ -498,7 +504,7 @@ class Registry:
             manifests = [
                 ArenaManifest(
                     model_uri=key.model_uri, tp_size=key.tp_size, rank=key.rank, rules=key.rules,
-                    revision=metadata.revision,
+                    fusions=key.fusions, revision=metadata.revision,
                     object_versions={o.name: (o.size, o.version) for o in metadata.objects.values()},
                     metadata_dir=metadata.directory, layout=rank.layout, arena_kind=HOST,
                     arena_name=rank.arena.name, arena_size=rank.arena.size, storage_bytes_read=rank.fetched_bytes,
@@ -613,7 +619,7 @@ class Registry:
 
 
 def all_rank_keys(key: EntryKey) -> list[EntryKey]:
-    return [EntryKey(key.model_uri, key.tp_size, rank, key.rules) for rank in range(key.tp_size)]
+    return [dataclasses.replace(key, rank=rank, device="") for rank in range(key.tp_size)]
 
 
 def _mib(n: int) -> str:

@@ -14,6 +14,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from weightd.daemon import errors
 from weightd.daemon.loader import LoadSettings
 from weightd.daemon.memory.base import CUDA, HOST, ArenaHandle
+from weightd.daemon.placement import Fusion
 from weightd.daemon.registry import Entry, EntryKey, Registry, State, all_rank_keys
 from weightd.daemon.sharding import ShardRule
 from weightd.v1 import weightd_pb2 as pb
@@ -64,7 +65,8 @@ def _rules(selector: pb.ModelSelector) -> list[ShardRule]:
 
 def _key(registry: Registry, selector: pb.ModelSelector) -> EntryKey:
     return registry.key(selector.model_uri, tp_size=selector.tp_size or 1, rank=selector.rank,
-                        rules=_rules(selector), device_uuid=selector.device_uuid)
+                        rules=_rules(selector), device_uuid=selector.device_uuid,
+                        fusions=[Fusion(f.fused, tuple(f.parts)) for f in selector.fusions])
 
 
 def _group_keys(registry: Registry, request: pb.LoadModelRequest) -> list[EntryKey]:
@@ -84,7 +86,7 @@ def _group_keys(registry: Registry, request: pb.LoadModelRequest) -> list[EntryK
     if not all(request.rank_device_uuids):
         raise errors.InvalidRequestError("rank_device_uuids: every rank needs a GPU UUID (or leave the list empty)")
     return [
-        registry.key(k.model_uri, tp_size=k.tp_size, rank=k.rank, rules=k.rules, device_uuid=uuid)
+        registry.key(k.model_uri, tp_size=k.tp_size, rank=k.rank, rules=k.rules, device_uuid=uuid, fusions=k.fusions)
         for k, uuid in zip(keys, request.rank_device_uuids, strict=True)
     ]
 

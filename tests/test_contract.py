@@ -42,6 +42,7 @@ def test_client_public_surface_is_pinned() -> None:
         "AttachedModel",
         "CorruptModelError",
         "DeadlineExceededError",
+        "Fusion",
         "InvalidRequestError",
         "LoadProgress",
         "MemoryBudget",

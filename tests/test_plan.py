@@ -148,3 +148,32 @@ def test_unknown_model_type_needs_rules() -> None:
         select_rules("bert", (), tp_size=2)
     assert select_rules("bert", (), tp_size=1) == ()
     assert select_rules("qwen2", (), tp_size=2) == DEFAULT_PLANS["llama"]
+
+
+def test_fused_parts_lie_back_to_back_and_are_served_as_one_tensor() -> None:
+    from weightd.daemon.placement import Fusion
+
+    g = torch.Generator().manual_seed(1)
+    tensors = {
+        "l.v_proj.weight": torch.randn(2, 6, generator=g), "l.q_proj.weight": torch.randn(4, 6, generator=g),
+        "l.norm.weight": torch.randn(6, generator=g), "l.k_proj.weight": torch.randn(2, 6, generator=g),
+        "l.q_proj.bias": torch.randn(4, generator=g), "l.k_proj.bias": torch.randn(2, generator=g),  # no v bias
+        "m.gate_proj.weight": torch.randn(4, 6, generator=g), "m.up_proj.weight": torch.randn(4, 6, generator=g).half(),
+    }
+    blob = save(tensors)
+    fusions = (Fusion("qkv_proj", ("q_proj", "k_proj", "v_proj")), Fusion("gate_up_proj", ("gate_proj", "up_proj")))
+    rules = (ShardRule(r"_proj\.", 0),)
+    for tp_size in (1, 2):
+        plan = build_plan([header_of(blob)], tp_size=tp_size, ranks=range(tp_size), rules=rules,
+                          max_range_bytes=1 << 20, fusions=fusions)
+        for layout, arena in zip(plan.layouts, execute(blob, plan), strict=True):
+            served = {slot.name: slot for slot in layout.slots}
+            # Fused: q|k|v weights. Not fused: biases (no v bias), gate/up (dtypes differ), the norm.
+            assert sorted(served) == sorted(["l.qkv_proj.weight", "l.norm.weight", "l.q_proj.bias", "l.k_proj.bias",
+                                             "m.gate_proj.weight", "m.up_proj.weight"])
+            qkv = served["l.qkv_proj.weight"]
+            got = arena[qkv.offset : qkv.offset + qkv.nbytes].view(torch.float32).view(qkv.shape)
+            want = torch.cat([tensors[f"l.{p}_proj.weight"].chunk(tp_size)[layout.rank] for p in "qkv"])
+            assert qkv.offset % ALIGNMENT == 0 and qkv.shape == tuple(want.shape) and torch.equal(got, want)
+            assert dict(layout.shards).get("l.qkv_proj.weight") == (0 if tp_size > 1 else None)
+        assert plan.fetched_bytes == sum(t.nbytes for t in tensors.values())  # each byte once, fused or not

@@ -56,9 +56,15 @@ def default_dim(name: str) -> int | None:
     return None
 
 
-def check_rank(model: client.AttachedModel, full: dict[str, torch.Tensor], tp_size: int) -> None:
-    assert set(model.tensors) == set(full)
+def check_rank(
+    model: client.AttachedModel, full: dict[str, torch.Tensor], tp_size: int, *, names: set[str] | None = None
+) -> None:
+    """Every tensor of ``full`` (or just ``names``) is this rank's slice."""
+    if names is None:
+        assert set(model.tensors) == set(full)
     for name, tensor in full.items():
+        if names is not None and name not in names:
+            continue
         dim = default_dim(name)
         assert model.shards[name] == dim
         if dim is None:
@@ -179,6 +185,29 @@ def test_custom_rules_on_a_model_without_a_plan(daemon_factory, tmp_path: Path) 
         assert torch.equal(whole.tensors["encoder.0.ffn.out.weight"], tensors["encoder.0.ffn.out.weight"])
 
 
+def test_fused_projections_are_served_as_one_tensor_per_module(daemon, tiny_llama) -> None:
+    uri, full = tiny_llama
+    fusions = [client.Fusion("qkv_proj", ("q_proj", "k_proj", "v_proj")),
+               client.Fusion("gate_up_proj", ("gate_proj", "up_proj"))]
+    client.load(uri, tp_size=2, all_ranks=True, fusions=fusions, target=daemon.target)
+    for rank in range(2):
+        with client.attach(uri, rank, tp_size=2, fusions=fusions, target=daemon.target) as model:
+            for layer in range(4):
+                prefix = f"model.layers.{layer}"
+                for fused, parts in ((f"{prefix}.self_attn.qkv_proj.weight", ("q_proj", "k_proj", "v_proj")),
+                                     (f"{prefix}.mlp.gate_up_proj.weight", ("gate_proj", "up_proj"))):
+                    module = fused.rsplit(".", 2)[0]
+                    want = torch.cat([full[f"{module}.{p}.weight"].chunk(2)[rank] for p in parts])
+                    assert torch.equal(model.tensors[fused], want) and model.shards[fused] == 0
+            assert not any("q_proj" in n or "gate_proj" in n for n in model.tensors)
+            unfused = {n for n in full if not any(p in n for p in ("q_", "k_", "v_", "gate_", "up_"))}
+            assert unfused <= set(model.tensors)
+            check_rank(model, full, 2, names=unfused)
+    rows = daemon.models()
+    assert sorted((r.tp_size, r.rank) for r in rows) == [(2, 0), (2, 1)]
+    assert sum(r.storage_bytes_read for r in rows) == sum(t.nbytes for t in full.values())
+
+
 def test_bad_tensor_parallel_requests(daemon, tiny_llama) -> None:
     uri, _ = tiny_llama
     with pytest.raises(client.InvalidRequestError, match=r"'model\.\S+' dim 0 has size \d+, which tp_size 3") as raised:
@@ -190,6 +219,12 @@ def test_bad_tensor_parallel_requests(daemon, tiny_llama) -> None:
         client.attach(uri, 0, tp_size=0, target=daemon.target)
     with pytest.raises(client.InvalidRequestError, match="not a valid regex"):
         client.attach(uri, 0, tp_size=2, shard_rules=[client.ShardRule("(", 0)], target=daemon.target)
+    with pytest.raises(client.InvalidRequestError, match=r"'q\.proj' is not a module name") as raised:
+        client.attach(uri, 0, tp_size=2, fusions=[client.Fusion("qkv", ("q.proj", "k_proj"))], target=daemon.target)
+    assert raised.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(client.InvalidRequestError, match="'up_proj' is a part of both 'a' and 'b'"):
+        client.attach(uri, fusions=[client.Fusion("a", ("gate_proj", "up_proj")), client.Fusion("b", ("up_proj", "x"))],
+                      target=daemon.target)
     assert daemon.models() == [] and daemon.segments() == []
     # ...and the daemon keeps serving.
     result = run_client(

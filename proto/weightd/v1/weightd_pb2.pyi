@@ -77,19 +77,29 @@ class ShardRule(_message.Message):
     pad_multiple: int
     def __init__(self, pattern: _Optional[str] = ..., split_dim: _Optional[int] = ..., replicate: bool = ..., pad_multiple: _Optional[int] = ...) -> None: ...
 
+class Fusion(_message.Message):
+    __slots__ = ("fused", "parts")
+    FUSED_FIELD_NUMBER: _ClassVar[int]
+    PARTS_FIELD_NUMBER: _ClassVar[int]
+    fused: str
+    parts: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, fused: _Optional[str] = ..., parts: _Optional[_Iterable[str]] = ...) -> None: ...
+
 class ModelSelector(_message.Message):
-    __slots__ = ("model_uri", "tp_size", "rank", "shard_rules", "device_uuid")
+    __slots__ = ("model_uri", "tp_size", "rank", "shard_rules", "device_uuid", "fusions")
     MODEL_URI_FIELD_NUMBER: _ClassVar[int]
     TP_SIZE_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     SHARD_RULES_FIELD_NUMBER: _ClassVar[int]
     DEVICE_UUID_FIELD_NUMBER: _ClassVar[int]
+    FUSIONS_FIELD_NUMBER: _ClassVar[int]
     model_uri: str
     tp_size: int
     rank: int
     shard_rules: _containers.RepeatedCompositeFieldContainer[ShardRule]
     device_uuid: str
-    def __init__(self, model_uri: _Optional[str] = ..., tp_size: _Optional[int] = ..., rank: _Optional[int] = ..., shard_rules: _Optional[_Iterable[_Union[ShardRule, _Mapping]]] = ..., device_uuid: _Optional[str] = ...) -> None: ...
+    fusions: _containers.RepeatedCompositeFieldContainer[Fusion]
+    def __init__(self, model_uri: _Optional[str] = ..., tp_size: _Optional[int] = ..., rank: _Optional[int] = ..., shard_rules: _Optional[_Iterable[_Union[ShardRule, _Mapping]]] = ..., device_uuid: _Optional[str] = ..., fusions: _Optional[_Iterable[_Union[Fusion, _Mapping]]] = ...) -> None: ...
 
 class StreamerSettings(_message.Message):
     __slots__ = ("memory_limit", "distributed", "concurrency")
