@@ -15,6 +15,11 @@ and measures, interleaved over repetitions (medians reported), each in a fresh p
   h  daemon killed (SIGKILL) with the model resident, restarted: start until serving, and the first attach
      (the restarted daemon adopts the arena; no storage read), against a cold load (c)
 c and d are also measured for a second, smaller model to show d stays flat as the model grows.
+
+    .venv/bin/python benchmarks/run.py --geometries qwen2.5-0.5b,llama3-8b,small,qwen3-moe [--json out.json]
+
+measures a, c and d, interleaved, on checkpoints shaped like real ones (benchmarks/geometries.py) instead, and
+reports per geometry its size, tensor count, median tensor size and the ratios, with every sample.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from weightd import client  # noqa: E402
 from weightd.daemon.synthetic import write_synthetic_model  # noqa: E402
 
 from benchmarks.daemon import Daemon  # noqa: E402
+from benchmarks.geometries import GEOMETRIES, write_geometry  # noqa: E402
 from tests.storage_servers import S3Server, start_seaweedfs, stop_process  # noqa: E402
 
 BUCKET = "bench"
@@ -155,6 +161,38 @@ class Bench:
         shards = sorted(p.name for p in directory.glob("*.safetensors"))
         return {"uri": f"s3://{BUCKET}/{name}/", "prefix": f"{name}/", "directory": directory, "shards": shards,
                 "bytes": sum(t.nbytes for t in tensors.values()), "tensors": len(tensors)}
+
+    def geometry(self, name: str, size_gb: float) -> dict[str, Any]:
+        directory = self.work / name
+        if name == "small":
+            sizes = {n: t.nbytes for n, t in write_synthetic_model(
+                directory, total_bytes=int(size_gb * 1e9), shards=4, dtypes=("bf16", "fp16", "fp32")).items()}
+        else:
+            sizes = write_geometry(directory, GEOMETRIES[name])
+        self.s3.upload(directory, BUCKET, f"{name}/")
+        shards = sorted(p.name for p in directory.glob("*.safetensors"))
+        shutil.rmtree(directory)  # the bucket holds it; the disk and page cache need not
+        return {"uri": f"s3://{BUCKET}/{name}/", "prefix": f"{name}/", "shards": shards,
+                "bytes": sum(sizes.values()), "tensors": len(sizes),
+                "median_tensor_bytes": statistics.median(sizes.values()), "largest_tensor_bytes": max(sizes.values())}
+
+    def streamer_against_cold(self, model: dict[str, Any]) -> dict[str, list[float]]:
+        """a, c and d interleaved (order rotated per repetition); the first pass warms the storage for both."""
+        paths = [f"s3://{BUCKET}/{model['prefix']}{s}" for s in model["shards"]]
+        run_script(STREAMER_ALONE, *paths, env=self.env)  # warm: SeaweedFS's own caches, same objects
+        samples: dict[str, list[float]] = {"a": [], "c": [], "d": []}
+        for repetition in range(self.repetitions):
+            steps = ["a", "cd"] if repetition % 2 == 0 else ["cd", "a"]
+            for step in steps:
+                if step == "a":
+                    samples["a"].append(run_script(STREAMER_ALONE, *paths, env=self.env)["seconds"])
+                else:
+                    cold, warm, read = self.cold_and_warm(model)
+                    assert read == model["bytes"], f"weightd read {read} bytes of a {model['bytes']}-byte model"
+                    samples["c"].append(cold)
+                    samples["d"].append(warm)
+            print(f"  rep {repetition + 1} done", file=sys.stderr)
+        return samples
 
     def cold_and_warm(self, model: dict[str, Any]) -> tuple[float, float, int]:
         daemon = self.daemon()
@@ -293,7 +331,10 @@ def main() -> int:
     parser.add_argument("--small-size-gb", type=float, default=0.25, help="second size, to show d stays flat")
     parser.add_argument("--repetitions", type=int, default=3)
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--geometries", help=f"comma-separated, of: small, {', '.join(GEOMETRIES)}")
     args = parser.parse_args()
+    if args.geometries:
+        return run_geometries(args)
 
     work = Path(tempfile.mkdtemp(prefix="weightd-bench-"))
     s3 = start_seaweedfs(work / "seaweedfs")
@@ -318,7 +359,7 @@ def main() -> int:
     small_c = statistics.median(c for c, _, _ in small_cd)
     small_d = statistics.median(d for _, d, _ in small_cd)
     results = {
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+        "machine": machine(),
         "model_bytes": big["bytes"], "model_tensors": big["tensors"], "small_model_bytes": small["bytes"],
         "repetitions": args.repetitions, "median_seconds": med, "samples": samples,
         "small_model": {"c": small_c, "d": small_d},
@@ -337,6 +378,48 @@ def main() -> int:
         "tensor_parallel": tp, "memory": memory, "per_load_concurrency": per_load, "restart": restart,
     }
     print(render(results))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+def machine() -> str:
+    return f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+
+
+def run_geometries(args: argparse.Namespace) -> int:
+    names = args.geometries.split(",")
+    unknown = set(names) - {"small", *GEOMETRIES}
+    if unknown:
+        raise SystemExit(f"unknown geometries {sorted(unknown)}")
+    work = Path(tempfile.mkdtemp(prefix="weightd-bench-"))
+    s3 = start_seaweedfs(work / "seaweedfs")
+    results: dict[str, Any] = {"machine": machine(), "repetitions": args.repetitions, "geometries": {}}
+    try:
+        s3.client().create_bucket(Bucket=BUCKET)
+        bench = Bench(s3, work, args.repetitions)
+        for name in names:
+            model = bench.geometry(name, args.size_gb)
+            print(f"{name}: {model['bytes'] / 1e9:.2f} GB, {model['tensors']} tensors", file=sys.stderr)
+            samples = bench.streamer_against_cold(model)
+            med = {k: statistics.median(v) for k, v in samples.items()}
+            results["geometries"][name] = {
+                **{k: v for k, v in model.items() if k not in ("uri", "prefix", "shards")},
+                "samples": samples, "median_seconds": med, "c/a": med["c"] / med["a"],
+            }
+    finally:
+        stop_process(s3.process)
+        shutil.rmtree(work, ignore_errors=True)
+    lines = [f"weightd per geometry: SeaweedFS S3 on loopback; {results['machine']}; medians of "
+             f"{args.repetitions}", "",
+             "| geometry | size | tensors | median tensor | largest | a. streamer | c. weightd cold | c/a | "
+             "d. warm attach |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, g in results["geometries"].items():
+        m = g["median_seconds"]
+        lines.append(f"| {name} | {g['bytes'] / 1e9:.2f} GB | {g['tensors']} | {g['median_tensor_bytes'] / 1e6:.2f} MB "
+                     f"| {g['largest_tensor_bytes'] / 1e6:.0f} MB | {m['a']:.2f} s | {m['c']:.2f} s | {g['c/a']:.3f} "
+                     f"| {m['d'] * 1000:.1f} ms |")
+    print("\n".join(lines))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return 0

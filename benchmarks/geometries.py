@@ -1,0 +1,122 @@
+"""Model geometries taken from real ``config.json`` files, written as real safetensors shards (random bytes).
+
+Tensor names, shapes, dtypes and their order in the shards are those of the published checkpoints; only the
+number of layers is cut where the full model would not fit a benchmark run on a small machine.
+
+    qwen2.5-0.5b   Qwen/Qwen2.5-0.5B, whole: 24 layers of 0.8-8.7 MB tensors beside a 272 MB tied embedding
+    llama3-8b      meta-llama/Meta-Llama-3-8B cut to 1 layer: 1 GB embedding and lm_head, 117 MB MLP weights
+    small          today's synthetic model (weightd.daemon.synthetic): 0.1-2.9 MB tensors, mixed dtypes
+    qwen3-moe      Qwen/Qwen3-30B-A3B cut to 3 layers: 128 experts x 3 per layer (1,152 tensors of 3.1 MB)
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+Specs = dict[str, tuple[tuple[int, ...], torch.dtype]]
+
+
+@dataclass(frozen=True)
+class Geometry:
+    name: str
+    config: dict[str, object]  # the real config.json's keys that matter, with num_hidden_layers cut
+    specs: Callable[[dict[str, object]], Specs]
+    shard_bytes: int = 4 << 30  # transformers' default max_shard_size for these checkpoints (about 4-5 GB)
+
+
+def _dense(config: dict[str, object], *, qkv_bias: bool, qk_norm: bool = False) -> Specs:
+    hidden, inter = int(config["hidden_size"]), int(config["intermediate_size"])  # type: ignore[call-overload]
+    heads, kv = int(config["num_attention_heads"]), int(config["num_key_value_heads"])  # type: ignore[call-overload]
+    head_dim = int(config.get("head_dim", hidden // heads))  # type: ignore[call-overload]
+    vocab = int(config["vocab_size"])  # type: ignore[call-overload]
+    bf16 = torch.bfloat16
+    specs: Specs = {"model.embed_tokens.weight": ((vocab, hidden), bf16)}
+    for i in range(int(config["num_hidden_layers"])):  # type: ignore[call-overload]
+        p = f"model.layers.{i}"
+        specs[f"{p}.input_layernorm.weight"] = ((hidden,), bf16)
+        for name, rows in (("q_proj", heads * head_dim), ("k_proj", kv * head_dim), ("v_proj", kv * head_dim)):
+            specs[f"{p}.self_attn.{name}.weight"] = ((rows, hidden), bf16)
+            if qkv_bias:
+                specs[f"{p}.self_attn.{name}.bias"] = ((rows,), bf16)
+        if qk_norm:
+            specs[f"{p}.self_attn.q_norm.weight"] = ((head_dim,), bf16)
+            specs[f"{p}.self_attn.k_norm.weight"] = ((head_dim,), bf16)
+        specs[f"{p}.self_attn.o_proj.weight"] = ((hidden, heads * head_dim), bf16)
+        specs[f"{p}.post_attention_layernorm.weight"] = ((hidden,), bf16)
+        experts = int(config.get("num_experts", 0))  # type: ignore[call-overload]
+        if experts:
+            moe = int(config["moe_intermediate_size"])  # type: ignore[call-overload]
+            specs[f"{p}.mlp.gate.weight"] = ((experts, hidden), bf16)
+            for e in range(experts):
+                specs[f"{p}.mlp.experts.{e}.gate_proj.weight"] = ((moe, hidden), bf16)
+                specs[f"{p}.mlp.experts.{e}.up_proj.weight"] = ((moe, hidden), bf16)
+                specs[f"{p}.mlp.experts.{e}.down_proj.weight"] = ((hidden, moe), bf16)
+        else:
+            specs[f"{p}.mlp.gate_proj.weight"] = ((inter, hidden), bf16)
+            specs[f"{p}.mlp.up_proj.weight"] = ((inter, hidden), bf16)
+            specs[f"{p}.mlp.down_proj.weight"] = ((hidden, inter), bf16)
+    specs["model.norm.weight"] = ((hidden,), bf16)
+    if not config.get("tie_word_embeddings"):
+        specs["lm_head.weight"] = ((vocab, hidden), bf16)
+    return specs
+
+
+GEOMETRIES = {
+    g.name: g
+    for g in (
+        Geometry("qwen2.5-0.5b", {
+            "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 896,
+            "intermediate_size": 4864, "num_attention_heads": 14, "num_key_value_heads": 2,
+            "num_hidden_layers": 24, "vocab_size": 151936, "tie_word_embeddings": True,
+        }, lambda c: _dense(c, qkv_bias=True)),
+        Geometry("llama3-8b", {
+            "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+            "intermediate_size": 14336, "num_attention_heads": 32, "num_key_value_heads": 8,
+            "num_hidden_layers": 1, "vocab_size": 128256, "tie_word_embeddings": False,
+        }, lambda c: _dense(c, qkv_bias=False)),
+        Geometry("qwen3-moe", {
+            "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "hidden_size": 2048,
+            "intermediate_size": 6144, "moe_intermediate_size": 768, "num_experts": 128, "head_dim": 128,
+            "num_attention_heads": 32, "num_key_value_heads": 4, "num_hidden_layers": 3, "vocab_size": 151936,
+            "tie_word_embeddings": False,
+        }, lambda c: _dense(c, qkv_bias=False, qk_norm=True)),
+    )
+}
+
+
+def write_geometry(directory: Path, geometry: Geometry) -> dict[str, int]:
+    """Write the checkpoint (shards, index, config); returns each tensor's byte size. The bytes are random
+    (one random block, repeated), so nothing compresses or deduplicates them."""
+    directory.mkdir(parents=True, exist_ok=True)
+    specs = geometry.specs(geometry.config)
+    block = torch.randint(0, 256, (64 << 20,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    sizes = {name: torch.Size(shape).numel() * torch.empty(0, dtype=dtype).element_size()
+             for name, (shape, dtype) in specs.items()}
+    shards: list[list[str]] = [[]]
+    filled = 0
+    for name, size in sizes.items():
+        if shards[-1] and filled + size > geometry.shard_bytes:
+            shards.append([])
+            filled = 0
+        shards[-1].append(name)
+        filled += size
+    weight_map = {}
+    for i, names in enumerate(shards, start=1):
+        file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        tensors = {}
+        for name in names:
+            shape, dtype = specs[name]
+            raw = block.repeat(-(-sizes[name] // block.numel()))[: sizes[name]]
+            tensors[name] = raw.view(dtype).view(shape)
+        save_file(tensors, str(directory / file), metadata={"format": "pt"})
+        weight_map |= dict.fromkeys(names, file)
+    index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    (directory / "config.json").write_text(json.dumps({**geometry.config, "torch_dtype": "bfloat16"}, indent=2))
+    return sizes
