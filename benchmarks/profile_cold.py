@@ -1,6 +1,7 @@
 """Where the cold path spends its time beyond the streamer: cProfile over one cold load, in-process.
 
-    .venv/bin/python benchmarks/profile_cold.py [--size-gb 1.0] [--tp-size 4 [--rank 1]]
+    .venv/bin/python benchmarks/profile_cold.py [--geometry small|qwen2.5-0.5b|llama3-8b|qwen3-moe]
+        [--size-gb 1.0 (small only)] [--tp-size 4 [--rank 1]]
 
 Runs the daemon's own phases (resolve: list + metadata + headers; plan; stream into a host arena) against a
 local SeaweedFS server, on one thread, and prints the functions with the most own time.
@@ -26,11 +27,13 @@ from weightd.daemon.memory.host import HostMemory  # noqa: E402
 from weightd.daemon.storage.base import parse_model_uri  # noqa: E402
 from weightd.daemon.synthetic import write_synthetic_model  # noqa: E402
 
+from benchmarks.geometries import GEOMETRIES, write_geometry  # noqa: E402
 from tests.storage_servers import start_seaweedfs, stop_process  # noqa: E402
 
 
 def main() -> int:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--geometry", default="small", choices=["small", *GEOMETRIES])
     parser.add_argument("--size-gb", type=float, default=1.0)
     parser.add_argument("--tp-size", type=int, default=1)
     parser.add_argument("--rank", type=int, default=None, help="one rank alone (default: all ranks)")
@@ -41,8 +44,11 @@ def main() -> int:
     try:
         os.environ.update(s3.env() | {"RUNAI_STREAMER_S3_USE_VIRTUAL_ADDRESSING": "0"})
         s3.client().create_bucket(Bucket="prof")
-        size = int(args.size_gb * 1e9)
-        write_synthetic_model(work / "m", total_bytes=size, shards=4, dtypes=("bf16", "fp16", "fp32"))
+        if args.geometry == "small":
+            write_synthetic_model(work / "m", total_bytes=int(args.size_gb * 1e9), shards=4,
+                                  dtypes=("bf16", "fp16", "fp32"))
+        else:
+            write_geometry(work / "m", GEOMETRIES[args.geometry])
         s3.upload(work / "m", "prof", "m/")
         location = parse_model_uri("s3://prof/m/")
         memory = HostMemory(directory=Path("/dev/shm"), namespace=f"profile-{os.getpid()}")
