@@ -27,7 +27,7 @@ class Geometry:
     name: str
     config: dict[str, object]  # the real config.json's keys that matter, with num_hidden_layers cut
     specs: Callable[[dict[str, object]], Specs]
-    shard_bytes: int = 4 << 30  # transformers' default max_shard_size for these checkpoints (about 4-5 GB)
+    shard_bytes: int = 2 << 30  # published shards are 4-5 GB; 2 GB halves the writer's peak memory
 
 
 def _dense(config: dict[str, object], *, qkv_bias: bool, qk_norm: bool = False) -> Specs:
@@ -112,7 +112,9 @@ def write_geometry(directory: Path, geometry: Geometry) -> dict[str, int]:
         tensors = {}
         for name in names:
             shape, dtype = specs[name]
-            raw = block.repeat(-(-sizes[name] // block.numel()))[: sizes[name]]
+            size = sizes[name]
+            # A slice of the block would keep all of it alive (and safetensors refuses shared storage): copy.
+            raw = block[:size].clone() if size <= block.numel() else block.repeat(-(-size // block.numel()))[:size]
             tensors[name] = raw.view(dtype).view(shape)
         save_file(tensors, str(directory / file), metadata={"format": "pt"})
         weight_map |= dict.fromkeys(names, file)

@@ -407,6 +407,10 @@ def run_geometries(args: argparse.Namespace) -> int:
                 **{k: v for k, v in model.items() if k not in ("uri", "prefix", "shards")},
                 "samples": samples, "median_seconds": med, "c/a": med["c"] / med["a"],
             }
+            print(f"  {name}: a {med['a']:.2f} s, c {med['c']:.2f} s (c/a {med['c'] / med['a']:.3f}), "
+                  f"d {med['d'] * 1000:.1f} ms", file=sys.stderr)
+            if args.json:
+                args.json.write_text(json.dumps(results, indent=2))
     finally:
         stop_process(s3.process)
         shutil.rmtree(work, ignore_errors=True)
