@@ -33,6 +33,13 @@ def parse_size(value: str | int) -> int:
     return int(float(match.group(1)) * _UNITS[unit])
 
 
+def _non_negative_int(value: str | int) -> int:
+    number = int(value)
+    if number < 0:
+        raise ValueError("must be 0 or more")
+    return number
+
+
 def _listen(value: str) -> str:
     host, sep, port = value.rpartition(":")
     if not sep or not host or not port.isdigit():
@@ -122,7 +129,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("tls_client_ca", "", str, "PEM CA bundle: --listen-api then requires client certificates it signed."),
     Setting("cache_dir", Path("/var/cache/weightd"), Path, "Local cache of metadata files (config, tokenizer)."),
     Setting("shm_dir", Path("/dev/shm"), Path, "tmpfs directory holding host shared-memory arenas."),
-    Setting("concurrency", 16, int, "Storage clients (threads) per load (RUNAI_STREAMER_CONCURRENCY)."),
+    Setting("concurrency", 0, _non_negative_int,
+            "Storage clients (threads) per load (RUNAI_STREAMER_CONCURRENCY); 0: the streamer's own default, "
+            "8 for object storage and 16 for file systems."),
     Setting("memory_limit", 512 * 2**20, parse_size, "Staging buffer per load for slices that scatter, e.g. 512MiB."),
     Setting("host_memory_limit", MemoryLimit(fraction=0.75), parse_memory_limit,
             "Budget for host arenas: bytes (64GiB) or a share of --shm-dir's size (75%)."),
@@ -222,7 +231,9 @@ class DaemonConfig:
 
     def streamer_environment(self, env: Mapping[str, str]) -> dict[str, str]:
         """runai-model-streamer settings, read process-wide when a streamer starts; the entry point applies them."""
-        settings = {"RUNAI_STREAMER_CONCURRENCY": str(self.concurrency)}
+        # 0 leaves the streamer's per-backend default: 16 object-store clients on 2 cores took 2.5x as long
+        # as its 8 for a 5 GB model (docs/benchmarks.md).
+        settings = {"RUNAI_STREAMER_CONCURRENCY": str(self.concurrency)} if self.concurrency else {}
         if "RUNAI_STREAMER_S3_REQUEST_TIMEOUT_MS" not in env:
             # The streamer's 1 s default fails loaded or cross-region endpoints with "File access error".
             settings["RUNAI_STREAMER_S3_REQUEST_TIMEOUT_MS"] = str(S3_REQUEST_TIMEOUT_MS)

@@ -276,8 +276,7 @@ class WeightService(pb_grpc.WeightServiceServicer):
         concurrency = settings.concurrency if settings.HasField("concurrency") else None
         if concurrency is not None and concurrency < 1:
             raise errors.InvalidRequestError(
-                f"concurrency {concurrency}: must be at least 1; leave it unset for the daemon's "
-                f"({self._settings.concurrency})"
+                f"concurrency {concurrency}: must be at least 1; leave it unset for the daemon's --concurrency"
             )
         return LoadSettings(
             memory_limit=settings.memory_limit if settings.HasField("memory_limit") else self._settings.memory_limit,

@@ -57,6 +57,10 @@ def test_streamer_environment() -> None:
     )
     env = config.streamer_environment({"AWS_ENDPOINT_URL": "http://127.0.0.1:1"})
     assert env["RUNAI_STREAMER_S3_USE_VIRTUAL_ADDRESSING"] == "0"
+    # By default the streamer keeps its own per-backend concurrency (8 object-store clients, 16 file readers).
+    assert "RUNAI_STREAMER_CONCURRENCY" not in DaemonConfig.load({}, {}).streamer_environment({})
+    with pytest.raises(InvalidRequestError, match=r"concurrency from flag: '-1': must be 0 or more"):
+        DaemonConfig.load({"concurrency": "-1"}, {})
 
 
 def test_every_setting_is_documented_in_the_readme() -> None:
