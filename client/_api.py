@@ -21,7 +21,7 @@ from weightd.client._errors import (
     UnavailableError,
     from_rpc_error,
 )
-from weightd.client._mapping import build_tensors, map_arena
+from weightd.client._mapping import TensorViews, map_arena
 from weightd.v1 import weightd_pb2 as pb
 from weightd.v1 import weightd_pb2_grpc as pb_grpc
 
@@ -175,7 +175,8 @@ class AttachedModel:
     """
 
     def __init__(
-        self, channel: grpc.Channel, call: Any, grant: pb.Grant, tensors: dict[str, torch.Tensor], device: torch.device
+        self, channel: grpc.Channel, call: Any, grant: pb.Grant, tensors: Mapping[str, torch.Tensor],
+        device: torch.device,
     ):
         self._channel = channel
         self._call = call
@@ -186,7 +187,7 @@ class AttachedModel:
         self.rank: int = grant.rank
         self.config_dir = Path(grant.metadata_dir)
         self.device = device  # where the tensors live: "cpu" (host shared memory) or a CUDA device
-        self.tensors: Mapping[str, torch.Tensor] = MappingProxyType(tensors)
+        self.tensors: Mapping[str, torch.Tensor] = tensors
         # split_dims is empty when tp_size is 1: then no tensor is sharded and this mapping is empty.
         splits = zip(grant.tensors.names, grant.tensors.split_dims, strict=False)
         self.shards: Mapping[str, int | None] = MappingProxyType(
@@ -268,7 +269,7 @@ def attach(
         finally:
             for fd in descriptors:
                 os.close(fd)  # the mappings keep the memory
-        tensors = build_tensors(grant.tensors, arenas)
+        tensors = TensorViews(grant.tensors, arenas)
     except BaseException:
         call.cancel()  # give the lease back
         channel.close()

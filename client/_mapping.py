@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import mmap
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import grpc
 import torch
@@ -80,33 +81,61 @@ def _map_host(handle: pb.MemoryHandle, descriptor: int) -> torch.Tensor:
         return torch.frombuffer(mapping, dtype=torch.uint8)
 
 
-def build_tensors(table: pb.TensorTable, arenas: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
-    """One typed view per (arena, dtype), then one as_strided per tensor: the cheapest zero-copy views."""
-    typed: dict[tuple[int, int], torch.Tensor] = {}
-    tensors = {}
-    dims = list(table.dims)
-    cursor = 0
-    for name, dtype_code, ndim, arena_index, offset, length in zip(
-        table.names, table.dtypes, table.ndims, table.arena_indices, table.byte_offsets, table.byte_lengths,
-        strict=True,
-    ):
-        shape = tuple(dims[cursor : cursor + ndim])
-        cursor += ndim
-        base = typed.get((arena_index, dtype_code))
+class TensorViews(Mapping[str, torch.Tensor]):
+    """A grant's tensors by name. Each is made on first access (one ``as_strided`` of a per-(arena, dtype)
+    view) and kept: attaching costs about the same for a thousand tensors or a hundred thousand (a large MoE),
+    and a process pays per tensor only for those it reads. Dtypes and arenas are checked up front; a tensor's
+    place in its arena when it is made."""
+
+    def __init__(self, table: pb.TensorTable, arenas: Sequence[torch.Tensor]) -> None:
+        self._table = table
+        self._arenas = arenas
+        self._index = dict(zip(table.names, range(len(table.names)), strict=True))
+        self._dim_starts = list(itertools.accumulate(table.ndims, initial=0))
+        self._typed: dict[tuple[int, int], torch.Tensor] = {}
+        self._views: dict[str, torch.Tensor] = {}
+        self._check()
+
+    def _check(self) -> None:
+        table = self._table
+        unknown = set(table.dtypes) - TORCH_DTYPES.keys()
+        if unknown:
+            code = min(unknown)
+            name = table.names[list(table.dtypes).index(code)]
+            raise PreconditionFailedError(
+                f"tensor {name!r} has dtype {pb.DataType.Name(code)}, unknown to this client; upgrade it",
+                code=grpc.StatusCode.FAILED_PRECONDITION,
+            )
+        if set(table.arena_indices) - set(range(len(self._arenas))):
+            raise CorruptModelError("the grant places tensors in an arena it does not hand over",
+                                    code=grpc.StatusCode.DATA_LOSS)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        view = self._views.get(name)
+        if view is not None:
+            return view
+        i = self._index[name]
+        table = self._table
+        shape = tuple(table.dims[self._dim_starts[i] : self._dim_starts[i + 1]])
+        key = (table.arena_indices[i], table.dtypes[i])
+        base = self._typed.get(key)
         if base is None:
-            dtype = TORCH_DTYPES.get(dtype_code)
-            if dtype is None:
-                raise PreconditionFailedError(
-                    f"tensor {name!r} has dtype {pb.DataType.Name(dtype_code)}, unknown to this client; upgrade it",
-                    code=grpc.StatusCode.FAILED_PRECONDITION,
-                )
-            base = typed[(arena_index, dtype_code)] = arenas[arena_index].view(dtype)
-        itemsize = base.element_size()
-        if offset % itemsize or offset + length > arenas[arena_index].numel():
+            base = self._typed[key] = self._arenas[key[0]].view(TORCH_DTYPES[key[1]])
+        offset, itemsize = table.byte_offsets[i], base.element_size()
+        if offset % itemsize or offset + table.byte_lengths[i] > self._arenas[key[0]].numel():
             raise CorruptModelError(f"tensor {name!r}: the grant places it outside its arena or misaligned",
                                     code=grpc.StatusCode.DATA_LOSS)
-        tensors[name] = base.as_strided(shape, _contiguous_strides(shape), offset // itemsize)
-    return tensors
+        view = self._views[name] = base.as_strided(shape, _contiguous_strides(shape), offset // itemsize)
+        return view
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._index)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._index
 
 
 def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:

@@ -195,6 +195,11 @@ def _staged_range(
     return _Range(item.file_index, item.block.file_offset, item.block.length, view.data_ptr(), landed)
 
 
+# libstreamer 0.17 failed a request of 30,000 ranges (9 KB tensors of a local file) with "File access error"
+# and served 10,000; larger models' ranges go in several requests, all in flight at once.
+MAX_RANGES_PER_REQUEST = 8192
+
+
 class _RangeReader:
     """Submit ranges to libstreamer and run each one's callback when its response arrives.
 
@@ -209,8 +214,10 @@ class _RangeReader:
         self.outstanding = 0
 
     def submit(self, ranges: list[_Range]) -> None:
-        if not ranges:
-            return
+        for start in range(0, len(ranges), MAX_RANGES_PER_REQUEST):
+            self._submit(ranges[start : start + MAX_RANGES_PER_REQUEST])
+
+    def _submit(self, ranges: list[_Range]) -> None:
         by_file: dict[int, list[_Range]] = {}
         for r in ranges:
             by_file.setdefault(r.file_index, []).append(r)
