@@ -94,8 +94,15 @@ def parse_header(raw: bytes, *, file: str, file_size: int) -> SafetensorsHeader:
         document = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise InvalidModelError(f"{file}: safetensors header is not valid JSON: {e}") from e
+    except RecursionError as e:  # json's decoder recurses once per nesting level
+        raise InvalidModelError(f"{file}: safetensors header nests JSON too deeply to be a safetensors header; "
+                                "the file is not a valid checkpoint") from e
     if not isinstance(document, dict):
         raise InvalidModelError(f"{file}: safetensors header must be a JSON object")
+    metadata = document.get("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        # safetensors itself refuses such a file: __metadata__ maps strings to strings.
+        raise InvalidModelError(f"{file}: safetensors __metadata__ must map strings to strings, got {metadata!r:.200}")
     data_size = file_size - data_start
     tensors = [
         _parse_entry(name, entry, file=file, data_start=data_start, data_size=data_size)

@@ -48,10 +48,15 @@ _MEMORY_KIND_TO_PB = {HOST: pb.MEMORY_KIND_HOST, CUDA: pb.MEMORY_KIND_CUDA}
 PROGRESS_INTERVAL_S = 0.25
 
 
+def status_for(error_type: type[errors.WeightdError]) -> grpc.StatusCode:
+    """The status of the nearest class in ``error_type``'s ancestry that has one: a new subclass inherits its
+    parent's status instead of falling through to INTERNAL."""
+    return next((STATUS_BY_ERROR[c] for c in error_type.__mro__ if c in STATUS_BY_ERROR), grpc.StatusCode.INTERNAL)
+
+
 async def abort_with(context: grpc.aio.ServicerContext[object, object], error: Exception) -> NoReturn:
     if isinstance(error, errors.WeightdError):
-        code = STATUS_BY_ERROR.get(type(error), grpc.StatusCode.INTERNAL)
-        await context.abort(code, str(error))
+        await context.abort(status_for(type(error)), str(error))
     logger.exception("unexpected error", exc_info=error)
     await context.abort(grpc.StatusCode.INTERNAL, f"internal error in weightd: {type(error).__name__}: {error}")
 

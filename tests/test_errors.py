@@ -32,6 +32,11 @@ MALFORMED = {
     "shape_mismatch": ({"w": {"dtype": "F16", "shape": [2, 3], "data_offsets": [0, 10]}}, b"\0" * 10, None,
                        grpc.StatusCode.INVALID_ARGUMENT, ["model.safetensors", "'w'", "needs 12 bytes"]),
     "not_json": (b"{not json", b"", None, grpc.StatusCode.INVALID_ARGUMENT, ["model.safetensors", "JSON"]),
+    "deep_nesting": (b"[" * 5000 + b"]" * 5000, b"", None, grpc.StatusCode.INVALID_ARGUMENT,
+                     ["model.safetensors", "nests JSON too deeply"]),
+    "metadata_not_strings": ({"__metadata__": {"format": 1}, "w": {"dtype": "F32", "shape": [1],
+                                                                  "data_offsets": [0, 4]}}, b"\0" * 4, None,
+                             grpc.StatusCode.INVALID_ARGUMENT, ["model.safetensors", "__metadata__"]),
 }
 
 
@@ -193,3 +198,22 @@ def test_a_missing_cloud_extra_is_named(daemon_factory, tmp_path: Path, good_uri
         client.attach("gs://models/llama/", target=daemon.target)
     assert "gs://models/llama/" in str(raised.value)
     assert_still_serving(daemon, good_uri, "gs://")
+
+
+def test_every_error_class_has_a_status_its_subclasses_inherit() -> None:
+    import inspect
+
+    import grpc
+    from weightd.daemon import errors
+    from weightd.daemon.service import STATUS_BY_ERROR, status_for
+
+    classes = [c for _, c in inspect.getmembers(errors, inspect.isclass) if issubclass(c, errors.WeightdError)]
+    for cls in classes:
+        if cls is not errors.WeightdError:
+            assert cls in STATUS_BY_ERROR, f"{cls.__name__} has no gRPC status"
+
+        class Refined(cls):  # type: ignore[valid-type, misc]  # a subclass added later, without a mapping
+            pass
+
+        assert status_for(Refined) == status_for(cls)
+    assert status_for(errors.WeightdError) == grpc.StatusCode.INTERNAL
