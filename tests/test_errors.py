@@ -4,6 +4,7 @@ serving other models."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import struct
 import subprocess
@@ -181,23 +182,32 @@ def test_a_model_larger_than_the_shared_memory_is_resource_exhausted(daemon_fact
     assert daemon.models() == []  # nothing half-loaded; the daemon still answers
 
 
-def test_a_missing_cloud_extra_is_named(daemon_factory, tmp_path: Path, good_uri: str) -> None:
-    # A node installed without weightd[gcs]: the daemon's interpreter cannot import the GCS SDK.
-    shim = tmp_path / "no-gcs"
+@pytest.mark.parametrize(("uri", "missing", "install"), [
+    ("gs://models/llama/", "google.cloud.storage", "pip install 'weightd[gcs]'"),  # the SDK
+    ("gs://models/llama/", "runai_model_streamer_gcs", "pip install 'weightd[gcs]'"),  # the streamer's plugin
+    ("az://models/llama/", "runai_model_streamer_azure", "pip install 'weightd[azure]'"),
+    ("az://models/llama/", "azure.storage.blob", "pip install 'weightd[azure]'"),
+])
+def test_a_missing_cloud_extra_is_named(
+    daemon_factory, tmp_path: Path, good_uri: str, uri: str, missing: str, install: str
+) -> None:
+    # A node installed without what the scheme needs: the daemon's interpreter cannot import ``missing``. (S3's
+    # plugin comes with runai-model-streamer itself: the daemon does not start without it.)
+    shim = tmp_path / "shim"
     shim.mkdir()
     (shim / "sitecustomize.py").write_text(
         "import sys\n"
-        "class _NoGcs:\n"
+        "class _Missing:\n"
         "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name == 'google.cloud.storage':\n"
-        "            raise ModuleNotFoundError(\"No module named 'google.cloud.storage'\", name=name)\n"
-        "sys.meta_path.insert(0, _NoGcs())\n"
+        f"        if name == {missing!r}:\n"
+        "            raise ModuleNotFoundError(f\"No module named {name!r}\", name=name)\n"
+        "sys.meta_path.insert(0, _Missing())\n"
     )
     daemon = daemon_factory({"PYTHONPATH": str(shim)})
-    with pytest.raises(client.PreconditionFailedError, match=r"pip install 'weightd\[gcs\]'") as raised:
-        client.attach("gs://models/llama/", target=daemon.target)
-    assert "gs://models/llama/" in str(raised.value)
-    assert_still_serving(daemon, good_uri, "gs://")
+    with pytest.raises(client.PreconditionFailedError, match=re.escape(install)) as raised:
+        client.attach(uri, target=daemon.target)
+    assert uri in str(raised.value) and "is missing" in str(raised.value)
+    assert_still_serving(daemon, good_uri, uri.split(":")[0] + "://")
 
 
 def test_every_error_class_has_a_status_its_subclasses_inherit() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import importlib
 import posixpath
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -149,9 +150,18 @@ def parse_model_uri(uri: str) -> ModelLocation:
     )
 
 
+# The streamer's plugin for each object-store scheme: without it a load fails mid-stream with "<scheme> not
+# supported", so it is checked up front beside the SDK.
+STREAMER_PLUGINS = {
+    "s3": "runai_model_streamer_s3", "gs": "runai_model_streamer_gcs", "az": "runai_model_streamer_azure",
+}
+
+
 def open_store(location: ModelLocation) -> ObjectStore:
     """The backend for ``location``. Cloud SDKs are imported here, so a node needs only the extras it uses."""
     try:
+        if location.scheme in STREAMER_PLUGINS:
+            importlib.import_module(STREAMER_PLUGINS[location.scheme])
         if location.scheme == "file":
             from weightd.daemon.storage.local import LocalStore
 
@@ -168,8 +178,9 @@ def open_store(location: ModelLocation) -> ObjectStore:
 
         return AzureStore(location)
     except ImportError as e:
-        extra = OBJECT_SCHEMES[location.scheme][0] or "s3"
+        extra = OBJECT_SCHEMES[location.scheme][0]
+        install = f"pip install 'weightd[{extra}]'" if extra else "pip install --force-reinstall weightd"
         raise UnsupportedModelError(
             f"{location.uri}: {location.scheme}:// support is not installed ({e.name} is missing); "
-            f"install it on the daemon's node with: pip install 'weightd[{extra}]'"
+            f"install it on the daemon's node with: {install}"
         ) from e
