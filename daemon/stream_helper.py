@@ -12,6 +12,7 @@ per event on stdout (``HELPER_*``) and exits when stdin closes, even mid-stream.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import subprocess
@@ -78,9 +79,12 @@ def fetch_in_helper(
             os.close(fd)  # the child holds its own copies
     assert process.stdin is not None and process.stdout is not None
     try:
-        # Parent to its own child over an anonymous pipe: nothing untrusted is unpickled.
-        pickle.dump(HelperJob(paths, plan, descriptors, memory_limit, on_filled is not None), process.stdin)
-        process.stdin.flush()
+        try:
+            # Parent to its own child over an anonymous pipe: nothing untrusted is unpickled.
+            pickle.dump(HelperJob(paths, plan, descriptors, memory_limit, on_filled is not None), process.stdin)
+            process.stdin.flush()
+        except BrokenPipeError:
+            pass  # the helper died before reading its job: its exit status is reported below
         for line in process.stdout:
             kind, _, detail = line.decode().rstrip("\n").partition(" ")
             if kind == HELPER_LANDED:
@@ -95,7 +99,8 @@ def fetch_in_helper(
                 return
         raise StreamingError(f"the streaming helper exited with status {process.wait()} before the load finished")
     finally:
-        process.stdin.close()  # the helper exits when its stdin closes, even mid-stream
+        with contextlib.suppress(BrokenPipeError):  # a dead helper cannot take the job's unflushed rest
+            process.stdin.close()  # the helper exits when its stdin closes, even mid-stream
         try:
             process.wait(timeout=HELPER_EXIT_TIMEOUT_S)
         except subprocess.TimeoutExpired:
