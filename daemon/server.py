@@ -25,12 +25,10 @@ from weightd.daemon.manifests import ManifestStore
 from weightd.daemon.memory import open_backend, open_gpus
 from weightd.daemon.memory.base import DeviceBackend
 from weightd.daemon.registry import Registry
-from weightd.daemon.service import WeightService
-from weightd.v1 import weightd_pb2, weightd_pb2_grpc
+from weightd.daemon.service import SERVICE_NAME, WeightService, add_weight_service
 
 logger = logging.getLogger(__name__)
 
-SERVICE_NAME = weightd_pb2.DESCRIPTOR.services_by_name["WeightService"].full_name
 HEALTH_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 SOCKET_MODE = 0o660
 # A grant lists every tensor: allow models with hundreds of thousands of them.
@@ -70,7 +68,7 @@ async def serve(config: DaemonConfig) -> None:
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ]
     )
-    weightd_pb2_grpc.add_WeightServiceServicer_to_server(
+    add_weight_service(
         WeightService(
             registry,
             settings=settings,

@@ -7,7 +7,7 @@ import logging
 import weakref
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn, TypeAlias
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -20,6 +20,7 @@ from weightd.daemon.sharding import ShardRule
 from weightd.v1 import weightd_pb2 as pb
 from weightd.v1 import weightd_pb2_grpc as pb_grpc
 
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["WeightService"].full_name
 logger = logging.getLogger(__name__)
 
 STATUS_BY_ERROR: dict[type[errors.WeightdError], grpc.StatusCode] = {
@@ -161,17 +162,18 @@ class WeightService(pb_grpc.WeightServiceServicer):
         self._revalidate_after = revalidate_after
         self._descriptor_socket = descriptor_socket
         self._shutdown = shutdown
-        # Each entry's grant lists every tensor: built once, dropped with the entry.
-        self._grants: weakref.WeakKeyDictionary[Entry, pb.Grant] = weakref.WeakKeyDictionary()
+        # Each entry's grant lists every tensor: serialized once, dropped with the entry.
+        self._grants: weakref.WeakKeyDictionary[Entry, bytes] = weakref.WeakKeyDictionary()
 
-    def _grant(self, entry: Entry, lease_id: str) -> pb.Grant:
+    def _attach_response(self, entry: Entry, lease_id: str) -> bytes:
+        """The serialized AttachModelResponse: the entry's cached grant plus this lease's id, appended as a
+        second grant that protobuf merges into the first (a 100k-tensor grant takes 10-80 ms to serialize)."""
         template = self._grants.get(entry)
         if template is None:
-            template = self._grants[entry] = _grant_template(entry, self._descriptor_socket)
-        grant = pb.Grant()
-        grant.CopyFrom(template)
-        grant.lease_id = lease_id
-        return grant
+            template = self._grants[entry] = pb.AttachModelResponse(
+                grant=_grant_template(entry, self._descriptor_socket)
+            ).SerializeToString()
+        return template + pb.AttachModelResponse(grant=pb.Grant(lease_id=lease_id)).SerializeToString()
 
     async def LoadModel(
         self, request: pb.LoadModelRequest, context: grpc.aio.ServicerContext[object, object]
@@ -201,7 +203,7 @@ class WeightService(pb_grpc.WeightServiceServicer):
 
     async def AttachModel(
         self, request: pb.AttachModelRequest, context: grpc.aio.ServicerContext[object, object]
-    ) -> AsyncIterator[pb.AttachModelResponse]:
+    ) -> AsyncIterator[bytes]:  # a serialized AttachModelResponse
         try:
             (entry,) = await self._registry.ensure(
                 [_key(self._registry, request.model)], revalidate_after=self._revalidate_after
@@ -211,7 +213,7 @@ class WeightService(pb_grpc.WeightServiceServicer):
             await abort_with(context, e)
         logger.info("lease %s granted on %s rank %d", lease_id, entry.key.model_uri, entry.key.rank)
         try:
-            yield pb.AttachModelResponse(grant=self._grant(entry, lease_id))
+            yield self._attach_response(entry, lease_id)
             # The open stream is the lease: this returns (or is cancelled) when the client goes away,
             # or ends the stream itself when the daemon shuts down.
             await self._shutdown.wait()
@@ -289,3 +291,33 @@ class WeightService(pb_grpc.WeightServiceServicer):
             concurrency=concurrency,
         )
 
+
+
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"  # generic only in grpc-stubs
+
+
+class _HandlerRecorder:
+    """Stands in for the server while the generated code registers WeightService, to adjust one handler."""
+
+    def __init__(self) -> None:
+        self.handlers: dict[str, Handler] = {}
+
+    def add_generic_rpc_handlers(self, handlers: object) -> None:
+        pass  # the same table arrives through add_registered_method_handlers
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, Handler]) -> None:
+        self.handlers = handlers
+
+
+def add_weight_service(servicer: WeightService, server: grpc.aio.Server) -> None:
+    """Register ``servicer`` as the generated code does, except that AttachModel yields its response already
+    serialized (see WeightService._attach_response): no serializer passes the bytes through."""
+    recorder = _HandlerRecorder()
+    pb_grpc.add_WeightServiceServicer_to_server(servicer, recorder)
+    handlers = dict(recorder.handlers)
+    handlers["AttachModel"] = handlers["AttachModel"]._replace(  # type: ignore[attr-defined]
+        response_serializer=None
+    )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    # grpc-stubs does not know the registered-method path that the generated code also takes.
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)  # type: ignore[attr-defined]
