@@ -14,12 +14,15 @@ and measures, interleaved over repetitions (medians reported), each in a fresh p
   g  a load with its own concurrency (streams in a helper process) against the same concurrency daemon-wide
   h  daemon killed (SIGKILL) with the model resident, restarted: start until serving, and the first attach
      (the restarted daemon adopts the arena; no storage read), against a cold load (c)
+  i  10 loads and evictions of the model by one daemon: its private memory (RssAnon) after the first and
+     after the tenth
 c and d are also measured for a second, smaller model to show d stays flat as the model grows.
 
     .venv/bin/python benchmarks/run.py --geometries qwen2.5-0.5b,llama3-8b,small,qwen3-moe [--json out.json]
 
 measures a, c and d, interleaved, on checkpoints shaped like real ones (benchmarks/geometries.py) instead, and
 reports per geometry its size, tensor count, median tensor size and the ratios, with every sample.
+With --sizes-gb 0.25,1,4 the synthetic "small" geometry is measured at each size (cold time against bytes).
 """
 
 from __future__ import annotations
@@ -291,6 +294,19 @@ class Bench:
                 second.stop()
         return {"serving_s": statistics.median(serving), "first_attach_s": statistics.median(attach)}
 
+    def churn(self, model: dict[str, Any], cycles: int = 10) -> dict[str, Any]:
+        """Load and evict the same model ``cycles`` times in one daemon; its private memory after each cycle."""
+        daemon = self.daemon()
+        after: list[int] = []
+        try:
+            for _ in range(cycles):
+                client.load(model["uri"], target=daemon.target)
+                client.evict(model["uri"], target=daemon.target)
+                after.append(daemon.private_bytes())
+        finally:
+            daemon.stop()
+        return {"cycles": cycles, "daemon_private_bytes_after_each": after}
+
     def memory(self, model: dict[str, Any], processes: int = 4) -> dict[str, float]:
         def hold(args: list[str]) -> tuple[list[subprocess.Popen[str]], int]:
             procs = [subprocess.Popen([sys.executable, "-c", HOLD, *args], stdin=subprocess.PIPE,
@@ -332,6 +348,7 @@ def main() -> int:
     parser.add_argument("--repetitions", type=int, default=3)
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--geometries", help=f"comma-separated, of: small, {', '.join(GEOMETRIES)}")
+    parser.add_argument("--sizes-gb", help="with --geometries small: comma-separated sizes (default: --size-gb)")
     args = parser.parse_args()
     if args.geometries:
         return run_geometries(args)
@@ -351,6 +368,7 @@ def main() -> int:
         per_load = bench.per_load_concurrency(big)
         memory = bench.memory(big)
         restart = bench.restart(big)
+        churn = bench.churn(big)
     finally:
         stop_process(s3.process)
         shutil.rmtree(work, ignore_errors=True)
@@ -376,6 +394,7 @@ def main() -> int:
             "h restart: first attach / cold (c)": restart["first_attach_s"] / med["c"],
         },
         "tensor_parallel": tp, "memory": memory, "per_load_concurrency": per_load, "restart": restart,
+        "churn": churn,
     }
     print(render(results))
     if args.json:
@@ -392,14 +411,18 @@ def run_geometries(args: argparse.Namespace) -> int:
     unknown = set(names) - {"small", *GEOMETRIES}
     if unknown:
         raise SystemExit(f"unknown geometries {sorted(unknown)}")
+    sizes = [float(s) for s in args.sizes_gb.split(",")] if args.sizes_gb else [args.size_gb]
+    runs = [(name, size) for name in names for size in (sizes if name == "small" else [args.size_gb])]
     work = Path(tempfile.mkdtemp(prefix="weightd-bench-"))
     s3 = start_seaweedfs(work / "seaweedfs")
     results: dict[str, Any] = {"machine": machine(), "repetitions": args.repetitions, "geometries": {}}
     try:
         s3.client().create_bucket(Bucket=BUCKET)
         bench = Bench(s3, work, args.repetitions)
-        for name in names:
-            model = bench.geometry(name, args.size_gb)
+        for name, size_gb in runs:
+            model = bench.geometry(name, size_gb)
+            if name == "small" and len(sizes) > 1:
+                name = f"small {size_gb:g} GB"
             print(f"{name}: {model['bytes'] / 1e9:.2f} GB, {model['tensors']} tensors", file=sys.stderr)
             samples = bench.streamer_against_cold(model)
             med = {k: statistics.median(v) for k, v in samples.items()}
@@ -451,6 +474,9 @@ def render(r: dict[str, Any]) -> str:
         f"| {r['per_load_concurrency']['in_helper_s']:.2f} s / {r['per_load_concurrency']['in_process_s']:.2f} s |",
         f"| h. after kill -9: restarted daemon serving / first attach | {r['restart']['serving_s']:.2f} s / "
         f"{r['restart']['first_attach_s'] * 1000:.1f} ms |",
+        f"| i. daemon RssAnon after load+evict 1 / {r['churn']['cycles']} | "
+        f"{r['churn']['daemon_private_bytes_after_each'][0] / 1e6:.1f} MB / "
+        f"{r['churn']['daemon_private_bytes_after_each'][-1] / 1e6:.1f} MB (target: within 50 MB) |",
         "",
         "| ratio | value | target |",
         "|---|---|---|",

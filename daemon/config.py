@@ -124,6 +124,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("listen", "", _listen, "TCP HOST:PORT serving only health and reflection (for Kubernetes gRPC probes)."),
     Setting("listen_api", "", _listen,
             "TCP HOST:PORT serving the WeightService too; loopback only unless --tls-cert and --tls-key are set."),
+    Setting("metrics_listen", "", _listen, "HOST:PORT serving Prometheus metrics at /metrics over HTTP (off "
+            "when empty)."),
     Setting("tls_cert", "", str, "PEM certificate chain for --listen-api."),
     Setting("tls_key", "", str, "PEM private key for --listen-api."),
     Setting("tls_client_ca", "", str, "PEM CA bundle: --listen-api then requires client certificates it signed."),
@@ -163,6 +165,7 @@ class DaemonConfig:
     socket: Path
     listen: str
     listen_api: str
+    metrics_listen: str
     tls_cert: str
     tls_key: str
     tls_client_ca: str

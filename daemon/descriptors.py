@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from weightd.daemon.memory.base import Arena
+from weightd.daemon.metrics import Metrics
 
 logger = logging.getLogger(__name__)
 
@@ -80,8 +81,10 @@ class DescriptorChannel:
         mode: int,
         leased_arenas: Callable[[str], Sequence[Arena] | None],
         policy: PeerPolicy,
+        metrics: Metrics,
     ) -> None:
         self.path = path
+        self._metrics = metrics
         self._mode = mode
         self._leased_arenas = leased_arenas
         self._policy = policy
@@ -135,6 +138,7 @@ class DescriptorChannel:
                     descriptors.append(arena.export())
                 packets = _packets(descriptors)
             except Refusal as refusal:
+                self._metrics.refused(refusal.code)
                 logger.warning("descriptor channel: refused peer pid %d uid %d gid %d: %s",
                                peer.pid, peer.uid, peer.gid, refusal)
                 packets = [(json.dumps({"error": str(refusal), "code": refusal.code}).encode(), [])]

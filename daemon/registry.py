@@ -50,6 +50,7 @@ from weightd.daemon.memory.base import (
     HostBackend,
     MemoryBackend,
 )
+from weightd.daemon.metrics import Gauges, MemoryGauge, Metrics
 from weightd.daemon.mirror import DeviceMirror, copy_whole
 from weightd.daemon.placement import Fusion, check_fusions
 from weightd.daemon.plan import RankLayout
@@ -165,6 +166,7 @@ class Registry:
         cache_dir: Path,
         settings: LoadSettings,
         max_parallel_loads: int,
+        metrics: Metrics,
     ) -> None:
         """``gpus``: each GPU's backend and budget; ``gpus_unavailable`` says why there is none."""
         self._host = host
@@ -182,6 +184,7 @@ class Registry:
         self._retired: list[Entry] = []
         self._leases: dict[str, Entry] = {}
         self._pool = ThreadPoolExecutor(max_workers=max_parallel_loads, thread_name_prefix="weightd-load")
+        self._metrics = metrics
 
     def key(
         self, model_uri: str, *, tp_size: int, rank: int, rules: Sequence[ShardRule], device_uuid: str = "",
@@ -312,6 +315,21 @@ class Registry:
             for device, pool in self._pools.items()
         ]
 
+    def gauges(self) -> Gauges:
+        """Leases and each memory's figures, for a metrics scrape (call on the event loop)."""
+        snapshot = self.snapshot()
+        return Gauges(
+            leases=sum(s.leases for s in snapshot),
+            memories=[
+                MemoryGauge(
+                    memory_kind=usage.kind, device=usage.device_uuid or HOST,
+                    resident_bytes=sum(s.resident_bytes for s in snapshot if s.key.device == usage.device_uuid),
+                    budget_bytes=usage.limit_bytes, used_bytes=usage.used_bytes,
+                )
+                for usage in self.memory_usage()
+            ],
+        )
+
     def evict(self, model_uri: str) -> tuple[int, int]:
         """Free every ready, unleased entry of ``model_uri``; returns (entries, bytes) freed."""
         uri = parse_model_uri(model_uri).uri
@@ -329,6 +347,7 @@ class Registry:
         for entry in free:
             del self._entries[entry.key]
             freed += self._free(entry)
+        self._metrics.evicted("request", len(free))
         logger.info("evicted %d entr(y/ies) of %s, %d bytes", len(free), uri, freed)
         return len(free), freed
 
@@ -397,6 +416,7 @@ class Registry:
                     break
                 del self._entries[entry.key]
                 used -= self._free(entry)
+                self._metrics.evicted("budget")
                 logger.info("evicted %s (unleased, last used %s) to make room for %s",
                             entry.key.describe(), time.ctime(entry.last_used), keys[0].describe())
 
@@ -439,6 +459,7 @@ class Registry:
             logger.info("%s changed in storage (revision %s -> %s); loading it beside the old one",
                         entry.key.model_uri, entry.revision, revision)
             del self._entries[entry.key]
+            self._metrics.evicted("revision")
             if entry.leases:
                 self._retired.append(entry)
             else:
@@ -457,8 +478,17 @@ class Registry:
         else:
             load = self._refill(keys, settings, revalidate_after)
         task = loop.create_task(load)
-        # Mark the outcome retrieved: the waiters, if any are left, have it reported to them.
-        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        self._metrics.load_started()
+        started = time.monotonic()
+        scheme = parse_model_uri(keys[0].model_uri).scheme
+
+        def finished(task: asyncio.Task[None]) -> None:
+            # Retrieving the outcome marks it seen: the waiters, if any are left, have it reported to them.
+            error = asyncio.CancelledError() if task.cancelled() else task.exception()
+            self._metrics.load_finished(seconds=time.monotonic() - started, scheme=scheme,
+                                        storage_bytes=progress.bytes_done, error=error)
+
+        task.add_done_callback(finished)
         for key in [*keys, *(host_keys if cold else [])]:
             self._entries[key] = Entry(key=key, progress=progress, task=task)
 

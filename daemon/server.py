@@ -24,8 +24,9 @@ from weightd.daemon.loader import LoadSettings
 from weightd.daemon.manifests import ManifestStore
 from weightd.daemon.memory import open_backend, open_gpus
 from weightd.daemon.memory.base import DeviceBackend
+from weightd.daemon.metrics import Metrics
 from weightd.daemon.registry import Registry
-from weightd.daemon.service import SERVICE_NAME, WeightService, add_weight_service
+from weightd.daemon.service import SERVICE_NAME, WeightService, add_weight_service, status_name
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ async def serve(config: DaemonConfig) -> None:
     settings = LoadSettings(memory_limit=config.memory_limit, distributed=config.distributed)
     budget = config.host_memory_limit.of(memory.capacity())
     gpus, gpus_unavailable = _open_gpus(config)
+    metrics = Metrics(status_of=status_name)
     registry = Registry(
         memory,
         host_budget=budget,
@@ -58,6 +60,7 @@ async def serve(config: DaemonConfig) -> None:
         cache_dir=config.cache_dir,
         settings=settings,
         max_parallel_loads=config.max_parallel_loads,
+        metrics=metrics,
     )
     registry.adopt()
     channel_path = descriptor_socket_path(config.socket)
@@ -75,6 +78,7 @@ async def serve(config: DaemonConfig) -> None:
             revalidate_after=config.revalidate_after,
             descriptor_socket=channel_path,
             shutdown=leases_end,
+            metrics=metrics,
         ),
         server,
     )
@@ -98,7 +102,10 @@ async def serve(config: DaemonConfig) -> None:
         mode=SOCKET_MODE,
         leased_arenas=registry.leased_arenas,
         policy=PeerPolicy(uids=config.allowed_uids, gids=config.allowed_gids),
+        metrics=metrics,
     )
+    metrics.watch(registry.gauges, asyncio.get_running_loop())
+    metrics_server = metrics.serve(config.metrics_listen) if config.metrics_listen else None
     await channel.start()
     await server.start()
     await probes.start()
@@ -108,6 +115,7 @@ async def serve(config: DaemonConfig) -> None:
     where = ", ".join(
         [f"unix:{config.socket}"] + ([f"{config.listen_api} (API)"] if config.listen_api else [])
         + ([f"{config.listen} (health only)"] if config.listen else [])
+        + ([f"http://{config.metrics_listen}/metrics"] if config.metrics_listen else [])
     )
     logger.info("weightd serving on %s (descriptors on %s, cache %s, arenas in %s, host memory budget %d bytes)",
                 where, channel_path, config.cache_dir, config.shm_dir, budget)
@@ -126,6 +134,9 @@ async def serve(config: DaemonConfig) -> None:
     leases_end.set()
     await asyncio.gather(server.stop(SHUTDOWN_GRACE_S), probes.stop(SHUTDOWN_GRACE_S))
     await channel.close()
+    if metrics_server is not None:
+        metrics_server.shutdown()
+        metrics_server.server_close()
     await registry.close(keep_arenas=keep)
     with contextlib.suppress(FileNotFoundError):
         config.socket.unlink()

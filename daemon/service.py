@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import weakref
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -14,6 +15,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from weightd.daemon import errors
 from weightd.daemon.loader import LoadSettings
 from weightd.daemon.memory.base import CUDA, HOST, ArenaHandle
+from weightd.daemon.metrics import Metrics
 from weightd.daemon.placement import Fusion
 from weightd.daemon.registry import Entry, EntryKey, Registry, State, all_rank_keys
 from weightd.daemon.sharding import ShardRule
@@ -53,6 +55,13 @@ def status_for(error_type: type[errors.WeightdError]) -> grpc.StatusCode:
     """The status of the nearest class in ``error_type``'s ancestry that has one: a new subclass inherits its
     parent's status instead of falling through to INTERNAL."""
     return next((STATUS_BY_ERROR[c] for c in error_type.__mro__ if c in STATUS_BY_ERROR), grpc.StatusCode.INTERNAL)
+
+
+def status_name(error: BaseException) -> str:
+    """The name of the gRPC status a caller gets for ``error`` (for metrics labels)."""
+    if isinstance(error, errors.WeightdError):
+        return status_for(type(error)).name
+    return "CANCELLED" if isinstance(error, asyncio.CancelledError) else "INTERNAL"
 
 
 async def abort_with(context: grpc.aio.ServicerContext[object, object], error: Exception) -> NoReturn:
@@ -156,8 +165,10 @@ class WeightService(pb_grpc.WeightServiceServicer):
         revalidate_after: float,
         descriptor_socket: Path,
         shutdown: asyncio.Event,
+        metrics: Metrics,
     ) -> None:
         self._registry = registry
+        self._metrics = metrics
         self._settings = settings
         self._revalidate_after = revalidate_after
         self._descriptor_socket = descriptor_socket
@@ -204,6 +215,7 @@ class WeightService(pb_grpc.WeightServiceServicer):
     async def AttachModel(
         self, request: pb.AttachModelRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> AsyncIterator[bytes]:  # a serialized AttachModelResponse
+        started = time.monotonic()
         try:
             (entry,) = await self._registry.ensure(
                 [_key(self._registry, request.model)], revalidate_after=self._revalidate_after
@@ -213,7 +225,9 @@ class WeightService(pb_grpc.WeightServiceServicer):
             await abort_with(context, e)
         logger.info("lease %s granted on %s rank %d", lease_id, entry.key.model_uri, entry.key.rank)
         try:
-            yield self._attach_response(entry, lease_id)
+            response = self._attach_response(entry, lease_id)
+            self._metrics.attached(time.monotonic() - started)
+            yield response
             # The open stream is the lease: this returns (or is cancelled) when the client goes away,
             # or ends the stream itself when the daemon shuts down.
             await self._shutdown.wait()

@@ -76,3 +76,14 @@ def test_daemon_tells_systemd_it_is_ready_and_stopping(daemon_factory, tmp_path:
         assert listener.recv(256) == b"READY=1"
         daemon.stop()
         assert listener.recv(256) == b"STOPPING=1"
+
+
+def test_daemonset_serves_metrics_where_its_scrape_annotations_point() -> None:
+    (daemonset,) = yaml.safe_load_all((DEPLOY / "kubernetes" / "daemonset.yaml").read_text())
+    template = daemonset["spec"]["template"]
+    (container,) = template["spec"]["containers"]
+    annotations = template["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert f"--metrics-listen=0.0.0.0:{annotations['prometheus.io/port']}" in container["args"]
+    assert {"name": "metrics", "containerPort": int(annotations["prometheus.io/port"]), "protocol": "TCP"} in \
+        container["ports"]

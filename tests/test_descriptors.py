@@ -21,6 +21,8 @@ from weightd import client
 from weightd.client._descriptors import receive_descriptors
 from weightd.daemon.descriptors import DescriptorChannel, PeerPolicy
 from weightd.daemon.memory.host import HostMemory
+from weightd.daemon.metrics import Metrics
+from weightd.daemon.service import status_name
 
 from tests.conftest import ATTACH_AND_VERIFY, Daemon, Model, copy_model, run_client
 
@@ -123,7 +125,7 @@ def test_more_descriptors_than_one_packet_holds(tmp_path: Path) -> None:
     path = tmp_path / "fds.sock"
     loop = asyncio.new_event_loop()
     channel = DescriptorChannel(path, mode=0o600, leased_arenas=lambda lease: arenas if lease == "many" else None,
-                                policy=PeerPolicy())
+                                policy=PeerPolicy(), metrics=Metrics(status_of=status_name))
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
     try:

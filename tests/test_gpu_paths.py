@@ -32,8 +32,10 @@ from weightd.daemon.loader import LoadSettings
 from weightd.daemon.manifests import ManifestStore
 from weightd.daemon.memory.base import CUDA, ArenaHandle, FillableArena
 from weightd.daemon.memory.host import HostArena, HostMemory
+from weightd.daemon.metrics import Metrics
 from weightd.daemon.mirror import CopyCoalescer, DeviceMirror
 from weightd.daemon.registry import Registry
+from weightd.daemon.service import status_name
 from weightd.daemon.storage.base import parse_model_uri
 from weightd.daemon.synthetic import write_synthetic_model
 from weightd.v1 import weightd_pb2 as pb
@@ -248,7 +250,7 @@ def make_registry(shm: Path, cache: Path, *, gpu_budget: int, keep_host_tier: bo
         HostMemory(directory=shm, namespace="host"), host_budget=host_budget,
         gpus=[(gpu, gpu_budget) for gpu in gpus], keep_host_tier=keep_host_tier,
         manifests=ManifestStore(cache / "arenas"), cache_dir=cache, settings=LoadSettings(memory_limit=64 << 20),
-        max_parallel_loads=2,
+        max_parallel_loads=2, metrics=Metrics(status_of=status_name),
     )
     return registry, gpus
 
