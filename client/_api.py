@@ -106,6 +106,13 @@ def resolve_target(target: str | None) -> str:
     return target or os.environ.get("WEIGHTD_TARGET") or DEFAULT_TARGET
 
 
+def _channel(target: str) -> grpc.Channel:
+    if not isinstance(target, str):
+        raise InvalidRequestError(f"target must be a string such as 'unix:///run/weightd/weightd.sock', got "
+                                  f"{target!r}", code=grpc.StatusCode.INVALID_ARGUMENT)
+    return grpc.insecure_channel(target, options=_CHANNEL_OPTIONS)
+
+
 def _cuda_index(device: Device | None) -> int | None:
     """The CUDA device index ``device`` names in this process, or None for host memory. None means the current
     CUDA device when CUDA is available, else host memory."""
@@ -156,14 +163,24 @@ def _selector(
         raise InvalidRequestError(f"tp_size must be at least 1, got {tp_size}", code=grpc.StatusCode.INVALID_ARGUMENT)
     if rank < 0:
         raise InvalidRequestError(f"rank must be >= 0, got {rank}", code=grpc.StatusCode.INVALID_ARGUMENT)
-    rules = [
-        pb.ShardRule(pattern=r.pattern, replicate=True)
-        if r.split_dim is None
-        else pb.ShardRule(pattern=r.pattern, split_dim=r.split_dim, pad_multiple=r.pad_multiple)
-        for r in shard_rules or ()
-    ]
-    return pb.ModelSelector(model_uri=model_uri, rank=rank, tp_size=tp_size, shard_rules=rules,
-                            fusions=[pb.Fusion(fused=f.fused, parts=f.parts) for f in fusions or ()])
+    with _arguments():
+        rules = [
+            pb.ShardRule(pattern=r.pattern, replicate=True)
+            if r.split_dim is None
+            else pb.ShardRule(pattern=r.pattern, split_dim=r.split_dim, pad_multiple=r.pad_multiple)
+            for r in shard_rules or ()
+        ]
+        return pb.ModelSelector(model_uri=model_uri, rank=rank, tp_size=tp_size, shard_rules=rules,
+                                fusions=[pb.Fusion(fused=f.fused, parts=f.parts) for f in fusions or ()])
+
+
+@contextlib.contextmanager
+def _arguments() -> Iterator[None]:
+    """Arguments protobuf cannot carry (a wrong type, a negative size) come out as InvalidRequestError."""
+    try:
+        yield
+    except (TypeError, ValueError, AttributeError) as e:
+        raise InvalidRequestError(f"invalid argument: {e}", code=grpc.StatusCode.INVALID_ARGUMENT) from e
 
 
 class AttachedModel:
@@ -233,13 +250,16 @@ def attach(
     (an engine's fused parameters). ``timeout`` bounds the wait for the grant (which includes a cold load);
     None waits as long as it takes.
     """
+    if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
+        raise InvalidRequestError(f"timeout must be a positive number of seconds or None, got {timeout!r}",
+                                  code=grpc.StatusCode.INVALID_ARGUMENT)
     device_index = _cuda_index(device)
     selector = _selector(model_uri, rank, tp_size, shard_rules, fusions)
     if device_index is not None:
         selector.device_uuid = _device_uuid(device_index)
     request = pb.AttachModelRequest(model=selector)
     resolved = resolve_target(target)
-    channel = grpc.insecure_channel(resolved, options=_CHANNEL_OPTIONS)
+    channel = _channel(resolved)
     call = pb_grpc.WeightServiceStub(channel).AttachModel(request)
     timer = threading.Timer(timeout, call.cancel) if timeout is not None else None
     try:
@@ -313,22 +333,22 @@ def load(
     already resident, or being loaded by another caller, keeps the settings it was loaded with.
     """
     settings = pb.StreamerSettings()
-    if memory_limit is not None:
-        settings.memory_limit = memory_limit
-    if distributed is not None:
-        settings.distributed = distributed
-    if concurrency is not None:
-        if concurrency < 1:
-            raise InvalidRequestError(
-                f"concurrency must be at least 1, got {concurrency}", code=grpc.StatusCode.INVALID_ARGUMENT
-            )
-        settings.concurrency = concurrency
     selector = _selector(model_uri, rank, tp_size, shard_rules, fusions)
-    selector.device_uuid = _device_uuid(device)
-    request = pb.LoadModelRequest(
-        model=selector, all_ranks=all_ranks, settings=settings,
-        rank_device_uuids=[_device_uuid(d) for d in rank_devices or ()],
-    )
+    device_uuid = _device_uuid(device)
+    rank_device_uuids = [_device_uuid(d) for d in rank_devices or ()]
+    with _arguments():
+        if memory_limit is not None:
+            settings.memory_limit = memory_limit
+        if distributed is not None:
+            settings.distributed = distributed
+        if concurrency is not None:
+            if concurrency < 1:
+                raise ValueError(f"concurrency must be at least 1, got {concurrency}")
+            settings.concurrency = concurrency
+        selector.device_uuid = device_uuid
+        request = pb.LoadModelRequest(
+            model=selector, all_ranks=all_ranks, settings=settings, rank_device_uuids=rank_device_uuids
+        )
     last = LoadProgress("unspecified", 0, 0)
     with _stub(target) as stub:
         for response in stub.LoadModel(request):
@@ -380,8 +400,10 @@ def memory_budgets(*, target: str | None = None) -> list[MemoryBudget]:
 
 def fetch_metadata(model_uri: str, *, target: str | None = None) -> ModelMetadata:
     """Have the daemon download the model's metadata files (once) and say where they are."""
+    with _arguments():
+        request = pb.GetModelMetadataRequest(model_uri=model_uri)
     with _stub(target) as stub:
-        response = stub.GetModelMetadata(pb.GetModelMetadataRequest(model_uri=model_uri))
+        response = stub.GetModelMetadata(request)
     return ModelMetadata(
         directory=Path(response.metadata_dir),
         revision=response.revision,
@@ -392,8 +414,10 @@ def fetch_metadata(model_uri: str, *, target: str | None = None) -> ModelMetadat
 
 def evict(model_uri: str, *, target: str | None = None) -> int:
     """Free every unleased entry of ``model_uri``; returns the bytes freed."""
+    with _arguments():
+        request = pb.EvictModelRequest(model_uri=model_uri)
     with _stub(target) as stub:
-        response = stub.EvictModel(pb.EvictModelRequest(model_uri=model_uri))
+        response = stub.EvictModel(request)
     freed: int = response.freed_bytes
     return freed
 
@@ -402,7 +426,7 @@ def evict(model_uri: str, *, target: str | None = None) -> int:
 def _stub(target: str | None) -> Iterator[pb_grpc.WeightServiceStub]:
     """A stub on a channel that closes afterwards; RPC errors come out as weightd errors."""
     resolved = resolve_target(target)
-    with grpc.insecure_channel(resolved, options=_CHANNEL_OPTIONS) as channel:
+    with _channel(resolved) as channel:
         try:
             yield pb_grpc.WeightServiceStub(channel)
         except grpc.RpcError as e:

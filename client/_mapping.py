@@ -39,6 +39,9 @@ def map_arena(handle: pb.MemoryHandle, descriptors: Sequence[int], device_index:
     Mappings outlive the descriptors (the caller closes them), the lease and, except legacy IPC, the daemon.
     """
     kind = handle.WhichOneof("kind")
+    if kind in ("host", "cuda_vmm") and handle.descriptor_slot >= len(descriptors):
+        raise CorruptModelError(f"the grant names descriptor {handle.descriptor_slot} of {len(descriptors)} sent; "
+                                "attach again", code=grpc.StatusCode.DATA_LOSS)
     if kind == "host":
         return _map_host(handle, descriptors[handle.descriptor_slot])
     if kind in ("cuda_vmm", "cuda_ipc"):

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import tomllib
-from weightd.daemon.errors import InvalidRequestError
+from weightd.daemon.errors import ConfigurationError
 
 DEFAULT_CONFIG_FILE = Path("/etc/weightd/weightd.toml")
 S3_REQUEST_TIMEOUT_MS = 30_000
@@ -197,10 +197,10 @@ class DaemonConfig:
             try:
                 file_values = tomllib.loads(path.read_text())
             except (OSError, tomllib.TOMLDecodeError) as e:
-                raise InvalidRequestError(f"config file {path}: {e}") from e
+                raise ConfigurationError(f"config file {path}: {e}") from e
             unknown = set(file_values) - {s.name for s in SETTINGS}
             if unknown:
-                raise InvalidRequestError(f"config file {path}: unknown setting(s) {', '.join(sorted(unknown))}")
+                raise ConfigurationError(f"config file {path}: unknown setting(s) {', '.join(sorted(unknown))}")
         values: dict[str, Any] = {}
         for setting in SETTINGS:
             for source, value in (
@@ -212,7 +212,7 @@ class DaemonConfig:
                     try:
                         values[setting.name] = setting.parse(value)
                     except (ValueError, TypeError) as e:
-                        raise InvalidRequestError(f"{setting.name} from {source}: {value!r}: {e}") from e
+                        raise ConfigurationError(f"{setting.name} from {source}: {value!r}: {e}") from e
                     break
             else:
                 values[setting.name] = setting.default
@@ -222,11 +222,11 @@ class DaemonConfig:
 
     def _check(self) -> None:
         if bool(self.tls_cert) != bool(self.tls_key):
-            raise InvalidRequestError("--tls-cert and --tls-key go together: give both, or neither")
+            raise ConfigurationError("--tls-cert and --tls-key go together: give both, or neither")
         if self.tls_client_ca and not self.tls_cert:
-            raise InvalidRequestError("--tls-client-ca needs --tls-cert and --tls-key")
+            raise ConfigurationError("--tls-client-ca needs --tls-cert and --tls-key")
         if self.listen_api and not self.tls_cert and not is_loopback(self.listen_api):
-            raise InvalidRequestError(
+            raise ConfigurationError(
                 f"--listen-api {self.listen_api} is not a loopback address: serving the WeightService beyond this "
                 "node lets anyone who reaches the port load any URI with the node's credentials. Use "
                 "127.0.0.1:PORT, or pass --tls-cert and --tls-key (and --tls-client-ca to require client certificates)"

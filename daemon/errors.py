@@ -8,6 +8,11 @@ class WeightdError(Exception):
     """Root of every error the daemon reports to a caller."""
 
 
+class ConfigurationError(WeightdError):
+    """The daemon's own settings or surroundings are wrong (a flag, variable or config-file value; its socket or
+    cache directory taken by another daemon; unreadable TLS files): fix what the message names and restart."""
+
+
 class InvalidRequestError(WeightdError):
     """The request itself is malformed (bad URI, rank >= tp_size, ...): fix the request."""
 
@@ -26,6 +31,11 @@ class UnauthenticatedError(WeightdError):
 
 class StorageUnavailableError(WeightdError):
     """Storage could not be reached (after retries): check the endpoint and network, then retry."""
+
+
+class ShuttingDownError(WeightdError):
+    """The daemon is stopping: it aborted this load and takes no new ones. Retry once it is back (a restarted
+    daemon adopts every model that was complete)."""
 
 
 class InvalidModelError(WeightdError):

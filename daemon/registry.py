@@ -27,6 +27,7 @@ import asyncio
 import dataclasses
 import enum
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Sequence
@@ -37,7 +38,13 @@ from typing import cast
 
 from weightd.daemon import loader, source
 from weightd.daemon.devices import pick
-from weightd.daemon.errors import ModelInUseError, ModelNotFoundError, OutOfMemoryError, WeightdError
+from weightd.daemon.errors import (
+    ModelInUseError,
+    ModelNotFoundError,
+    OutOfMemoryError,
+    ShuttingDownError,
+    WeightdError,
+)
 from weightd.daemon.loader import LoadSettings
 from weightd.daemon.manifests import ArenaManifest, ManifestStore
 from weightd.daemon.memory.base import (
@@ -185,6 +192,8 @@ class Registry:
         self._leases: dict[str, Entry] = {}
         self._pool = ThreadPoolExecutor(max_workers=max_parallel_loads, thread_name_prefix="weightd-load")
         self._metrics = metrics
+        # Set once the daemon starts shutting down: load threads see it at their next range and abort.
+        self._stopping = threading.Event()
 
     def key(
         self, model_uri: str, *, tp_size: int, rank: int, rules: Sequence[ShardRule], device_uuid: str = "",
@@ -247,6 +256,7 @@ class Registry:
             await self._revalidate(keys, revalidate_after)
         missing = [k for k in keys if k not in self._entries]
         if missing:
+            self._check_running(missing[0])
             self._start_load(missing, settings or self._settings, revalidate_after)
         tasks = {self._entries[k].task for k in keys}
         # Shielded: a waiter that goes away (client disconnect) must not cancel a load others share.
@@ -351,10 +361,27 @@ class Registry:
         logger.info("evicted %d entr(y/ies) of %s, %d bytes", len(free), uri, freed)
         return len(free), freed
 
-    async def close(self, *, keep_arenas: bool) -> None:
-        """Stop: wait out running loads, then let go of every arena (the server has already ended all
-        leases). With ``keep_arenas``, current entries' arenas stay, with their manifests, for the next start."""
-        await asyncio.gather(*(e.task for e in self._entries.values()), return_exceptions=True)
+    def stop_loading(self) -> None:
+        """Abort the loads in progress (each at its next range, releasing its arenas) and start no new ones."""
+        self._stopping.set()
+
+    def _check_running(self, key: EntryKey) -> None:
+        if self._stopping.is_set():
+            raise ShuttingDownError(
+                f"{key.describe()}: the daemon is shutting down and stopped this load; retry once it is back"
+            )
+
+    async def close(self, *, keep_arenas: bool, timeout: float) -> None:
+        """Stop: abort running loads (waiting ``timeout`` seconds for them to let go of their arenas), then let
+        go of every arena (the server has already ended all leases). With ``keep_arenas``, complete entries'
+        arenas stay, with their manifests, for the next start."""
+        self.stop_loading()
+        loading = {e.task for e in self._entries.values() if not e.task.done()}
+        if loading:
+            _, stuck = await asyncio.wait(loading, timeout=timeout)
+            if stuck:
+                logger.warning("%d load(s) did not stop within %.0f s (storage not answering?); the next start "
+                               "removes their partial arenas", len(stuck), timeout)
         for entry in self._entries.values():
             if keep_arenas and entry.arena is not None:
                 self._unpin(entry.arena)
@@ -366,7 +393,7 @@ class Registry:
             self._free(entry)
         self._entries.clear()
         self._retired.clear()
-        self._pool.shutdown(wait=True)
+        self._pool.shutdown(wait=False)  # threads still loading end at their next range
 
     def _used_bytes(self, device: str) -> int:
         return sum(e.held_bytes for e in [*self._entries.values(), *self._retired] if e.key.device == device)
@@ -487,6 +514,8 @@ class Registry:
             error = asyncio.CancelledError() if task.cancelled() else task.exception()
             self._metrics.load_finished(seconds=time.monotonic() - started, scheme=scheme,
                                         storage_bytes=progress.bytes_done, error=error)
+            if error is not None:
+                logger.warning("loading %s failed: %s", keys[0].describe(), error)
 
         task.add_done_callback(finished)
         for key in [*keys, *(host_keys if cold else [])]:
@@ -513,6 +542,7 @@ class Registry:
                     settings=settings,
                 ),
             )
+            self._check_running(first)
             layouts = prepared.plan.layouts
             self._reserve(keys, layouts)
             if mirror_keys:
@@ -523,6 +553,7 @@ class Registry:
 
             def advance(n: int) -> None:
                 progress.bytes_done += n  # one writer thread; readers on the loop tolerate a stale value
+                self._check_running(first)
 
             mirror = self._mirror(mirror_keys, targets) if mirror_keys else None
             loaded = await loop.run_in_executor(

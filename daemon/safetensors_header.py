@@ -8,6 +8,7 @@ a byte that a header did not promise.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import math
@@ -91,7 +92,8 @@ def parse_header(raw: bytes, *, file: str, file_size: int) -> SafetensorsHeader:
     """Validate the JSON header ``raw`` (exactly N bytes) of a file of ``file_size`` bytes."""
     data_start = LENGTH_PREFIX_BYTES + len(raw)
     try:
-        document = json.loads(raw)
+        # Decoded strictly as UTF-8 first: json.loads would also take UTF-16 and UTF-32, which safetensors refuses.
+        document = json.loads(raw.decode("utf-8"), object_pairs_hook=functools.partial(_unique_keys, file=file))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise InvalidModelError(f"{file}: safetensors header is not valid JSON: {e}") from e
     except RecursionError as e:  # json's decoder recurses once per nesting level
@@ -120,10 +122,14 @@ def parse_header(raw: bytes, *, file: str, file_size: int) -> SafetensorsHeader:
 
 def _parse_entry(name: str, entry: Any, *, file: str, data_start: int, data_size: int) -> TensorEntry:
     where = f"{file}: tensor {name!r}"
+    try:
+        name.encode()
+    except UnicodeEncodeError as e:  # a lone surrogate from a \ud800 escape: no client could be sent the name
+        raise InvalidModelError(f"{where}: the name is not valid Unicode ({e.reason})") from e
     if not isinstance(entry, dict):
         raise InvalidModelError(f"{where}: header entry must be an object")
     dtype = entry.get("dtype")
-    if dtype not in DTYPE_SIZES:
+    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
         raise InvalidModelError(f"{where}: unknown dtype {dtype!r}; supported: {', '.join(DTYPE_SIZES)}")
     shape = entry.get("shape")
     if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
@@ -145,6 +151,19 @@ def _parse_entry(name: str, entry: Any, *, file: str, data_start: int, data_size
             "the file is truncated or its header is wrong"
         )
     return TensorEntry(name=name, dtype=dtype, shape=tuple(shape), begin=data_start + begin, end=data_start + end)
+
+
+def _unique_keys(pairs: list[tuple[str, Any]], *, file: str) -> dict[str, Any]:
+    """A JSON object's pairs as a dict, refusing a repeated key (json keeps the last one silently; safetensors
+    refuses the file)."""
+    document = dict(pairs)
+    if len(document) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise InvalidModelError(f"{file}: safetensors header names {key!r} twice; the file is not valid")
+            seen.add(key)
+    return document
 
 
 def _is_count(value: Any) -> bool:

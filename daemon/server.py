@@ -19,7 +19,7 @@ from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined
 from grpc_reflection.v1alpha import reflection
 from weightd.daemon.config import DaemonConfig
 from weightd.daemon.descriptors import DescriptorChannel, PeerPolicy, descriptor_socket_path
-from weightd.daemon.errors import InvalidRequestError, MemoryUnavailableError
+from weightd.daemon.errors import ConfigurationError, MemoryUnavailableError
 from weightd.daemon.loader import LoadSettings
 from weightd.daemon.manifests import ManifestStore
 from weightd.daemon.memory import open_backend, open_gpus
@@ -127,8 +127,10 @@ async def serve(config: DaemonConfig) -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
 
+    registry.stop_loading()  # first, so that requests waiting on a load are answered (UNAVAILABLE) at once
     keep = not config.free_on_stop
-    logger.info("shutting down: ending leases and %s arenas", "keeping (for the next start)" if keep else "freeing")
+    logger.info("shutting down: stopping loads, ending leases and %s arenas",
+                "keeping complete (for the next start)" if keep else "freeing")
     _notify_systemd("STOPPING=1")
     await health.enter_graceful_shutdown()
     leases_end.set()
@@ -137,7 +139,7 @@ async def serve(config: DaemonConfig) -> None:
     if metrics_server is not None:
         metrics_server.shutdown()
         metrics_server.server_close()
-    await registry.close(keep_arenas=keep)
+    await registry.close(keep_arenas=keep, timeout=SHUTDOWN_GRACE_S)
     with contextlib.suppress(FileNotFoundError):
         config.socket.unlink()
     lock.close()
@@ -169,7 +171,7 @@ def _add_api_port(server: grpc.aio.Server, config: DaemonConfig) -> None:
         key, cert = Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes()
         client_ca = Path(config.tls_client_ca).read_bytes() if config.tls_client_ca else None
     except OSError as e:
-        raise InvalidRequestError(f"cannot read TLS material for --listen-api: {e}") from e
+        raise ConfigurationError(f"cannot read TLS material for --listen-api: {e}") from e
     credentials = grpc.ssl_server_credentials(
         [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
     )
@@ -183,7 +185,7 @@ def _lock_cache_dir(cache_dir: Path) -> IO[str]:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError as e:
         lock.close()
-        raise InvalidRequestError(
+        raise ConfigurationError(
             f"another weightd daemon is using cache directory {cache_dir}; stop it, or give this one its own "
             "--cache-dir"
         ) from e
@@ -203,7 +205,7 @@ def _claim_socket(path: Path, kind: socket.SocketKind) -> None:
         return
     finally:
         probe.close()
-    raise InvalidRequestError(f"another process is serving on {path}; stop it or choose another --socket")
+    raise ConfigurationError(f"another process is serving on {path}; stop it or choose another --socket")
 
 
 def _notify_systemd(message: str) -> None:

@@ -26,11 +26,13 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["WeightService"].full_name
 logger = logging.getLogger(__name__)
 
 STATUS_BY_ERROR: dict[type[errors.WeightdError], grpc.StatusCode] = {
+    errors.ConfigurationError: grpc.StatusCode.FAILED_PRECONDITION,  # raised at start, not by requests
     errors.InvalidRequestError: grpc.StatusCode.INVALID_ARGUMENT,
     errors.ModelNotFoundError: grpc.StatusCode.NOT_FOUND,
     errors.AccessDeniedError: grpc.StatusCode.PERMISSION_DENIED,
     errors.UnauthenticatedError: grpc.StatusCode.UNAUTHENTICATED,
     errors.StorageUnavailableError: grpc.StatusCode.UNAVAILABLE,
+    errors.ShuttingDownError: grpc.StatusCode.UNAVAILABLE,
     errors.InvalidModelError: grpc.StatusCode.INVALID_ARGUMENT,
     errors.CorruptModelError: grpc.StatusCode.DATA_LOSS,
     errors.UnsupportedModelError: grpc.StatusCode.FAILED_PRECONDITION,

@@ -222,3 +222,23 @@ def run_client(script: str, *args: str, env: Mapping[str, str] | None = None, ti
 def copy_model(model: Model, destination: Path) -> Path:
     shutil.copytree(model.directory, destination)
     return destination
+
+
+# The fault campaign's figures (tests/test_faults.py), shown together after the run.
+FIGURES: list[str] = []
+
+
+@pytest.fixture
+def figure() -> Any:
+    def record(line: str) -> None:
+        FIGURES.append(line)
+        print(line)
+
+    return record
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if FIGURES:
+        terminalreporter.section("weightd fault campaign")
+        for line in FIGURES:
+            terminalreporter.write_line(line)

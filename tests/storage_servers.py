@@ -80,6 +80,14 @@ def stop_process(process: subprocess.Popen[Any], *, timeout: float = 15) -> None
 class S3Server:
     endpoint: str
     process: subprocess.Popen[bytes]
+    command: tuple[str, ...] = ()
+    log: Path | None = None
+
+    def restart(self) -> None:
+        """Start ``weed`` again on the same ports and data (after it was killed), returning once it serves."""
+        assert self.log is not None and self.process.poll() is not None, "restart a server that has exited"
+        self.process = subprocess.Popen(self.command, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT)
+        wait_until(lambda: self.client().list_buckets(), self.process, "SeaweedFS (restarted)", self.log)
 
     def env(self, *, key: str = S3_KEY, secret: str = S3_SECRET) -> dict[str, str]:
         return {
@@ -142,14 +150,14 @@ def _start_seaweedfs_once(root: Path) -> S3Server:
     master, volume, filer, s3_port, admin = ports
     (root / "data").mkdir()
     log = root / "weed.log"
-    process = subprocess.Popen(
-        [str(BIN / "weed"), "mini", f"-dir={root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-         f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}", f"-s3.port={s3_port}",
-         f"-admin.port={admin}", "-admin.ui=false", "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
-         f"-s3.config={config}"],
-        stdout=open(log, "wb"), stderr=subprocess.STDOUT,
+    command = (
+        str(BIN / "weed"), "mini", f"-dir={root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+        f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}", f"-s3.port={s3_port}",
+        f"-admin.port={admin}", "-admin.ui=false", "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
+        f"-s3.config={config}",
     )
-    server = S3Server(endpoint=f"http://127.0.0.1:{s3_port}", process=process)
+    process = subprocess.Popen(command, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+    server = S3Server(endpoint=f"http://127.0.0.1:{s3_port}", process=process, command=command, log=log)
     wait_until(lambda: server.client().list_buckets(), process, "SeaweedFS", log)
     return server
 

@@ -152,6 +152,13 @@ def test_health_and_reflection_with_grpcurl(daemon) -> None:
         capture_output=True, text=True, timeout=30,
     )
     assert "rpc AttachModel" in described.stdout
+    listed_models = subprocess.run(  # the README's ListModels call
+        [grpcurl, "-plaintext", "-unix", "-d", "{}", str(daemon.socket), "weightd.v1.WeightService/ListModels"],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert listed_models.returncode == 0, listed_models.stderr
+    (budget,) = json.loads(listed_models.stdout)["budgets"]
+    assert budget["kind"] == "MEMORY_KIND_HOST" and int(budget["limit_bytes"]) > 0  # grpcurl keeps proto names
     assert oct(daemon.socket.stat().st_mode & 0o777) == "0o660"
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 from weightd.daemon.config import SETTINGS, DaemonConfig, parse_size
-from weightd.daemon.errors import InvalidRequestError
+from weightd.daemon.errors import ConfigurationError
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -28,13 +28,13 @@ def test_config_file_from_env_and_errors(tmp_path: Path) -> None:
     toml.write_text("max_parallel_loads = 3\n")
     assert DaemonConfig.load({}, {"WEIGHTD_CONFIG": str(toml)}).max_parallel_loads == 3
     toml.write_text("bogus = 1\n")
-    with pytest.raises(InvalidRequestError, match="unknown setting"):
+    with pytest.raises(ConfigurationError, match="unknown setting"):
         DaemonConfig.load({}, {}, config_file=toml)
-    with pytest.raises(InvalidRequestError, match="concurrency from WEIGHTD_CONCURRENCY"):
+    with pytest.raises(ConfigurationError, match="concurrency from WEIGHTD_CONCURRENCY"):
         DaemonConfig.load({}, {"WEIGHTD_CONCURRENCY": "many", "WEIGHTD_CONFIG": str(tmp_path / "absent.toml")})
-    with pytest.raises(InvalidRequestError, match="HOST:PORT"):
+    with pytest.raises(ConfigurationError, match="HOST:PORT"):
         DaemonConfig.load({"listen": "50051"}, {})
-    with pytest.raises(InvalidRequestError, match=r"distributed from WEIGHTD_DISTRIBUTED.*not a boolean"):
+    with pytest.raises(ConfigurationError, match=r"distributed from WEIGHTD_DISTRIBUTED.*not a boolean"):
         DaemonConfig.load({}, {"WEIGHTD_DISTRIBUTED": "maybe"})
     assert DaemonConfig.load({}, {"WEIGHTD_DISTRIBUTED": "true"}).distributed is True
 
@@ -59,7 +59,7 @@ def test_streamer_environment() -> None:
     assert env["RUNAI_STREAMER_S3_USE_VIRTUAL_ADDRESSING"] == "0"
     # By default the streamer keeps its own per-backend concurrency (8 object-store clients, 16 file readers).
     assert "RUNAI_STREAMER_CONCURRENCY" not in DaemonConfig.load({}, {}).streamer_environment({})
-    with pytest.raises(InvalidRequestError, match=r"concurrency from flag: '-1': must be 0 or more"):
+    with pytest.raises(ConfigurationError, match=r"concurrency from flag: '-1': must be 0 or more"):
         DaemonConfig.load({"concurrency": "-1"}, {})
 
 

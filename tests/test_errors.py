@@ -8,6 +8,7 @@ import re
 import shutil
 import struct
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -227,3 +228,41 @@ def test_every_error_class_has_a_status_its_subclasses_inherit() -> None:
 
         assert status_for(Refined) == status_for(cls)
     assert status_for(errors.WeightdError) == grpc.StatusCode.INTERNAL
+
+
+def test_client_calls_raise_only_client_errors(daemon_factory, good_uri: str) -> None:
+    """Arguments the wire cannot carry, or a bad target, are InvalidRequestError before anything is sent."""
+    daemon = daemon_factory()
+    target = daemon.target
+    calls: list[tuple[str, Callable[[], object]]] = [
+        ("attach uri None", lambda: client.attach(None, target=target)),  # type: ignore[arg-type]
+        ("attach uri int", lambda: client.attach(123, target=target)),  # type: ignore[arg-type]
+        ("attach rule dim str", lambda: client.attach(good_uri, shard_rules=[
+            client.ShardRule(pattern="x", split_dim="0")], target=target)),  # type: ignore[arg-type]
+        ("attach rule pad negative", lambda: client.attach(good_uri, shard_rules=[
+            client.ShardRule(pattern="x", split_dim=0, pad_multiple=-1)], target=target)),
+        ("attach fusion parts None", lambda: client.attach(good_uri, fusions=[
+            client.Fusion(fused="a", parts=None)], target=target)),  # type: ignore[arg-type]
+        ("attach device tpu", lambda: client.attach(good_uri, device="tpu", target=target)),
+        ("attach timeout str", lambda: client.attach(good_uri, timeout="1", target=target)),  # type: ignore[arg-type]
+        ("attach timeout negative", lambda: client.attach(good_uri, timeout=-1, target=target)),
+        ("attach target int", lambda: client.attach(good_uri, target=5)),  # type: ignore[arg-type]
+        ("load memory_limit negative", lambda: client.load(good_uri, memory_limit=-5, target=target)),
+        ("load concurrency 0", lambda: client.load(good_uri, concurrency=0, target=target)),
+        ("load concurrency str", lambda: client.load(good_uri, concurrency="8", target=target)),  # type: ignore[arg-type]
+        ("evict uri list", lambda: client.evict(["/x"], target=target)),  # type: ignore[arg-type]
+        ("metadata uri None", lambda: client.fetch_metadata(None, target=target)),  # type: ignore[arg-type]
+        ("list target list", lambda: client.list_models(target=["unix:///x"])),  # type: ignore[arg-type]
+    ]
+    for what, call in calls:
+        try:
+            call()
+        except client.InvalidRequestError as e:
+            assert e.code == grpc.StatusCode.INVALID_ARGUMENT, what
+        except Exception as e:
+            raise AssertionError(f"{what}: {type(e).__module__}.{type(e).__name__}: {e}") from e
+        else:
+            raise AssertionError(f"{what}: no error")
+    with pytest.raises(client.UnavailableError):
+        client.list_models(target=f"unix://{daemon.root}/no-such.sock")
+    assert_still_serving(daemon, good_uri, "/x")

@@ -298,7 +298,7 @@ def test_registry_gpu_entries_fill_from_the_host_tier(
         (again,) = await registry.ensure([key])
         assert again is not entry and again.storage_bytes_read == 0
         registry.release(lease)
-        await registry.close(keep_arenas=False)
+        await registry.close(keep_arenas=False, timeout=30)
         assert gpus[0].pinned == set()  # every host arena unpinned before it was unmapped
 
     asyncio.run(scenario())
@@ -318,7 +318,7 @@ def test_host_tier_drop_frees_the_host_copy_after_a_gpu_load(
         assert [s.key.device for s in registry.snapshot()] == [GPU0.uuid, GPU1.uuid]
         assert {u.device_uuid: u.used_bytes for u in registry.memory_usage()}[""] == 0
         assert gpus[0].pinned == gpus[1].pinned == set() and not list((tmp_path / "cache" / "arenas").glob("*"))
-        await registry.close(keep_arenas=False)
+        await registry.close(keep_arenas=False, timeout=30)
 
     asyncio.run(scenario())
 
