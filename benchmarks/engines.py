@@ -27,11 +27,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from weightd import client  # noqa: E402
-from weightd.integrations._slices import FUSIONS, SHARD_RULES  # noqa: E402
+from weightd.integrations._slices import FUSIONS, shard_rules  # noqa: E402
 
 from benchmarks.daemon import Daemon  # noqa: E402
 
 VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
+KV_HEADS = 4
 
 TRANSFORMERS_LOAD = r"""
 import json, sys, time
@@ -97,7 +98,7 @@ def write_model(directory: Path, layers: int) -> None:
 
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        hidden_size=1024, intermediate_size=2816, num_attention_heads=16, num_key_value_heads=4,
+        hidden_size=1024, intermediate_size=2816, num_attention_heads=16, num_key_value_heads=KV_HEADS,
         num_hidden_layers=layers, vocab_size=32000, tie_word_embeddings=False, max_position_embeddings=512,
     )).to(torch.bfloat16).save_pretrained(directory)
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -125,7 +126,7 @@ def main() -> int:
     try:
         client.load(str(model), target=target)
         # vLLM's layout (padded vocabulary, fused projections) is an entry of its own: warm it too.
-        client.load(str(model), shard_rules=SHARD_RULES, fusions=FUSIONS, target=target)
+        client.load(str(model), shard_rules=shard_rules(KV_HEADS), fusions=FUSIONS, target=target)
         samples: dict[str, list[dict[str, Any]]] = {"transformers/weightd": [], "transformers/own": []}
         vllm_modes = () if args.skip_vllm else ("weightd", "weightd-copy", "own")
         samples |= {f"vllm/{mode}": [] for mode in vllm_modes}

@@ -42,11 +42,14 @@ class ShardRule:
     """Tensors whose name matches ``pattern`` (``re.search``) split on ``split_dim``; None = replicate.
 
     The split dimension is first padded with zeros to a multiple of ``pad_multiple``, as vLLM and SGLang pad a
-    vocabulary to 64, so every rank's slice has the same size."""
+    vocabulary to 64, so every rank's slice has the same size. ``heads`` > 0 says the dimension is that many
+    heads, never cut: with tp_size > heads, tp_size / heads consecutive ranks get the same head, as engines
+    replicate KV heads when tp_size > num_key_value_heads."""
 
     pattern: str
     split_dim: int | None
     pad_multiple: int = 1
+    heads: int = 0
 
 
 @dataclass(frozen=True)
@@ -167,7 +170,7 @@ def _selector(
         rules = [
             pb.ShardRule(pattern=r.pattern, replicate=True)
             if r.split_dim is None
-            else pb.ShardRule(pattern=r.pattern, split_dim=r.split_dim, pad_multiple=r.pad_multiple)
+            else pb.ShardRule(pattern=r.pattern, split_dim=r.split_dim, pad_multiple=r.pad_multiple, heads=r.heads)
             for r in shard_rules or ()
         ]
         return pb.ModelSelector(model_uri=model_uri, rank=rank, tp_size=tp_size, shard_rules=rules,

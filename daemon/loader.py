@@ -90,7 +90,7 @@ def prepare(
         source.headers,
         tp_size=tp_size,
         ranks=ranks,
-        rules=select_rules(source.model_type, rules, tp_size=tp_size),
+        rules=select_rules(source.architecture, rules, tp_size=tp_size),
         max_range_bytes=max(1 << 20, settings.memory_limit // 4),
         fusions=fusions,
     )

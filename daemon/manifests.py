@@ -25,7 +25,9 @@ from weightd.daemon.sharding import ShardRule
 logger = logging.getLogger(__name__)
 
 # 2: rules carry pad_multiple and default plans pad vocabularies (a version-1 layout differs); fusions.
-FORMAT_VERSION = 2
+# 3: rules carry heads, and default plans keep KV heads whole (a version-2 layout of k/v at tp_size > KV heads
+#    differs).
+FORMAT_VERSION = 3
 SUFFIX = ".json"
 
 
@@ -54,7 +56,7 @@ class ArenaManifest:
             "model_uri": self.model_uri,
             "tp_size": self.tp_size,
             "rank": self.rank,
-            "rules": [[r.pattern, r.split_dim, r.pad_multiple] for r in self.rules],
+            "rules": [[r.pattern, r.split_dim, r.pad_multiple, r.heads] for r in self.rules],
             "fusions": [[f.fused, list(f.parts)] for f in self.fusions],
             "revision": self.revision,
             "object_versions": {name: list(v) for name, v in self.object_versions.items()},
@@ -83,7 +85,9 @@ class ArenaManifest:
             model_uri=str(data["model_uri"]),
             tp_size=int(data["tp_size"]),
             rank=int(data["rank"]),
-            rules=tuple(ShardRule(str(p), None if d is None else int(d), int(m)) for p, d, m in data["rules"]),
+            rules=tuple(
+                ShardRule(str(p), None if d is None else int(d), int(m), int(h)) for p, d, m, h in data["rules"]
+            ),
             fusions=tuple(Fusion(str(f), tuple(map(str, parts))) for f, parts in data["fusions"]),
             revision=str(data["revision"]),
             object_versions={str(n): (int(s), str(v)) for n, (s, v) in data["object_versions"].items()},

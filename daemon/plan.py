@@ -214,7 +214,7 @@ class _PlanBuilder:
         offset = self.placement.offsets[tensor.name]
         windows = []
         for i, rank in enumerate(self.ranks):
-            window = 0 if split is None else rank * piece
+            window = 0 if split is None else split.index(rank, self.tp_size) * piece
             windows.append(window)
             if window + piece > row_bytes:
                 start = max(window, row_bytes) - window

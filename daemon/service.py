@@ -75,7 +75,8 @@ async def abort_with(context: grpc.aio.ServicerContext[object, object], error: E
 
 def _rules(selector: pb.ModelSelector) -> list[ShardRule]:
     return [
-        ShardRule(r.pattern, None if r.WhichOneof("action") == "replicate" else r.split_dim, r.pad_multiple or 1)
+        ShardRule(r.pattern, None if r.WhichOneof("action") == "replicate" else r.split_dim, r.pad_multiple or 1,
+                  r.heads)
         for r in selector.shard_rules
     ]
 

@@ -23,29 +23,40 @@ VOCAB_PAD_MULTIPLE = 64
 @dataclass(frozen=True)
 class ShardRule:
     """Tensors whose name matches ``pattern`` (``re.search``) are split on ``split_dim``, or replicated
-    when ``split_dim`` is None. A split dimension is first padded with zeros to a multiple of ``pad_multiple``."""
+    when ``split_dim`` is None. A split dimension is first padded with zeros to a multiple of ``pad_multiple``.
+    ``heads`` > 0 says it is that many heads, never cut: beyond ``heads`` ranks, consecutive ranks share one."""
 
     pattern: str
     split_dim: int | None
     pad_multiple: int = 1
+    heads: int = 0
 
     @cached_property
     def regex(self) -> re.Pattern[str]:
         return re.compile(self.pattern)
 
 
-_LLAMA_FAMILY: tuple[ShardRule, ...] = (
-    ShardRule(r"\.(q_proj|k_proj|v_proj|gate_proj|up_proj)\.(weight|bias)$", 0),
-    ShardRule(r"\.(o_proj|down_proj)\.weight$", 1),
-    ShardRule(r"(^|\.)embed_tokens\.weight$", 0, VOCAB_PAD_MULTIPLE),
-    ShardRule(r"(^|\.)lm_head\.weight$", 0, VOCAB_PAD_MULTIPLE),
-)
+@dataclass(frozen=True)
+class Architecture:
+    """What a default plan needs of a model's config.json."""
 
-# config.json model_type -> plan. Only families whose checkpoints use exactly the Llama tensor names.
-DEFAULT_PLANS: dict[str, tuple[ShardRule, ...]] = {
-    model_type: _LLAMA_FAMILY
-    for model_type in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "olmo2", "granite")
-}
+    model_type: str | None
+    kv_heads: int | None  # num_key_value_heads (num_attention_heads without grouped-query attention)
+
+
+def llama_family_plan(kv_heads: int | None) -> tuple[ShardRule, ...]:
+    """The plan for checkpoints with Llama's tensor names; k/v keep their ``kv_heads`` heads whole."""
+    return (
+        ShardRule(r"\.(q_proj|gate_proj|up_proj)\.(weight|bias)$", 0),
+        ShardRule(r"\.(k_proj|v_proj)\.(weight|bias)$", 0, heads=kv_heads or 0),
+        ShardRule(r"\.(o_proj|down_proj)\.weight$", 1),
+        ShardRule(r"(^|\.)embed_tokens\.weight$", 0, VOCAB_PAD_MULTIPLE),
+        ShardRule(r"(^|\.)lm_head\.weight$", 0, VOCAB_PAD_MULTIPLE),
+    )
+
+
+# config.json model_type values with a default plan: families whose checkpoints use exactly Llama's names.
+LLAMA_FAMILY = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "olmo2", "granite"})
 
 
 def parse_rules(rules: Iterable[ShardRule]) -> tuple[ShardRule, ...]:
@@ -60,6 +71,8 @@ def parse_rules(rules: Iterable[ShardRule]) -> tuple[ShardRule, ...]:
             raise InvalidRequestError(f"shard rule {rule.pattern!r}: split_dim must be >= 0")
         if rule.pad_multiple < 1:
             raise InvalidRequestError(f"shard rule {rule.pattern!r}: pad_multiple must be >= 1")
+        if rule.heads < 0:
+            raise InvalidRequestError(f"shard rule {rule.pattern!r}: heads must be >= 0")
         checked.append(rule)
     return tuple(checked)
 
@@ -71,29 +84,36 @@ def check_group(tp_size: int, rank: int) -> None:
         raise InvalidRequestError(f"rank must be in [0, {tp_size}) for tp_size {tp_size}, got {rank}")
 
 
-def select_rules(model_type: str | None, user_rules: Sequence[ShardRule], *, tp_size: int) -> tuple[ShardRule, ...]:
+def select_rules(
+    architecture: Architecture, user_rules: Sequence[ShardRule], *, tp_size: int
+) -> tuple[ShardRule, ...]:
     """The rules to apply: the user's if given (at tp_size 1 too, where only their padding applies), else the
-    default plan for ``model_type``."""
+    default plan for the model's architecture."""
     if user_rules:
         return tuple(user_rules)
     if tp_size == 1:
         return ()
-    plan = DEFAULT_PLANS.get(model_type or "")
-    if plan is None:
+    if architecture.model_type not in LLAMA_FAMILY:
         raise UnsupportedModelError(
-            f"no default tensor-parallel plan for model_type {model_type!r} (known: "
-            f"{', '.join(sorted(DEFAULT_PLANS))}); pass shard_rules (pattern -> split dim or replicate) "
+            f"no default tensor-parallel plan for model_type {architecture.model_type!r} (known: "
+            f"{', '.join(sorted(LLAMA_FAMILY))}); pass shard_rules (pattern -> split dim or replicate) "
             "to attach it with tp_size > 1"
         )
-    return plan
+    return llama_family_plan(architecture.kv_heads)
 
 
 @dataclass(frozen=True)
 class Split:
-    """A tensor split on ``dim``: every rank holds ``part`` entries of it (the last ones zeros past the end)."""
+    """A tensor split on ``dim`` into ``parts`` slices of ``part`` entries (the last ones zeros past the end);
+    with fewer parts than ranks, consecutive ranks hold the same slice."""
 
     dim: int
     part: int
+    parts: int
+
+    def index(self, rank: int, tp_size: int) -> int:
+        """Which slice ``rank`` holds: vLLM's and SGLang's ``tp_rank // (tp_size // num_kv_heads)`` for KV heads."""
+        return rank * self.parts // tp_size
 
 
 def split_for(name: str, shape: Sequence[int], rules: Sequence[ShardRule], *, tp_size: int) -> Split | None:
@@ -107,10 +127,18 @@ def split_for(name: str, shape: Sequence[int], rules: Sequence[ShardRule], *, tp
             f"tensor {name!r} has {len(shape)} dimension(s) (shape {list(shape)}); a rule splits it on dim {dim}"
         )
     padded = -(-shape[dim] // rule.pad_multiple) * rule.pad_multiple
-    if padded % tp_size:
+    parts = tp_size
+    if rule.heads:
+        if padded % rule.heads or (rule.heads % tp_size and tp_size % rule.heads):
+            raise InvalidRequestError(
+                f"tensor {name!r} dim {dim} (size {shape[dim]}) is {rule.heads} heads: its size must be a "
+                f"multiple of that, and tp_size {tp_size} must divide the heads or be a multiple of them"
+            )
+        parts = min(tp_size, rule.heads)  # beyond that, ranks share heads
+    if padded % parts:
         padding = f" (padded to a multiple of {rule.pad_multiple}: {padded})" if padded != shape[dim] else ""
         raise InvalidRequestError(
             f"tensor {name!r} dim {dim} has size {shape[dim]}{padding}, which tp_size {tp_size} does not "
             "divide evenly"
         )
-    return Split(dim, padded // tp_size)
+    return Split(dim, padded // parts, parts)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from weightd.daemon.errors import InvalidModelError, ModelNotFoundError, UnsupportedModelError
 from weightd.daemon.safetensors_header import SafetensorsHeader, header_length, parse_header
+from weightd.daemon.sharding import Architecture
 from weightd.daemon.storage.base import ModelLocation, ObjectInfo, ObjectStore
 
 WEIGHTS_SUFFIX = ".safetensors"
@@ -44,7 +45,7 @@ class ModelSource:
     location: ModelLocation
     metadata: Metadata
     headers: tuple[SafetensorsHeader, ...]
-    model_type: str | None
+    architecture: Architecture
 
 
 def revision_of(objects: dict[str, ObjectInfo]) -> str:
@@ -83,7 +84,7 @@ def resolve(store: ObjectStore, cache_dir: Path) -> ModelSource:
         headers = tuple(pool.map(lambda info: _read_header(store, info), weights))
     _check_tensors(location, headers, weight_map)
     return ModelSource(
-        location=location, metadata=metadata, headers=headers, model_type=_model_type(metadata.directory)
+        location=location, metadata=metadata, headers=headers, architecture=_architecture(metadata.directory)
     )
 
 
@@ -181,10 +182,16 @@ def _weight_map(location: ModelLocation, metadata_dir: Path) -> dict[str, str] |
     return {str(k): str(v) for k, v in weight_map.items()}
 
 
-def _model_type(metadata_dir: Path) -> str | None:
+def _architecture(metadata_dir: Path) -> Architecture:
+    """What the default tensor-parallel plans need from config.json (nothing, for a model without one)."""
     try:
-        value = json.loads((metadata_dir / "config.json").read_text()).get("model_type")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return value if isinstance(value, str) else None
+        config = json.loads((metadata_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return Architecture(None, None)
+    if not isinstance(config, dict):
+        return Architecture(None, None)
+    model_type = config.get("model_type")
+    kv_heads = config.get("num_key_value_heads", config.get("num_attention_heads"))
+    return Architecture(model_type if isinstance(model_type, str) else None,
+                        kv_heads if isinstance(kv_heads, int) and kv_heads > 0 else None)
 

@@ -17,14 +17,21 @@ from weightd import client
 # sources), so that a rank's slices placed by name are exactly what their weight loaders would produce.
 SLICE_ARCHITECTURES = frozenset({"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"})
 
-# Both engines' layout for these, at every tp_size: Megatron splits, and the vocabulary padded with zero rows
-# to a multiple of 64 (their DEFAULT_VOCAB_PADDING_SIZE), even at tp_size 1.
-SHARD_RULES = (
-    client.ShardRule(r"\.(q_proj|k_proj|v_proj|gate_proj|up_proj)\.(weight|bias)$", 0),
-    client.ShardRule(r"\.(o_proj|down_proj)\.weight$", 1),
-    client.ShardRule(r"(^|\.)embed_tokens\.weight$", 0, 64),
-    client.ShardRule(r"(^|\.)lm_head\.weight$", 0, 64),
-)
+
+
+def shard_rules(kv_heads: int) -> tuple[client.ShardRule, ...]:
+    """Both engines' layout for these, at every tp_size: Megatron splits; KV heads kept whole, and shared by
+    tp_size / kv_heads consecutive ranks when tp_size > kv_heads; the vocabulary padded with zero rows to a
+    multiple of 64 (their DEFAULT_VOCAB_PADDING_SIZE), even at tp_size 1."""
+    return (
+        client.ShardRule(r"\.(q_proj|gate_proj|up_proj)\.(weight|bias)$", 0),
+        client.ShardRule(r"\.(k_proj|v_proj)\.(weight|bias)$", 0, heads=kv_heads),
+        client.ShardRule(r"\.(o_proj|down_proj)\.weight$", 1),
+        client.ShardRule(r"(^|\.)embed_tokens\.weight$", 0, 64),
+        client.ShardRule(r"(^|\.)lm_head\.weight$", 0, 64),
+    )
+
+
 FUSIONS = (
     client.Fusion("qkv_proj", ("q_proj", "k_proj", "v_proj")),
     client.Fusion("gate_up_proj", ("gate_proj", "up_proj")),
@@ -59,28 +66,26 @@ class SliceMismatchError(ValueError):
     another way."""
 
 
-def check_sliceable(architecture: str, *, engine: str, quantization: object, kv_heads: int, tp_size: int) -> None:
+def check_sliceable(architecture: str, *, engine: str, quantization: object) -> None:
     if architecture not in SLICE_ARCHITECTURES:
         raise SliceMismatchError(f"{architecture} is not one of {sorted(SLICE_ARCHITECTURES)}, whose weights "
                                  f"weightd places as {engine} does")
     if quantization is not None:
         raise SliceMismatchError(f"quantization {quantization!r} repacks weights in the model's own loaders")
-    if tp_size > kv_heads:
-        raise SliceMismatchError(f"tp_size {tp_size} > {kv_heads} KV heads: {engine} replicates KV heads, the "
-                                 "daemon splits them")
 
 
 def attach_rank(
-    model_uri: str, *, rank: int, tp_size: int, device: Any, rank_devices: Callable[[], list[str] | None],
-    target: str | None,
+    model_uri: str, *, rank: int, tp_size: int, kv_heads: int, device: Any,
+    rank_devices: Callable[[], list[str] | None], target: str | None,
 ) -> client.AttachedModel:
     """Attach this rank in the engine's layout. Every rank first asks for the whole group: the first request
     loads all ranks in one pass (each byte read once), the others wait for it, then each attaches its own."""
+    rules = shard_rules(kv_heads)
     try:
         if tp_size > 1:
-            client.load(model_uri, tp_size=tp_size, all_ranks=True, shard_rules=SHARD_RULES, fusions=FUSIONS,
+            client.load(model_uri, tp_size=tp_size, all_ranks=True, shard_rules=rules, fusions=FUSIONS,
                         rank_devices=rank_devices(), target=target)
-        return client.attach(model_uri, rank, tp_size=tp_size, shard_rules=SHARD_RULES, fusions=FUSIONS,
+        return client.attach(model_uri, rank, tp_size=tp_size, shard_rules=rules, fusions=FUSIONS,
                              device=device, target=target)
     except (client.PreconditionFailedError, client.InvalidRequestError) as e:
         raise SliceMismatchError(f"the daemon cannot lay it out: {e}") from e

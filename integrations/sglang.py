@@ -12,8 +12,9 @@ Python (it has no hook for a new ``--load-format`` string on its command line).
 The extra config is vLLM's: ``model_uri`` (default: the model path SGLang was given), ``target`` (the daemon;
 default ``WEIGHTD_TARGET``, else its standard socket) and ``zero_copy`` (default true). The modes are vLLM's
 too (weightd.integrations.vllm): each tensor-parallel rank attaches its own slices in SGLang's layout, on its
-own device, and uses them as its parameters (zero-copy) or copies them in; other architectures, quantized
-models and KV-head replication load the whole model through the model's own ``load_weights``.
+own device, and uses them as its parameters (zero-copy) or copies them in, KV heads shared between ranks as
+SGLang replicates them; other architectures and quantized models load the whole model through the model's
+own ``load_weights``.
 """
 
 from __future__ import annotations
@@ -90,11 +91,11 @@ def loader_class() -> type:
 
         def _from_rank(self, model: Any, model_config: Any, settings: LoaderSettings) -> str:
             rank, tp_size = get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
-            check_sliceable(type(model).__name__, engine="SGLang", quantization=model_config.quantization,
-                            kv_heads=model_config.get_total_num_kv_heads(), tp_size=tp_size)
+            check_sliceable(type(model).__name__, engine="SGLang", quantization=model_config.quantization)
             device = next(model.parameters()).device
             attached = attach_rank(
-                settings.model_uri, rank=rank, tp_size=tp_size, device=device, target=settings.target,
+                settings.model_uri, rank=rank, tp_size=tp_size, kv_heads=model_config.get_total_num_kv_heads(),
+                device=device, target=settings.target,
                 rank_devices=lambda: group_devices(device, tp_size=tp_size, cpu_group=lambda: get_tp_group().cpu_group),
             )
             return load_rank(model, attached, zero_copy=settings.zero_copy)

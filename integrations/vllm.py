@@ -19,8 +19,9 @@ once. Then:
 - copy: otherwise (a dtype other than the checkpoint's, ``"zero_copy": false``), each tensor is copied into its
   parameter by name and offset, on the device: one copy per parameter, and vLLM narrows nothing.
 
-When slices do not fit at all (an architecture other than Llama, Mistral, Qwen2 and Qwen3, KV heads replicated
-because tp_size > num_kv_heads, quantization), the worker attaches the whole model in host shared memory and
+KV heads are kept whole: with tp_size > num_kv_heads, tp_size / num_kv_heads consecutive ranks get the same
+head, as vLLM replicates them. When slices do not fit at all (an architecture other than Llama, Mistral, Qwen2
+and Qwen3, quantization), the worker attaches the whole model in host shared memory and
 hands it to the model's own ``load_weights``, whose weight loaders fuse and take this rank's slice: every model
 vLLM supports loads, at the cost of mapping the whole model. The log line of each load says which way it went
 and why.
@@ -87,10 +88,10 @@ def loader_class() -> type:
 
         def _from_rank(self, model: Any, model_config: Any, settings: LoaderSettings) -> str:
             rank, tp_size = get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
-            check_sliceable(type(model).__name__, engine="vLLM", quantization=model_config.quantization,
-                            kv_heads=model_config.get_total_num_kv_heads(), tp_size=tp_size)
+            check_sliceable(type(model).__name__, engine="vLLM", quantization=model_config.quantization)
             device = next(model.parameters()).device
-            attached = attach_rank(settings.model_uri, rank=rank, tp_size=tp_size, device=device,
+            attached = attach_rank(settings.model_uri, rank=rank, tp_size=tp_size,
+                                   kv_heads=model_config.get_total_num_kv_heads(), device=device,
                                    rank_devices=lambda: group_devices(device, tp_size=tp_size, cpu_group=_cpu_group),
                                    target=settings.target)
             return load_rank(model, attached, zero_copy=settings.zero_copy)

@@ -9,7 +9,7 @@ from safetensors.torch import save
 from weightd.daemon.errors import InvalidRequestError, UnsupportedModelError
 from weightd.daemon.plan import ALIGNMENT, LoadPlan, build_plan
 from weightd.daemon.safetensors_header import header_length, parse_header
-from weightd.daemon.sharding import DEFAULT_PLANS, ShardRule, select_rules
+from weightd.daemon.sharding import Architecture, ShardRule, llama_family_plan, select_rules
 from weightd.daemon.streaming import _copy_duplicates, _route, _scatter_block
 
 RULES = (ShardRule(r"vocab", 0, 8), ShardRule(r"padrow", 1, 4), ShardRule(r"col", 0), ShardRule(r"row", 1),
@@ -146,9 +146,9 @@ def test_split_dim_beyond_rank_is_rejected() -> None:
 
 def test_unknown_model_type_needs_rules() -> None:
     with pytest.raises(UnsupportedModelError, match="pass shard_rules"):
-        select_rules("bert", (), tp_size=2)
-    assert select_rules("bert", (), tp_size=1) == ()
-    assert select_rules("qwen2", (), tp_size=2) == DEFAULT_PLANS["llama"]
+        select_rules(Architecture("bert", 12), (), tp_size=2)
+    assert select_rules(Architecture("bert", 12), (), tp_size=1) == ()
+    assert select_rules(Architecture("qwen2", 2), (), tp_size=2) == llama_family_plan(2)
 
 
 def test_fused_parts_lie_back_to_back_and_are_served_as_one_tensor() -> None:
@@ -178,3 +178,46 @@ def test_fused_parts_lie_back_to_back_and_are_served_as_one_tensor() -> None:
             assert qkv.offset % ALIGNMENT == 0 and qkv.shape == tuple(want.shape) and torch.equal(got, want)
             assert dict(layout.shards).get("l.qkv_proj.weight") == (0 if tp_size > 1 else None)
         assert plan.fetched_bytes == sum(t.nbytes for t in tensors.values())  # each byte once, fused or not
+
+
+@pytest.mark.parametrize("tp_size", [1, 2, 4, 8])
+@pytest.mark.parametrize("max_range", [5, 1 << 20])
+def test_kv_heads_stay_whole_and_are_shared_beyond_their_count(tp_size: int, max_range: int) -> None:
+    """2 KV heads of 3 rows: up to 2 ranks split them; beyond, tp_size / 2 consecutive ranks share a head (as
+    vLLM's tp_rank // num_kv_head_replicas), fused into q|k|v, and the group still fetches every byte once."""
+    from weightd.daemon.placement import Fusion
+
+    g = torch.Generator().manual_seed(2)
+    heads, head_dim, hidden = 2, 3, 5
+    tensors = {
+        "l.q_proj.weight": torch.randn(8 * head_dim, hidden, generator=g),
+        "l.k_proj.weight": torch.randn(heads * head_dim, hidden, generator=g),
+        "l.v_proj.weight": torch.randn(heads * head_dim, hidden, generator=g),
+        "l.k_proj.bias": torch.randn(heads * head_dim, generator=g),
+    }
+    blob = save(tensors)
+    plan = build_plan([header_of(blob)], tp_size=tp_size, ranks=range(tp_size), rules=llama_family_plan(heads),
+                      max_range_bytes=max_range, fusions=(Fusion("qkv_proj", ("q_proj", "k_proj", "v_proj")),))
+    for layout, arena in zip(plan.layouts, execute(blob, plan), strict=True):
+        served = {slot.name: slot for slot in layout.slots}
+        head = layout.rank * min(heads, tp_size) // tp_size
+        kv_rows = head_dim * heads // min(heads, tp_size)
+
+        def kv(name: str, head: int = head, kv_rows: int = kv_rows) -> torch.Tensor:
+            return tensors[name].narrow(0, head * kv_rows, kv_rows)
+
+        qkv = served["l.qkv_proj.weight"]
+        want = torch.cat([tensors["l.q_proj.weight"].chunk(tp_size)[layout.rank], kv("l.k_proj.weight"),
+                          kv("l.v_proj.weight")])
+        assert torch.equal(arena[qkv.offset : qkv.offset + qkv.nbytes].view(torch.float32).view(qkv.shape), want)
+        bias = served["l.k_proj.bias"]
+        got = arena[bias.offset : bias.offset + bias.nbytes].view(torch.float32)
+        assert torch.equal(got, kv("l.k_proj.bias")), layout.rank
+    assert plan.fetched_bytes == sum(t.nbytes for t in tensors.values())
+
+
+def test_heads_that_tp_size_cannot_share_evenly_are_refused() -> None:
+    header = header_of(save({"l.k_proj.weight": torch.zeros(6, 4)}))
+    for tp_size in (4, 5):  # 3 heads: 4 and 5 neither divide 3 nor are multiples of it
+        with pytest.raises(InvalidRequestError, match=r"'l.k_proj.weight' dim 0 \(size 6\) is 3 heads"):
+            build_plan([header], tp_size=tp_size, ranks=[0], rules=llama_family_plan(3), max_range_bytes=1 << 20)

@@ -94,7 +94,8 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
     directory = tmp_path_factory.mktemp("vllm-llama")
     transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        hidden_size=256, intermediate_size=688, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
+        # One KV head: at tp_size 2 both ranks hold it, as vLLM replicates it (weightd's layout keeps heads whole).
+        hidden_size=256, intermediate_size=688, num_attention_heads=4, num_key_value_heads=1, num_hidden_layers=2,
         # 500: not a multiple of 64, so at tp_size 2 the last rank's vocabulary rows end in vLLM's zero padding.
         vocab_size=500, tie_word_embeddings=False, max_position_embeddings=256,
     )).to(torch.bfloat16).save_pretrained(directory)

@@ -66,16 +66,18 @@ MEMORY_KIND_HOST: MemoryKind
 MEMORY_KIND_CUDA: MemoryKind
 
 class ShardRule(_message.Message):
-    __slots__ = ("pattern", "split_dim", "replicate", "pad_multiple")
+    __slots__ = ("pattern", "split_dim", "replicate", "pad_multiple", "heads")
     PATTERN_FIELD_NUMBER: _ClassVar[int]
     SPLIT_DIM_FIELD_NUMBER: _ClassVar[int]
     REPLICATE_FIELD_NUMBER: _ClassVar[int]
     PAD_MULTIPLE_FIELD_NUMBER: _ClassVar[int]
+    HEADS_FIELD_NUMBER: _ClassVar[int]
     pattern: str
     split_dim: int
     replicate: bool
     pad_multiple: int
-    def __init__(self, pattern: _Optional[str] = ..., split_dim: _Optional[int] = ..., replicate: bool = ..., pad_multiple: _Optional[int] = ...) -> None: ...
+    heads: int
+    def __init__(self, pattern: _Optional[str] = ..., split_dim: _Optional[int] = ..., replicate: bool = ..., pad_multiple: _Optional[int] = ..., heads: _Optional[int] = ...) -> None: ...
 
 class Fusion(_message.Message):
     __slots__ = ("fused", "parts")
