@@ -69,6 +69,28 @@ def streaming_load(pool: ThreadPoolExecutor, uri: str, target: str) -> Future[cl
     return load
 
 
+def run_together(count: int, script: str, *args: str) -> list[dict[str, object]]:
+    """Start ``count`` processes of ``script`` (which prints "ready" once imported, then waits for a line), let
+    them all go at once, and return each one's JSON line."""
+    processes = [subprocess.Popen([sys.executable, "-c", script, *args], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, text=True) for _ in range(count)]
+    try:
+        for process in processes:
+            assert process.stdout is not None and process.stdout.readline().strip() == "ready"
+        for process in processes:  # each is already waiting on this line
+            assert process.stdin is not None
+            process.stdin.write("go\n")
+            process.stdin.flush()
+        results = []
+        for process in processes:
+            assert process.stdout is not None
+            results.append(json.loads(process.stdout.readline()))
+        return results
+    finally:
+        for process in processes:
+            stop_process(process)
+
+
 def test_300_malformed_headers_are_clear_errors_and_the_daemon_serves_throughout(
     daemon_factory, tmp_path: Path, llama_model: Model, figure
 ) -> None:
@@ -162,25 +184,7 @@ def test_many_clients_attaching_one_cold_model_share_one_load(
     uri = "s3://models/llama-crowd/"
     port = free_port()
     daemon = daemon_factory(s3_server.env(), extra_args=("--metrics-listen", f"127.0.0.1:{port}"))
-    processes = [
-        subprocess.Popen([sys.executable, "-c", CONCURRENT_ATTACH, uri, daemon.target, str(llama_model.directory)],
-                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        for _ in range(clients)
-    ]
-    try:
-        for process in processes:
-            assert process.stdout is not None and process.stdout.readline().strip() == "ready"
-        for process in processes:  # all at once: each is already waiting on this line
-            assert process.stdin is not None
-            process.stdin.write("go\n")
-            process.stdin.flush()
-        results = []
-        for process in processes:
-            assert process.stdout is not None
-            results.append(json.loads(process.stdout.readline()))
-    finally:
-        for process in processes:
-            stop_process(process)
+    results = run_together(clients, CONCURRENT_ATTACH, uri, daemon.target, str(llama_model.directory))
     (entry,) = daemon.models()
     assert entry.storage_bytes_read == llama_model.nbytes  # every byte fetched once
     assert all(r["equal"] for r in results)
@@ -343,25 +347,8 @@ def test_attach_detach_churn_from_many_processes(daemon_factory, tmp_path: Path,
         pass  # the grant is cached, as it would be after the first engine
     assert daemon.process is not None
     rss_before, fds_before = process_figures(daemon.process.pid)
-    processes = [
-        subprocess.Popen([sys.executable, "-c", CHURN, uri, daemon.target, str(target_rate / processes_count),
-                          str(seconds)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        for _ in range(processes_count)
-    ]
-    try:
-        for process in processes:
-            assert process.stdout is not None and process.stdout.readline().strip() == "ready"
-        for process in processes:
-            assert process.stdin is not None
-            process.stdin.write("go\n")
-            process.stdin.flush()
-        results = []
-        for process in processes:
-            assert process.stdout is not None
-            results.append(json.loads(process.stdout.readline()))
-    finally:
-        for process in processes:
-            stop_process(process)
+    results = run_together(processes_count, CHURN, uri, daemon.target, str(target_rate / processes_count),
+                           str(seconds))
     deadline = time.monotonic() + 30
     while daemon.models()[0].leases:
         assert time.monotonic() < deadline, "leases outlived their clients"
