@@ -14,6 +14,7 @@ from wsgiref.simple_server import WSGIServer
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+from weightd.daemon.errors import ConfigurationError
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +98,13 @@ class Metrics:
     def serve(self, address: str) -> WSGIServer:
         """Serve ``/metrics`` on ``address`` (HOST:PORT) from a background thread; shut it down when done."""
         host, _, port = address.rpartition(":")
-        server, _thread = start_http_server(int(port), addr=host.strip("[]"), registry=self.registry)
+        try:
+            server, _thread = start_http_server(int(port), addr=host.strip("[]"), registry=self.registry)
+        except OSError as e:
+            raise ConfigurationError(
+                f"cannot serve metrics on {address} ({e.strerror or e}); free the port or choose another "
+                "--metrics-listen"
+            ) from e
         return server
 
 

@@ -10,6 +10,7 @@ import logging
 import os
 import signal
 import socket
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
@@ -90,13 +91,16 @@ async def serve(config: DaemonConfig) -> None:
     health_pb2_grpc.add_HealthServicer_to_server(health, probes)
     reflection.enable_server_reflection([HEALTH_NAME, reflection.SERVICE_NAME], probes)
 
-    _claim_socket(config.socket, socket.SOCK_STREAM)
-    _claim_socket(channel_path, socket.SOCK_SEQPACKET)
-    server.add_insecure_port(f"unix:{config.socket}")
+    metrics.watch(registry.gauges, asyncio.get_running_loop())
+    metrics_server = metrics.serve(config.metrics_listen) if config.metrics_listen else None
+    # TCP ports first: a taken port then stops the start before any socket file exists.
     if config.listen_api:
         _add_api_port(server, config)
     if config.listen:
-        probes.add_insecure_port(config.listen)
+        _bind(probes.add_insecure_port, config.listen, "--listen")
+    _claim_socket(config.socket, socket.SOCK_STREAM)
+    _claim_socket(channel_path, socket.SOCK_SEQPACKET)
+    _bind(server.add_insecure_port, f"unix:{config.socket}", "--socket")
     channel = DescriptorChannel(
         channel_path,
         mode=SOCKET_MODE,
@@ -104,8 +108,6 @@ async def serve(config: DaemonConfig) -> None:
         policy=PeerPolicy(uids=config.allowed_uids, gids=config.allowed_gids),
         metrics=metrics,
     )
-    metrics.watch(registry.gauges, asyncio.get_running_loop())
-    metrics_server = metrics.serve(config.metrics_listen) if config.metrics_listen else None
     await channel.start()
     await server.start()
     await probes.start()
@@ -165,7 +167,7 @@ def _open_gpus(config: DaemonConfig) -> tuple[list[DeviceBackend], str]:
 
 def _add_api_port(server: grpc.aio.Server, config: DaemonConfig) -> None:
     if not config.tls_cert:
-        server.add_insecure_port(config.listen_api)  # loopback only: DaemonConfig refuses anything else
+        _bind(server.add_insecure_port, config.listen_api, "--listen-api")  # loopback only (DaemonConfig)
         return
     try:
         key, cert = Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes()
@@ -175,7 +177,14 @@ def _add_api_port(server: grpc.aio.Server, config: DaemonConfig) -> None:
     credentials = grpc.ssl_server_credentials(
         [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
     )
-    server.add_secure_port(config.listen_api, credentials)
+    _bind(lambda address: server.add_secure_port(address, credentials), config.listen_api, "--listen-api")
+
+
+def _bind(add_port: Callable[[str], int], address: str, flag: str) -> None:
+    try:
+        add_port(address)
+    except RuntimeError as e:  # how grpc reports an address it cannot bind
+        raise ConfigurationError(f"cannot listen on {address} ({e}); free it or choose another {flag}") from e
 
 
 def _lock_cache_dir(cache_dir: Path) -> IO[str]:

@@ -5,17 +5,22 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from weightd import client
 from weightd.client._descriptors import receive_descriptors
+from weightd.daemon.server import arena_namespace
 
 from tests.conftest import Model, S3Server, free_port
 
@@ -128,3 +133,21 @@ def test_metrics_are_off_unless_asked_and_stop_with_the_daemon(daemon_factory, s
     daemon.stop()
     with pytest.raises(urllib.error.URLError):
         scrape(port)
+
+
+@pytest.mark.parametrize("flag", ["--metrics-listen", "--listen"])
+def test_a_taken_port_stops_the_start_with_the_flag_named(tmp_path: Path, flag: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        address = f"127.0.0.1:{taken.getsockname()[1]}"
+        result = subprocess.run(
+            [sys.executable, "-m", "weightd.daemon", "serve", "--socket", str(tmp_path / "w.sock"), "--cache-dir",
+             str(tmp_path / "cache"), flag, address],
+            capture_output=True, text=True, timeout=120,
+        )
+    assert result.returncode == 1, result.stderr
+    assert f"cannot listen on {address}" in result.stderr or f"cannot serve metrics on {address}" in result.stderr
+    assert flag in result.stderr and "Traceback" not in result.stderr
+    assert list(Path("/dev/shm").glob(f"weightd-{arena_namespace(tmp_path / 'cache')}-*")) == []
+    assert not (tmp_path / "w.sock").exists()
