@@ -84,6 +84,9 @@ class ResidentModel:
     metadata_bytes_downloaded: int
     current: bool
     last_used: float  # Unix time of the last attach (or of the load); least recently used is evicted first
+    # What the entry was asked for; empty: the model's default plan, unfused (an engine's layout is its own entry).
+    shard_rules: tuple[ShardRule, ...] = ()
+    fusions: tuple[Fusion, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -380,6 +383,12 @@ def list_models(*, target: str | None = None) -> list[ResidentModel]:
             metadata_bytes_downloaded=m.metadata_bytes_downloaded,
             current=m.current,
             last_used=m.last_used.ToNanoseconds() / 1e9,
+            shard_rules=tuple(
+                ShardRule(r.pattern, None if r.WhichOneof("action") == "replicate" else r.split_dim,
+                          r.pad_multiple or 1, r.heads)
+                for r in m.shard_rules
+            ),
+            fusions=tuple(Fusion(f.fused, tuple(f.parts)) for f in m.fusions),
         )
         for m in response.models
     ]

@@ -131,10 +131,11 @@ def _ls(args: argparse.Namespace) -> int:
         memory = f"GPU {budget.device_uuid}" if budget.device_uuid else budget.kind
         print(f"{memory} memory: {_human(budget.used_bytes)} used of a {_human(budget.limit_bytes)} budget "
               f"({_human(budget.capacity_bytes)} in all)")
-    header = ("MODEL", "TP", "RANK", "MEMORY", "DEVICE", "STATE", "RESIDENT", "READ", "LEASES", "LAST USED")
+    header = ("MODEL", "TP", "RANK", "LAYOUT", "MEMORY", "DEVICE", "STATE", "RESIDENT", "READ", "LEASES",
+              "LAST USED")
     now = time.time()
     rows = [
-        (m.model_uri, str(m.tp_size), str(m.rank), m.memory_kind, m.device_uuid or "-", m.state,
+        (m.model_uri, str(m.tp_size), str(m.rank), _layout(m), m.memory_kind, m.device_uuid or "-", m.state,
          _human(m.resident_bytes), _human(m.storage_bytes_read), str(m.leases),
          _ago(now - m.last_used) if m.last_used else "-")
         for m in models
@@ -143,6 +144,13 @@ def _ls(args: argparse.Namespace) -> int:
     for row in [header, *rows]:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
     return 0
+
+
+def _layout(model: client.ResidentModel) -> str:
+    """'default', or how many rules and fusions the entry was asked for (an engine's layout)."""
+    parts = [f"rules={len(model.shard_rules)}"] if model.shard_rules else []
+    parts += [f"fusions={len(model.fusions)}"] if model.fusions else []
+    return ",".join(parts) or "default"
 
 
 def _ago(seconds: float) -> str:

@@ -73,6 +73,13 @@ async def abort_with(context: grpc.aio.ServicerContext[object, object], error: E
     await context.abort(grpc.StatusCode.INTERNAL, f"internal error in weightd: {type(error).__name__}: {error}")
 
 
+def _rule_to_pb(rule: ShardRule) -> pb.ShardRule:
+    if rule.split_dim is None:
+        return pb.ShardRule(pattern=rule.pattern, replicate=True)
+    return pb.ShardRule(pattern=rule.pattern, split_dim=rule.split_dim, pad_multiple=rule.pad_multiple,
+                        heads=rule.heads)
+
+
 def _rules(selector: pb.ModelSelector) -> list[ShardRule]:
     return [
         ShardRule(r.pattern, None if r.WhichOneof("action") == "replicate" else r.split_dim, r.pad_multiple or 1,
@@ -258,6 +265,8 @@ class WeightService(pb_grpc.WeightServiceServicer):
                     memory_kind=_MEMORY_KIND_TO_PB[s.memory_kind],
                     last_used=_timestamp(s.last_used),
                     device_uuid=s.key.device,
+                    shard_rules=[_rule_to_pb(r) for r in s.key.rules],
+                    fusions=[pb.Fusion(fused=f.fused, parts=f.parts) for f in s.key.fusions],
                 )
                 for s in self._registry.snapshot()
             ],

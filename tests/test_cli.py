@@ -42,15 +42,26 @@ def test_load_ls_evict(daemon_factory, llama_model: Model, tmp_path: Path) -> No
     table = weightd("ls", "--target", daemon.target).stdout.splitlines()
     assert re.fullmatch(r"host memory: [\d.]+ MiB used of a \d+\.\d GiB budget \(\d+\.\d GiB in all\)", table[0])
     assert table[1].split() == [
-        "MODEL", "TP", "RANK", "MEMORY", "DEVICE", "STATE", "RESIDENT", "READ", "LEASES", "LAST", "USED"
+        "MODEL", "TP", "RANK", "LAYOUT", "MEMORY", "DEVICE", "STATE", "RESIDENT", "READ", "LEASES", "LAST", "USED"
     ]
-    assert str(directory) in table[2] and table[2].split()[3:5] == ["host", "-"] and table[2].endswith("s ago")
+    assert str(directory) in table[2] and table[2].split()[3:6] == ["default", "host", "-"]
+    assert table[2].endswith("s ago")
     assert row["last_used"] > 0 and row["memory_kind"] == "host" and row["device_uuid"] == ""
+    assert row["shard_rules"] == [] and row["fusions"] == []
+
+    # An engine's layout (rules, fusions) is an entry of its own, and says so.
+    rules = (client.ShardRule(r"embed_tokens", 0, 64), client.ShardRule(r"norm", None))
+    fusions = (client.Fusion("qkv_proj", ("q_proj", "k_proj", "v_proj")),)
+    client.load(str(directory), shard_rules=rules, fusions=fusions, target=daemon.target)
+    (engine,) = [m for m in client.list_models(target=daemon.target) if m.shard_rules]
+    assert engine.shard_rules == rules and engine.fusions == fusions
+    table = weightd("ls", "--target", daemon.target).stdout.splitlines()
+    assert sorted(line.split()[3] for line in table[2:]) == ["default", "rules=2,fusions=1"]
 
     # A plain path names the same model as its file:// URI: no second load.
     with client.attach(str(directory), target=daemon.target) as model:
         assert len(model.tensors) == len(llama_model.tensors)
-    assert len(daemon.models()) == 1
+    assert len(daemon.models()) == 2  # the default entry and the engine layout's
 
     evicted = weightd("evict", str(directory), "--target", daemon.target)
     assert evicted.returncode == 0 and "evicted" in evicted.stdout

@@ -226,7 +226,7 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ResidentModel(_message.Message):
-    __slots__ = ("model_uri", "revision", "state", "tp_size", "rank", "resident_bytes", "leases", "storage_bytes_read", "bytes_done", "bytes_total", "metadata_bytes_downloaded", "current", "memory_kind", "last_used", "device_uuid")
+    __slots__ = ("model_uri", "revision", "state", "tp_size", "rank", "resident_bytes", "leases", "storage_bytes_read", "bytes_done", "bytes_total", "metadata_bytes_downloaded", "current", "memory_kind", "last_used", "device_uuid", "shard_rules", "fusions")
     MODEL_URI_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -242,6 +242,8 @@ class ResidentModel(_message.Message):
     MEMORY_KIND_FIELD_NUMBER: _ClassVar[int]
     LAST_USED_FIELD_NUMBER: _ClassVar[int]
     DEVICE_UUID_FIELD_NUMBER: _ClassVar[int]
+    SHARD_RULES_FIELD_NUMBER: _ClassVar[int]
+    FUSIONS_FIELD_NUMBER: _ClassVar[int]
     model_uri: str
     revision: str
     state: ModelState
@@ -257,7 +259,9 @@ class ResidentModel(_message.Message):
     memory_kind: MemoryKind
     last_used: _timestamp_pb2.Timestamp
     device_uuid: str
-    def __init__(self, model_uri: _Optional[str] = ..., revision: _Optional[str] = ..., state: _Optional[_Union[ModelState, str]] = ..., tp_size: _Optional[int] = ..., rank: _Optional[int] = ..., resident_bytes: _Optional[int] = ..., leases: _Optional[int] = ..., storage_bytes_read: _Optional[int] = ..., bytes_done: _Optional[int] = ..., bytes_total: _Optional[int] = ..., metadata_bytes_downloaded: _Optional[int] = ..., current: bool = ..., memory_kind: _Optional[_Union[MemoryKind, str]] = ..., last_used: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., device_uuid: _Optional[str] = ...) -> None: ...
+    shard_rules: _containers.RepeatedCompositeFieldContainer[ShardRule]
+    fusions: _containers.RepeatedCompositeFieldContainer[Fusion]
+    def __init__(self, model_uri: _Optional[str] = ..., revision: _Optional[str] = ..., state: _Optional[_Union[ModelState, str]] = ..., tp_size: _Optional[int] = ..., rank: _Optional[int] = ..., resident_bytes: _Optional[int] = ..., leases: _Optional[int] = ..., storage_bytes_read: _Optional[int] = ..., bytes_done: _Optional[int] = ..., bytes_total: _Optional[int] = ..., metadata_bytes_downloaded: _Optional[int] = ..., current: bool = ..., memory_kind: _Optional[_Union[MemoryKind, str]] = ..., last_used: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., device_uuid: _Optional[str] = ..., shard_rules: _Optional[_Iterable[_Union[ShardRule, _Mapping]]] = ..., fusions: _Optional[_Iterable[_Union[Fusion, _Mapping]]] = ...) -> None: ...
 
 class MemoryBudget(_message.Message):
     __slots__ = ("kind", "limit_bytes", "used_bytes", "capacity_bytes", "device_uuid")
