@@ -318,7 +318,6 @@ class WeightService(pb_grpc.WeightServiceServicer):
         )
 
 
-
 Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"  # generic only in grpc-stubs
 
 
