@@ -10,7 +10,7 @@ from weightd.daemon.errors import InvalidRequestError, UnsupportedModelError
 from weightd.daemon.plan import ALIGNMENT, LoadPlan, build_plan
 from weightd.daemon.safetensors_header import header_length, parse_header
 from weightd.daemon.sharding import Architecture, ShardRule, llama_family_plan, select_rules
-from weightd.daemon.streaming import _copy_duplicates, _route, _scatter_block
+from weightd.daemon.streaming import DIRECT_PIECE_MIN_BYTES, _copy_duplicates, _route, _scatter_block
 
 RULES = (ShardRule(r"vocab", 0, 8), ShardRule(r"padrow", 1, 4), ShardRule(r"col", 0), ShardRule(r"row", 1),
          ShardRule(r"deep", 2), ShardRule(r"whole", None))
@@ -48,11 +48,11 @@ def expected_slice(full: torch.Tensor, dim: int | None, rule_pad: int, tp_size: 
     return padded.narrow(dim, rank * part, part).contiguous()
 
 
-def execute(blob: bytes, plan: LoadPlan) -> list[torch.Tensor]:
+def execute(blob: bytes, plan: LoadPlan, direct_piece_min: int = DIRECT_PIECE_MIN_BYTES) -> list[torch.Tensor]:
     """Run the loader's own routing and copies, with an in-memory file standing in for the streamer."""
     arenas = [torch.zeros(layout.size, dtype=torch.uint8) for layout in plan.layouts]
     source = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
-    direct, staged, duplicates = _route(plan)
+    direct, staged, duplicates = _route(plan, direct_piece_min=direct_piece_min)
     for d in direct:
         arenas[d.layout_index][d.dst_offset : d.dst_offset + d.length].copy_(
             source[d.file_offset : d.file_offset + d.length]
@@ -72,7 +72,11 @@ def header_of(blob: bytes):
 @pytest.mark.parametrize("max_range", [7, 64, 1 << 20])
 @pytest.mark.parametrize("row_range_min", [1, 1 << 20])
 @pytest.mark.parametrize("lone", [True, False])
-def test_every_rank_gets_exactly_its_slice(tp_size: int, max_range: int, row_range_min: int, lone: bool) -> None:
+# 1: every rank's piece of a shared block is its own range; the default: these small blocks are read once, copied.
+@pytest.mark.parametrize("direct_piece_min", [1, DIRECT_PIECE_MIN_BYTES])
+def test_every_rank_gets_exactly_its_slice(
+    tp_size: int, max_range: int, row_range_min: int, lone: bool, direct_piece_min: int
+) -> None:
     tensors = model()
     blob = save(tensors)
     header = header_of(blob)
@@ -81,7 +85,7 @@ def test_every_rank_gets_exactly_its_slice(tp_size: int, max_range: int, row_ran
     for ranks in groups:
         plan = build_plan([header], tp_size=tp_size, ranks=ranks, rules=RULES, max_range_bytes=max_range,
                           row_range_min_bytes=row_range_min)
-        arenas = execute(blob, plan)
+        arenas = execute(blob, plan, direct_piece_min)
         for layout, arena in zip(plan.layouts, arenas, strict=True):
             for slot in layout.slots:
                 assert slot.offset % ALIGNMENT == 0
@@ -105,7 +109,7 @@ def test_every_rank_gets_exactly_its_slice(tp_size: int, max_range: int, row_ran
                 holds_padding = (layout.rank + 1) * slot.shape[dim] > tensors[slot.name].shape[dim]
                 assert differs == holds_padding, (slot.name, layout.rank)
         fetched_total += plan.fetched_bytes
-        direct, staged, _ = _route(plan)
+        direct, staged, _ = _route(plan, direct_piece_min=direct_piece_min)
         assert plan.fetched_bytes == sum(d.length for d in direct) + sum(s.block.length for s in staged)
     weights = sum(t.nbytes for t in tensors.values())
     if not lone:
@@ -130,6 +134,20 @@ def test_a_whole_model_is_written_directly_and_large_reads_split() -> None:
     direct, staged, duplicates = _route(plan)
     assert staged == [] and duplicates == []  # no staging buffer and no copy for tp_size 1
     assert max(d.length for d in direct) <= 1024 and len(direct) == 10 + 4
+
+
+def test_a_block_shared_by_ranks_is_one_read_when_their_pieces_are_small() -> None:
+    tensors = {"col.weight": torch.randn(64, 64), "norm.weight": torch.randn(64)}  # 4 KiB pieces at tp 4
+    plan = build_plan([header_of(save(tensors))], tp_size=4, ranks=[0, 1, 2, 3], rules=RULES, max_range_bytes=1 << 20)
+    direct, staged, duplicates = _route(plan, direct_piece_min=1)
+    assert sorted(d.length for d in direct) == [256, 4096, 4096, 4096, 4096] and staged == []
+    assert len(duplicates) == 3  # the replicated norm: read once into rank 0, copied to the others
+    direct, staged, duplicates = _route(plan, direct_piece_min=4096)
+    assert sorted(d.length for d in direct) == [4096, 4096, 4096, 4096]
+    assert [item.block.length for item in staged] == [256] and duplicates == []
+    direct, staged, duplicates = _route(plan, direct_piece_min=4097)
+    assert direct == [] and duplicates == []
+    assert sorted(item.block.length for item in staged) == [256, 16384]  # each block once, copied to 4 ranks
 
 
 def test_uneven_split_names_tensor_dim_size_and_tp_size() -> None:
