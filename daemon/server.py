@@ -28,6 +28,7 @@ from weightd.daemon.memory.base import DeviceBackend
 from weightd.daemon.metrics import Metrics
 from weightd.daemon.registry import Registry
 from weightd.daemon.service import SERVICE_NAME, WeightService, add_weight_service, status_name
+from weightd.daemon.storage.base import warm_up_s3
 
 logger = logging.getLogger(__name__)
 
@@ -122,9 +123,10 @@ async def serve(config: DaemonConfig) -> None:
     logger.info("weightd serving on %s (descriptors on %s, cache %s, arenas in %s, host memory budget %d bytes)",
                 where, channel_path, config.cache_dir, config.shm_dir, budget)
     _notify_systemd("READY=1")
+    loop = asyncio.get_running_loop()
+    warming = loop.run_in_executor(None, warm_up_s3)
 
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
@@ -142,6 +144,7 @@ async def serve(config: DaemonConfig) -> None:
         metrics_server.shutdown()
         metrics_server.server_close()
     await registry.close(keep_arenas=keep, timeout=SHUTDOWN_GRACE_S)
+    await warming
     with contextlib.suppress(FileNotFoundError):
         config.socket.unlink()
     lock.close()
