@@ -55,8 +55,13 @@ def llama_family_plan(kv_heads: int | None) -> tuple[ShardRule, ...]:
     )
 
 
-# config.json model_type values with a default plan: families whose checkpoints use exactly Llama's names.
-LLAMA_FAMILY = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "olmo2", "granite"})
+# config.json model_type values with a default plan: families whose checkpoints use exactly Llama's names. The
+# Qwen MoE families name each expert's projections so too (mlp.experts.N.gate_proj, ...): the plan then splits
+# every expert's intermediate dimension, as vLLM and SGLang do under tensor parallelism without expert
+# parallelism, and replicates the router (mlp.gate).
+LLAMA_FAMILY = frozenset(
+    {"llama", "mistral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "gemma", "gemma2", "olmo", "olmo2", "granite"}
+)
 
 
 def parse_rules(rules: Iterable[ShardRule]) -> tuple[ShardRule, ...]:

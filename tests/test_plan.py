@@ -9,7 +9,7 @@ from safetensors.torch import save
 from weightd.daemon.errors import InvalidRequestError, UnsupportedModelError
 from weightd.daemon.plan import ALIGNMENT, LoadPlan, build_plan
 from weightd.daemon.safetensors_header import header_length, parse_header
-from weightd.daemon.sharding import Architecture, ShardRule, llama_family_plan, select_rules
+from weightd.daemon.sharding import Architecture, ShardRule, Split, llama_family_plan, select_rules, split_for
 from weightd.daemon.streaming import DIRECT_PIECE_MIN_BYTES, _copy_duplicates, _route, _scatter_block
 
 RULES = (ShardRule(r"vocab", 0, 8), ShardRule(r"padrow", 1, 4), ShardRule(r"col", 0), ShardRule(r"row", 1),
@@ -167,6 +167,16 @@ def test_unknown_model_type_needs_rules() -> None:
         select_rules(Architecture("bert", 12), (), tp_size=2)
     assert select_rules(Architecture("bert", 12), (), tp_size=1) == ()
     assert select_rules(Architecture("qwen2", 2), (), tp_size=2) == llama_family_plan(2)
+
+
+def test_qwen_moe_experts_split_on_their_intermediate_dimension_and_the_router_is_replicated() -> None:
+    rules = select_rules(Architecture("qwen3_moe", 4), (), tp_size=4)
+    shape = (768, 2048)
+    assert split_for("model.layers.0.mlp.experts.7.gate_proj.weight", shape, rules, tp_size=4) == Split(0, 192, 4)
+    assert split_for("model.layers.0.mlp.experts.7.up_proj.weight", shape, rules, tp_size=4) == Split(0, 192, 4)
+    assert split_for("model.layers.0.mlp.experts.7.down_proj.weight", shape[::-1], rules, tp_size=4) == Split(
+        1, 192, 4)
+    assert split_for("model.layers.0.mlp.gate.weight", (128, 2048), rules, tp_size=4) is None
 
 
 def test_fused_parts_lie_back_to_back_and_are_served_as_one_tensor() -> None:
