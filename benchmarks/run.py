@@ -28,6 +28,7 @@ With --sizes-gb 0.25,1,4 the synthetic "small" geometry is measured at each size
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import platform
@@ -254,6 +255,7 @@ class Bench:
         return {
             "all_ranks_s": statistics.median(all_ranks), "full_load_s": statistics.median(full),
             "lone_rank_s": statistics.median(lone), "all_ranks_bytes": all_bytes, "lone_rank_bytes": lone_bytes,
+            "samples": {"all_ranks": all_ranks, "full_load": full, "lone_rank": lone},
         }
 
     def per_load_concurrency(self, model: dict[str, Any], concurrency: int = 8) -> dict[str, float]:
@@ -384,10 +386,7 @@ def main() -> int:
         "ratios": {
             "c/a": med["c"] / med["a"], "c/b": med["c"] / med["b"], "d/c": med["d"] / med["c"],
             "d/c small": small_d / small_c,
-            "e all-ranks bytes/model": tp["all_ranks_bytes"] / big["bytes"],
-            "e all-ranks time/full load": tp["all_ranks_s"] / tp["full_load_s"],
-            "e lone-rank bytes/model": tp["lone_rank_bytes"] / big["bytes"],
-            "e lone-rank time/full load": tp["lone_rank_s"] / tp["full_load_s"],
+            **tp_ratios(tp, big["bytes"]),
             "f weightd node memory/model": memory["weightd_node_bytes"] / big["bytes"],
             "f 4 loaders node memory/model": memory["baseline_node_bytes"] / big["bytes"],
             "g per-load concurrency (helper) / daemon-wide": per_load["in_helper_s"] / per_load["in_process_s"],
@@ -402,8 +401,20 @@ def main() -> int:
     return 0
 
 
+def tp_ratios(tp: dict[str, Any], model_bytes: int) -> dict[str, float]:
+    return {
+        "e all-ranks bytes/model": tp["all_ranks_bytes"] / model_bytes,
+        "e all-ranks time/full load": tp["all_ranks_s"] / tp["full_load_s"],
+        "e lone-rank bytes/model": tp["lone_rank_bytes"] / model_bytes,
+        "e lone-rank time/full load": tp["lone_rank_s"] / tp["full_load_s"],
+    }
+
+
 def machine() -> str:
-    return f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    versions = ", ".join(f"{name} {importlib.metadata.version(name)}" for name in ("torch", "runai-model-streamer"))
+    return (f"{platform.machine()}, {os.cpu_count()} cores, {memory:.0f} GiB, Linux {platform.release()}, "
+            f"Python {platform.python_version()}, {versions}")
 
 
 def run_geometries(args: argparse.Namespace) -> int:
@@ -426,12 +437,17 @@ def run_geometries(args: argparse.Namespace) -> int:
             print(f"{name}: {model['bytes'] / 1e9:.2f} GB, {model['tensors']} tensors", file=sys.stderr)
             samples = bench.streamer_against_cold(model)
             med = {k: statistics.median(v) for k, v in samples.items()}
+            tp = bench.tensor_parallel(model)
             results["geometries"][name] = {
                 **{k: v for k, v in model.items() if k not in ("uri", "prefix", "shards")},
-                "samples": samples, "median_seconds": med, "c/a": med["c"] / med["a"],
+                "samples": samples, "median_seconds": med, "tensor_parallel": tp,
+                "ratios": {
+                    "c/a": med["c"] / med["a"], "d/c": med["d"] / med["c"], **tp_ratios(tp, model["bytes"]),
+                },
             }
             print(f"  {name}: a {med['a']:.2f} s, c {med['c']:.2f} s (c/a {med['c'] / med['a']:.3f}), "
-                  f"d {med['d'] * 1000:.1f} ms", file=sys.stderr)
+                  f"d {med['d'] * 1000:.1f} ms; TP=4 all ranks {tp['all_ranks_s']:.2f} s, full load "
+                  f"{tp['full_load_s']:.2f} s, lone rank {tp['lone_rank_s']:.2f} s", file=sys.stderr)
             if args.json:
                 args.json.write_text(json.dumps(results, indent=2))
     finally:
@@ -440,12 +456,14 @@ def run_geometries(args: argparse.Namespace) -> int:
     lines = [f"weightd per geometry: SeaweedFS S3 on loopback; {results['machine']}; medians of "
              f"{args.repetitions}", "",
              "| geometry | size | tensors | median tensor | largest | a. streamer | c. weightd cold | c/a | "
-             "d. warm attach |", "|---|---|---|---|---|---|---|---|---|"]
+             "d. warm attach | TP=4 all ranks / full load | lone rank: time / bytes (of a full load) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, g in results["geometries"].items():
-        m = g["median_seconds"]
+        m, r = g["median_seconds"], g["ratios"]
         lines.append(f"| {name} | {g['bytes'] / 1e9:.2f} GB | {g['tensors']} | {g['median_tensor_bytes'] / 1e6:.2f} MB "
-                     f"| {g['largest_tensor_bytes'] / 1e6:.0f} MB | {m['a']:.2f} s | {m['c']:.2f} s | {g['c/a']:.3f} "
-                     f"| {m['d'] * 1000:.1f} ms |")
+                     f"| {g['largest_tensor_bytes'] / 1e6:.0f} MB | {m['a']:.2f} s | {m['c']:.2f} s | {r['c/a']:.3f} "
+                     f"| {m['d'] * 1000:.1f} ms | {r['e all-ranks time/full load']:.2f} "
+                     f"| {r['e lone-rank time/full load']:.2f} / {r['e lone-rank bytes/model']:.2f} |")
     print("\n".join(lines))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
