@@ -12,9 +12,11 @@ from pathlib import Path
 import grpc
 import pytest
 from weightd import client
-from weightd.daemon.storage.base import open_store, parse_model_uri
+from weightd.daemon.errors import UnauthenticatedError
+from weightd.daemon.storage.base import open_store, parse_model_uri, warm_up_s3
 
 from tests.conftest import ATTACH_AND_VERIFY, Model, free_port, run_client
+from tests.storage_servers import S3Server
 
 
 @dataclass
@@ -135,3 +137,21 @@ def test_unreachable_endpoint(backend: Backend, daemon_factory) -> None:
         client.attach(backend.uri, target=daemon.target)
     assert raised.value.code == grpc.StatusCode.UNAVAILABLE
     assert backend.uri.split("/")[2] in str(raised.value)
+
+
+def test_s3_stores_share_parsed_models_and_each_resolves_its_own_credentials(
+    s3_server: S3Server, llama_model: Model, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s3_server.upload(llama_model.directory, "models", PREFIX)
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    warm_up_s3()  # no credentials and no endpoint needed: it only parses the SDK's models
+    location = parse_model_uri(f"s3://models/{PREFIX}")
+    for name, value in s3_server.env(secret="wrong-secret").items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(UnauthenticatedError):
+        open_store(location).list_objects()
+    for name, value in s3_server.env().items():
+        monkeypatch.setenv(name, value)
+    assert {o.name for o in open_store(location).list_objects()} == {p.name for p in llama_model.directory.iterdir()}
