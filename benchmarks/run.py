@@ -20,8 +20,8 @@ c and d are also measured for a second, smaller model to show d stays flat as th
 
     .venv/bin/python benchmarks/run.py --geometries qwen2.5-0.5b,llama3-8b,small,qwen3-moe [--json out.json]
 
-measures a, c and d, interleaved, on checkpoints shaped like real ones (benchmarks/geometries.py) instead, and
-reports per geometry its size, tensor count, median tensor size and the ratios, with every sample.
+measures a, c and d, interleaved, and e (TP=4), on checkpoints shaped like real ones (benchmarks/geometries.py)
+instead, and reports per geometry its size, tensor count, median tensor size and the ratios, with every sample.
 With --sizes-gb 0.25,1,4 the synthetic "small" geometry is measured at each size (cold time against bytes).
 """
 
