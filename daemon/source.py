@@ -71,7 +71,10 @@ def fetch_metadata(store: ObjectStore, cache_dir: Path) -> Metadata:
     directory = cache_dir / "metadata" / hashlib.sha256(location.uri.encode()).hexdigest()[:16] / revision
     directory.mkdir(parents=True, exist_ok=True)
     files = tuple(sorted(n for n in objects if not n.endswith((WEIGHTS_SUFFIX, *OTHER_WEIGHT_SUFFIXES))))
-    downloaded = sum(_cache_file(store, objects[name], directory) for name in files)
+    if not files:
+        return Metadata(objects, revision, directory, files, 0)
+    with ThreadPoolExecutor(max_workers=min(8, len(files))) as pool:  # each file one request's latency at once
+        downloaded = sum(pool.map(lambda name: _cache_file(store, objects[name], directory), files))
     return Metadata(objects, revision, directory, files, downloaded)
 
 
