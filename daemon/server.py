@@ -45,6 +45,9 @@ def arena_namespace(cache_dir: Path) -> str:
 
 
 async def serve(config: DaemonConfig) -> None:
+    loop = asyncio.get_running_loop()
+    # Beside the start-up, so that the first S3 load, which may come as soon as the daemon serves, finds it done.
+    warming = loop.run_in_executor(None, warm_up_s3)
     config.cache_dir.mkdir(parents=True, exist_ok=True)
     lock = _lock_cache_dir(config.cache_dir)
     memory = open_backend("host", directory=config.shm_dir, namespace=arena_namespace(config.cache_dir))
@@ -123,8 +126,6 @@ async def serve(config: DaemonConfig) -> None:
     logger.info("weightd serving on %s (descriptors on %s, cache %s, arenas in %s, host memory budget %d bytes)",
                 where, channel_path, config.cache_dir, config.shm_dir, budget)
     _notify_systemd("READY=1")
-    loop = asyncio.get_running_loop()
-    warming = loop.run_in_executor(None, warm_up_s3)
 
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
