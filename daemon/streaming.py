@@ -85,10 +85,10 @@ def _route(
 ) -> tuple[list[_Direct], list[_Staged], list[_Duplicate]]:
     """Split the plan's blocks into direct writes, staged scatters and in-memory duplicates.
 
-    Exactly the plan's bytes are fetched, each once. A single-row block whose targets' windows tile it, with
-    pieces of at least ``direct_piece_min`` bytes, is read as one direct range per window (a replicated
-    tensor's one window: one range, then copies); a block of whole rows for one rank is one direct range;
-    anything else is staged and scattered.
+    Exactly the plan's bytes are fetched, each once. A single-row block whose targets' windows tile it is read
+    as one direct range per window (a replicated tensor's one window: one range, then copies), unless it has
+    several windows under ``direct_piece_min`` bytes each; a block of whole rows for one rank is one direct
+    range; anything else is staged and scattered.
     """
     direct: list[_Direct] = []
     staged: list[_Staged] = []
@@ -97,8 +97,9 @@ def _route(
         for block in file_plan.blocks:
             first = block.targets[0]
             windows = {(t.column, t.width) for t in block.targets}
-            shared_and_small = len(block.targets) > 1 and block.width < direct_piece_min * len(block.targets)
-            if block.rows == 1 and sum(width for _, width in windows) == block.width and not shared_and_small:
+            # Ranks holding one replicated window would save no request: only distinct pieces count.
+            small_pieces = len(windows) > 1 and block.width < direct_piece_min * len(windows)
+            if block.rows == 1 and sum(width for _, width in windows) == block.width and not small_pieces:
                 fetched: dict[tuple[int, int], Target] = {}
                 for t in block.targets:
                     if (t.column, t.width) in fetched:
