@@ -9,10 +9,11 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from weightd.daemon.errors import InvalidModelError, ModelNotFoundError, UnsupportedModelError
 from weightd.daemon.safetensors_header import SafetensorsHeader, header_length, parse_header
@@ -23,6 +24,8 @@ WEIGHTS_SUFFIX = ".safetensors"
 INDEX_SUFFIX = ".safetensors.index.json"
 # Weight formats weightd does not serve; never downloaded as "metadata".
 OTHER_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx", ".pkl")
+T = TypeVar("T")
+R = TypeVar("R")
 # One request usually covers the whole header.
 HEADER_PROBE_BYTES = 64 * 1024
 # One line per message from stream_helper to the daemon: "<kind> <detail>".
@@ -71,10 +74,7 @@ def fetch_metadata(store: ObjectStore, cache_dir: Path) -> Metadata:
     directory = cache_dir / "metadata" / hashlib.sha256(location.uri.encode()).hexdigest()[:16] / revision
     directory.mkdir(parents=True, exist_ok=True)
     files = tuple(sorted(n for n in objects if not n.endswith((WEIGHTS_SUFFIX, *OTHER_WEIGHT_SUFFIXES))))
-    if not files:
-        return Metadata(objects, revision, directory, files, 0)
-    with ThreadPoolExecutor(max_workers=min(8, len(files))) as pool:  # each file one request's latency at once
-        downloaded = sum(pool.map(lambda name: _cache_file(store, objects[name], directory), files))
+    downloaded = sum(_in_parallel(lambda name: _cache_file(store, objects[name], directory), files))
     return Metadata(objects, revision, directory, files, downloaded)
 
 
@@ -83,12 +83,19 @@ def resolve(store: ObjectStore, cache_dir: Path) -> ModelSource:
     metadata = fetch_metadata(store, cache_dir)
     weight_map = _weight_map(location, metadata.directory)
     weights = _weight_files(location, metadata.objects, weight_map)
-    with ThreadPoolExecutor(max_workers=min(8, len(weights))) as pool:
-        headers = tuple(pool.map(lambda info: _read_header(store, info), weights))
+    headers = tuple(_in_parallel(lambda info: _read_header(store, info), weights))
     _check_tensors(location, headers, weight_map)
     return ModelSource(
         location=location, metadata=metadata, headers=headers, architecture=_architecture(metadata.directory)
     )
+
+
+def _in_parallel(request: Callable[[T], R], items: Sequence[T]) -> list[R]:
+    """``request`` for every item at once (up to 8 in flight), in order: small objects cost one latency, not N."""
+    if not items:
+        return []
+    with ThreadPoolExecutor(max_workers=min(8, len(items))) as pool:
+        return list(pool.map(request, items))
 
 
 def _check_names(location: ModelLocation, objects: dict[str, ObjectInfo]) -> None:

@@ -16,6 +16,7 @@ from weightd.daemon.errors import InvalidRequestError, ModelNotFoundError, Unsup
 
 logger = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True)
 class ModelLocation:
     """A parsed model URI. ``uri`` is the canonical spelling used as the model's identity."""
