@@ -24,11 +24,11 @@ WEIGHTS_SUFFIX = ".safetensors"
 INDEX_SUFFIX = ".safetensors.index.json"
 # Weight formats weightd does not serve; never downloaded as "metadata".
 OTHER_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx", ".pkl")
-T = TypeVar("T")
-R = TypeVar("R")
 # One request usually covers the whole header.
 HEADER_PROBE_BYTES = 64 * 1024
-# One line per message from stream_helper to the daemon: "<kind> <detail>".
+T = TypeVar("T")
+R = TypeVar("R")
+
 
 @dataclass(frozen=True)
 class Metadata:
