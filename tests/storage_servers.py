@@ -84,10 +84,25 @@ class S3Server:
     log: Path | None = None
 
     def restart(self) -> None:
-        """Start ``weed`` again on the same ports and data (after it was killed), returning once it serves."""
+        """Start ``weed`` again on the same ports and data (after it was killed), returning once it serves every
+        stored object.
+
+        Listing answers as soon as the filer is up, but a GET fails with InternalError until the volume server
+        has registered its volumes with the master again. An object's chunks lie on several volumes, so the wait
+        reads every object whole (the tests that restart keep a few hundred MB).
+        """
         assert self.log is not None and self.process.poll() is not None, "restart a server that has exited"
         self.process = subprocess.Popen(self.command, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT)
-        wait_until(lambda: self.client().list_buckets(), self.process, "SeaweedFS (restarted)", self.log)
+        wait_until(self._serves_every_object, self.process, "SeaweedFS (restarted)", self.log)
+
+    def _serves_every_object(self) -> None:
+        s3 = self.client()
+        for bucket in s3.list_buckets()["Buckets"]:
+            for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket["Name"]):
+                for item in page.get("Contents", []):
+                    body = s3.get_object(Bucket=bucket["Name"], Key=item["Key"])["Body"]
+                    while body.read(8 << 20):
+                        pass
 
     def env(self, *, key: str = S3_KEY, secret: str = S3_SECRET) -> dict[str, str]:
         return {
