@@ -141,10 +141,8 @@ def fetch_into(
     if not direct and not staged:
         return
     bases = [d.data_ptr() for d in destinations]
-    staged_bytes = sum(s.block.length for s in staged)
-    largest = max((s.block.length for s in staged), default=0)
-    padded = staged_bytes + ALIGNMENT * len(staged)  # batches start blocks on aligned offsets
-    staging = torch.empty(max(largest, min(memory_limit, padded)), dtype=torch.uint8)
+    slots = _staging_slots(staged, memory_limit)
+    staging = torch.empty(sum(slots), dtype=torch.uint8)
     try:
         # The streamer session owns the C handle and applies object-store credentials once.
         with FileStreamer() as session:
@@ -152,10 +150,14 @@ def fetch_into(
             reader = _RangeReader(session.streamer, paths)
             reader.submit([_Range(d.file_index, d.file_offset, d.length, bases[d.layout_index] + d.dst_offset,
                                   functools.partial(_direct_landed, d, on_progress, filled)) for d in direct])
-            for batch in _batches(staged, staging.numel()):
-                reader.submit([_staged_range(item, staging[cursor:], destinations, on_progress, filled)
-                               for cursor, item in batch])
-                reader.wait()  # the next batch reuses the staging buffer
+            in_flight: list[list[int]] = []  # each slot's batch, oldest first
+            for index, batch in enumerate(_batches(staged, slots[0])):
+                if len(in_flight) == len(slots):
+                    reader.wait(in_flight.pop(0))  # its slot is free once that batch has landed and scattered
+                slot = staging[(index % len(slots)) * slots[0] :]
+                in_flight.append(reader.submit(
+                    [_staged_range(item, slot[cursor:], destinations, on_progress, filled) for cursor, item in batch]
+                ))
             reader.wait()
     except ValueError as e:  # how the streamer's Python layer reports a failed start or request
         raise StreamingError(str(e)) from e
@@ -224,19 +226,21 @@ class _RangeReader:
         self.handle = handle
         self.paths = paths
         self.callbacks: dict[int, list[list[Callable[[], None]]]] = {}  # submission -> file -> range
+        self.remaining: dict[int, int] = {}  # submission -> ranges not yet landed
         self.outstanding = 0
 
-    def submit(self, ranges: list[_Range]) -> None:
-        for start in range(0, len(ranges), MAX_RANGES_PER_REQUEST):
-            self._submit(ranges[start : start + MAX_RANGES_PER_REQUEST])
+    def submit(self, ranges: list[_Range]) -> list[int]:
+        """Put ``ranges`` in flight; returns the submissions carrying them."""
+        return [self._submit(ranges[start : start + MAX_RANGES_PER_REQUEST])
+                for start in range(0, len(ranges), MAX_RANGES_PER_REQUEST)]
 
-    def _submit(self, ranges: list[_Range]) -> None:
+    def _submit(self, ranges: list[_Range]) -> int:
         by_file: dict[int, list[_Range]] = {}
         for r in ranges:
             by_file.setdefault(r.file_index, []).append(r)
         files = sorted(by_file)
         grouped = [r for f in files for r in by_file[f]]
-        submission = runai_request(
+        submission: int = runai_request(
             self.handle,
             [self.paths[f] for f in files],
             [len(by_file[f]) for f in files],
@@ -245,22 +249,42 @@ class _RangeReader:
             [r.address for r in grouped],
         )
         self.callbacks[submission] = [[r.landed for r in by_file[f]] for f in files]
+        self.remaining[submission] = len(ranges)
         self.outstanding += len(ranges)
+        return submission
 
-    def wait(self) -> None:
+    def wait(self, submissions: list[int] | None = None) -> None:
+        """Run each range's callback as it lands (whichever submission it belongs to) until ``submissions``
+        have landed whole; None waits for every range in flight."""
+        def waiting() -> bool:
+            return any(self.remaining[s] for s in submissions) if submissions is not None else self.outstanding > 0
+
         try:
-            while self.outstanding:
+            while waiting():
                 response = runai_response(self.handle)
                 if response is None:
                     raise StreamingError("the streamer stopped before every range arrived")
                 status, submission, file_index, range_index, _ = response
                 self.outstanding -= 1
+                self.remaining[submission] -= 1
                 if status != SUCCESS_ERROR_CODE:
                     raise StreamingError(f"libstreamer could not read a range: {runai_response_str(status)}")
                 self.callbacks[submission][file_index][range_index]()
-        finally:
+        except BaseException:
             while self.outstanding and runai_response(self.handle) is not None:
                 self.outstanding -= 1
+            raise
+
+
+def _staging_slots(staged: list[_Staged], memory_limit: int) -> list[int]:
+    """The staging buffer's slots (bytes each, all the same size): one when every staged block fits within
+    ``memory_limit`` at once, else two, so that one batch streams while the other's blocks scatter."""
+    largest = max((s.block.length for s in staged), default=0)
+    padded = sum(s.block.length for s in staged) + ALIGNMENT * len(staged)  # blocks start on aligned offsets
+    half = memory_limit // 2 // ALIGNMENT * ALIGNMENT  # the second slot starts aligned too
+    if padded <= memory_limit or half < largest:
+        return [max(largest, min(memory_limit, padded))]
+    return [half, half]
 
 
 def _batches(staged: list[_Staged], capacity: int) -> list[list[tuple[int, _Staged]]]:

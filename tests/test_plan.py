@@ -10,7 +10,14 @@ from weightd.daemon.errors import InvalidRequestError, UnsupportedModelError
 from weightd.daemon.plan import ALIGNMENT, LoadPlan, build_plan
 from weightd.daemon.safetensors_header import header_length, parse_header
 from weightd.daemon.sharding import Architecture, ShardRule, Split, llama_family_plan, select_rules, split_for
-from weightd.daemon.streaming import DIRECT_PIECE_MIN_BYTES, _copy_duplicates, _route, _scatter_block
+from weightd.daemon.streaming import (
+    DIRECT_PIECE_MIN_BYTES,
+    _batches,
+    _copy_duplicates,
+    _route,
+    _scatter_block,
+    _staging_slots,
+)
 
 RULES = (ShardRule(r"vocab", 0, 8), ShardRule(r"padrow", 1, 4), ShardRule(r"col", 0), ShardRule(r"row", 1),
          ShardRule(r"deep", 2), ShardRule(r"whole", None))
@@ -147,6 +154,19 @@ def test_a_block_shared_by_ranks_is_one_read_when_their_pieces_are_small() -> No
     direct, staged, duplicates = _route(plan, direct_piece_min=4097)
     assert [d.length for d in direct] == [256] and len(duplicates) == 3  # one window: staging saves no request
     assert [item.block.length for item in staged] == [16384]  # one read, copied out to the 4 ranks
+
+
+def test_staging_takes_two_slots_only_when_the_staged_blocks_exceed_the_limit_and_two_largest_fit() -> None:
+    tensors = {f"row{i}.weight": torch.randn(64, 64) for i in range(8)}  # 16 KiB each, all scattered at tp 4
+    plan = build_plan([header_of(save(tensors))], tp_size=4, ranks=[0, 1, 2, 3], rules=RULES, max_range_bytes=1 << 20)
+    staged = _route(plan)[1]
+    assert [item.block.length for item in staged] == [16384] * 8
+    assert _staging_slots(staged, 1 << 20) == [8 * (16384 + ALIGNMENT)]  # all at once: one slot, one batch
+    assert _staging_slots(staged, 16384) == [16384]  # two would not each hold a block
+    slots = _staging_slots(staged, 48 << 10)
+    assert slots == [24 << 10] * 2 and [len(b) for b in _batches(staged, slots[0])] == [1] * 8
+    slots = _staging_slots(staged, (80 << 10) + 1)  # halves are rounded down to aligned sizes
+    assert slots == [40 << 10] * 2 and [len(b) for b in _batches(staged, slots[0])] == [2] * 4
 
 
 def test_uneven_split_names_tensor_dim_size_and_tp_size() -> None:

@@ -244,13 +244,19 @@ def test_bad_tensor_parallel_requests(daemon, tiny_llama) -> None:
 
 
 @pytest.mark.parametrize("concurrency", [None, 2], ids=["in-process", "helper"])
-def test_a_tiny_staging_buffer_still_loads_every_rank_exactly(daemon, tiny_llama, concurrency: int | None) -> None:
-    """memory_limit bounds only the staging buffer for scattered (dim-1) blocks: one block per batch here.
+# 1 byte: one block per batch, each batch landing before the next. 2 MiB (the model stages about 6 MB, its
+# largest block 512 KiB): two 1 MiB slots, a batch streaming into one while the other's blocks scatter.
+@pytest.mark.parametrize("memory_limit", [1, 2 << 20], ids=["block-per-batch", "two-slots"])
+def test_a_small_staging_buffer_still_loads_every_rank_exactly(
+    daemon, tiny_llama, concurrency: int | None, memory_limit: int
+) -> None:
+    """memory_limit bounds only the staging buffer that scattered blocks pass through.
 
     With a per-load concurrency the helper process streams, scatters and copies into the daemon's arenas.
     """
     uri, full = tiny_llama
-    client.load(uri, tp_size=2, all_ranks=True, memory_limit=1, concurrency=concurrency, target=daemon.target)
+    client.load(uri, tp_size=2, all_ranks=True, memory_limit=memory_limit, concurrency=concurrency,
+                target=daemon.target)
     for rank in range(2):
         with client.attach(uri, rank, tp_size=2, target=daemon.target) as model:
             check_rank(model, full, 2)
