@@ -12,7 +12,7 @@ from pathlib import Path
 import grpc
 import pytest
 from weightd import client
-from weightd.daemon.errors import UnauthenticatedError
+from weightd.daemon.errors import ModelNotFoundError, UnauthenticatedError
 from weightd.daemon.storage.base import open_store, parse_model_uri, warm_up_s3
 
 from tests.conftest import ATTACH_AND_VERIFY, Model, free_port, run_client
@@ -78,7 +78,9 @@ def backend(request: pytest.FixtureRequest, llama_model: Model, tmp_path: Path) 
     )
 
 
-def test_object_store_protocol(backend: Backend, llama_model: Model, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_object_store_protocol(
+    backend: Backend, llama_model: Model, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     for name, value in backend.sdk_env.items():
         monkeypatch.setenv(name, value)
     store = open_store(parse_model_uri(backend.uri))
@@ -93,6 +95,10 @@ def test_object_store_protocol(backend: Backend, llama_model: Model, monkeypatch
     assert store.read_range(shard, 0, 8) == blob[:8]
     assert store.read_range(shard, 1000, 4096) == blob[1000:5096]
     assert store.streamer_path(shard).endswith(shard)
+    store.download(shard, tmp_path / "copy")  # larger than one chunk of a streamed download
+    assert (tmp_path / "copy").read_bytes() == blob
+    with pytest.raises(ModelNotFoundError, match="no-such-file.json"):
+        store.download("no-such-file.json", tmp_path / "missing")
 
     before = store.stat("generation_config.json").version
     backend.put("generation_config.json", b'{"changed": true}')

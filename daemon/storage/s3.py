@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from weightd.daemon.storage.base import ModelLocation, ObjectInfo, PrefixedObjec
 
 _UNAUTHENTICATED_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken"}
 _NOT_FOUND_CODES = {"NoSuchKey", "NotFound", "404"}
+DOWNLOAD_CHUNK_BYTES = 1 << 20
 
 
 @functools.cache
@@ -96,7 +98,12 @@ class S3Store(PrefixedObjects):
         return data
 
     def _download(self, name: str, destination: Path) -> None:
-        self.client.download_file(self.location.bucket, self._key(name), str(destination))
+        # One GET, streamed to the file. boto3's download_file sends a HEAD first (a second round trip per
+        # file on remote storage) and starts a transfer manager's threads: 8-13 ms a file on loopback here,
+        # against 3-5 ms. Metadata files are small, so its parallel ranged parts would gain nothing.
+        body = self.client.get_object(Bucket=self.location.bucket, Key=self._key(name))["Body"]
+        with body, open(destination, "wb") as out:
+            shutil.copyfileobj(body, out, DOWNLOAD_CHUNK_BYTES)
 
     def _translate(self, error: Exception, name: str) -> WeightdError:
         where = self.streamer_path(name) if name else self.location.uri
