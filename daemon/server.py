@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import gc
 import hashlib
 import logging
 import os
@@ -126,6 +127,7 @@ async def serve(config: DaemonConfig) -> None:
     logger.info("weightd serving on %s (descriptors on %s, cache %s, arenas in %s, host memory budget %d bytes)",
                 where, channel_path, config.cache_dir, config.shm_dir, budget)
     _notify_systemd("READY=1")
+    warming.add_done_callback(_freeze_start_up_heap)
 
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -219,6 +221,15 @@ def _claim_socket(path: Path, kind: socket.SocketKind) -> None:
     finally:
         probe.close()
     raise ConfigurationError(f"another process is serving on {path}; stop it or choose another --socket")
+
+
+def _freeze_start_up_heap(_: object) -> None:
+    """Exempt the objects of the start-up (torch, gRPC, botocore's S3 model: about 220k) from garbage
+    collection. Each full collection walked them all: 140-180 ms holding the GIL on a busy 2-core node, landing
+    in the middle of loads and attaches every few loads. After the freeze a full collection takes 0.1-6 ms."""
+    gc.collect()  # garbage of the start-up is freed, not kept for good
+    gc.freeze()
+    logger.debug("start-up heap frozen: %d objects exempt from garbage collection", gc.get_freeze_count())
 
 
 def _notify_systemd(message: str) -> None:
