@@ -232,30 +232,29 @@ class Bench:
         return samples
 
     def tensor_parallel(self, model: dict[str, Any]) -> dict[str, float]:
-        all_ranks, full, lone = [], [], []
-        all_bytes = lone_bytes = 0
-        for _ in range(self.repetitions):
-            daemon = self.daemon()
-            try:
-                all_ranks.append(run_script(LOAD, model["uri"], daemon.target, "4", env=self.env)["seconds"])
-                all_bytes = sum(m.storage_bytes_read for m in client.list_models(target=daemon.target))
-            finally:
-                daemon.stop()
-            daemon = self.daemon()
-            try:
-                full.append(run_script(LOAD, model["uri"], daemon.target, "1", env=self.env)["seconds"])
-            finally:
-                daemon.stop()
-            daemon = self.daemon()
-            try:
-                lone.append(run_script(ATTACH, model["uri"], daemon.target, "1", "4", env=self.env)["seconds"])
-                lone_bytes = sum(m.storage_bytes_read for m in client.list_models(target=daemon.target))
-            finally:
-                daemon.stop()
+        """TP=4 all ranks, a full load and a lone rank, each into a fresh daemon, in an order rotated per
+        repetition."""
+        scenarios = {
+            "all_ranks": (LOAD, model["uri"], "{target}", "4"),
+            "full_load": (LOAD, model["uri"], "{target}", "1"),
+            "lone_rank": (ATTACH, model["uri"], "{target}", "1", "4"),
+        }
+        samples: dict[str, list[float]] = {name: [] for name in scenarios}
+        read: dict[str, int] = {}
+        for repetition in range(self.repetitions):
+            names = list(scenarios)
+            for name in names[repetition % 3 :] + names[: repetition % 3]:
+                script, *args = scenarios[name]
+                daemon = self.daemon()
+                try:
+                    result = run_script(script, *(a.format(target=daemon.target) for a in args), env=self.env)
+                    samples[name].append(result["seconds"])
+                    read[name] = sum(m.storage_bytes_read for m in client.list_models(target=daemon.target))
+                finally:
+                    daemon.stop()
         return {
-            "all_ranks_s": statistics.median(all_ranks), "full_load_s": statistics.median(full),
-            "lone_rank_s": statistics.median(lone), "all_ranks_bytes": all_bytes, "lone_rank_bytes": lone_bytes,
-            "samples": {"all_ranks": all_ranks, "full_load": full, "lone_rank": lone},
+            **{f"{name}_s": statistics.median(values) for name, values in samples.items()},
+            "all_ranks_bytes": read["all_ranks"], "lone_rank_bytes": read["lone_rank"], "samples": samples,
         }
 
     def per_load_concurrency(self, model: dict[str, Any], concurrency: int = 8) -> dict[str, float]:
