@@ -97,7 +97,7 @@ def test_object_store_protocol(
     assert store.streamer_path(shard).endswith(shard)
     store.download(shard, tmp_path / "copy")  # larger than one chunk of a streamed download
     assert (tmp_path / "copy").read_bytes() == blob
-    with pytest.raises(ModelNotFoundError, match="no-such-file.json"):
+    with pytest.raises(ModelNotFoundError, match=r"no-such-file\.json"):
         store.download("no-such-file.json", tmp_path / "missing")
 
     before = store.stat("generation_config.json").version
