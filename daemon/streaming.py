@@ -227,7 +227,6 @@ class _RangeReader:
         self.paths = paths
         self.callbacks: dict[int, list[list[Callable[[], None]]]] = {}  # submission -> file -> range
         self.remaining: dict[int, int] = {}  # submission -> ranges not yet landed
-        self.outstanding = 0
 
     def submit(self, ranges: list[_Range]) -> list[int]:
         """Put ``ranges`` in flight; returns the submissions carrying them."""
@@ -250,29 +249,25 @@ class _RangeReader:
         )
         self.callbacks[submission] = [[r.landed for r in by_file[f]] for f in files]
         self.remaining[submission] = len(ranges)
-        self.outstanding += len(ranges)
         return submission
 
     def wait(self, submissions: list[int] | None = None) -> None:
         """Run each range's callback as it lands (whichever submission it belongs to) until ``submissions``
         have landed whole; None waits for every range in flight."""
-        def waiting() -> bool:
-            return any(self.remaining[s] for s in submissions) if submissions is not None else self.outstanding > 0
-
+        awaited = list(self.remaining) if submissions is None else submissions
         try:
-            while waiting():
+            while any(self.remaining[s] for s in awaited):
                 response = runai_response(self.handle)
                 if response is None:
                     raise StreamingError("the streamer stopped before every range arrived")
                 status, submission, file_index, range_index, _ = response
-                self.outstanding -= 1
                 self.remaining[submission] -= 1
                 if status != SUCCESS_ERROR_CODE:
                     raise StreamingError(f"libstreamer could not read a range: {runai_response_str(status)}")
                 self.callbacks[submission][file_index][range_index]()
         except BaseException:
-            while self.outstanding and runai_response(self.handle) is not None:
-                self.outstanding -= 1
+            while any(self.remaining.values()) and (response := runai_response(self.handle)) is not None:
+                self.remaining[response[1]] -= 1
             raise
 
 
