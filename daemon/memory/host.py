@@ -162,3 +162,37 @@ class HostMemory:
 def _free_bytes(directory: Path) -> int:
     st = os.statvfs(directory)
     return st.f_bavail * st.f_frsize
+
+
+def huge_page_policy(directory: Path, *, mountinfo: Path = Path("/proc/self/mountinfo"),
+                     shmem_enabled: Path = Path("/sys/kernel/mm/transparent_hugepage/shmem_enabled")) -> str:
+    """The tmpfs ``huge=`` policy that files created in ``directory`` get: ``never``, ``always``,
+    ``within_size`` or ``advise``; ``""`` when ``directory`` is not on a tmpfs.
+
+    With ``never`` (the default of most distributions' /dev/shm) an arena is filled one 4 KiB page fault at a
+    time, which costs a cold load far more CPU than the streamer's own buffer, whose anonymous memory gets
+    transparent huge pages.
+    """
+    target = os.path.realpath(directory)
+    mount: tuple[str, str] | None = None  # (mount point, fstype + super options) of the innermost mount
+    for line in mountinfo.read_text().splitlines():
+        fields = line.split(" ")
+        point = fields[4].replace("\\040", " ")
+        inside = target == point or target.startswith(point.rstrip("/") + "/")
+        # Later lines are later mounts: one over the same point hides the earlier.
+        if inside and (mount is None or len(point) >= len(mount[0])):
+            after = fields[fields.index("-") + 1 :]
+            mount = (point, f"{after[0]} {after[2] if len(after) > 2 else ''}")
+    if mount is None or not mount[1].startswith("tmpfs "):
+        return ""
+    try:
+        # "[deny]" and "[force]" override every mount's own option (Documentation/admin-guide/mm/transhuge.rst).
+        system = re.search(r"\[(\w+)\]", shmem_enabled.read_text())
+    except OSError:
+        system = None
+    if system and system.group(1) == "deny":
+        return "never"
+    if system and system.group(1) == "force":
+        return "always"
+    option = re.search(r"(?:^|,)huge=(\w+)", mount[1].split(" ", 1)[1])
+    return option.group(1) if option else "never"

@@ -1,0 +1,116 @@
+"""Which pages an arena gets: the daemon reads its --shm-dir's tmpfs ``huge=`` policy, warns when arenas would be
+filled one 4 KiB page at a time, and on a ``huge=within_size`` tmpfs its arenas are mapped in 2 MiB pages (by
+the daemon and by the engines that attach)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+from weightd.daemon.memory.host import huge_page_policy
+
+from tests.conftest import Model, run_client
+
+MOUNTINFO = """\
+21 1 0:20 / / rw,relatime - overlay overlay rw,lowerdir=/l,upperdir=/u
+24 21 0:22 / /dev/shm rw,nosuid,nodev - tmpfs shm rw,size=65536k
+25 21 0:23 / /run/arenas rw,relatime shared:7 - tmpfs tmpfs rw,size=1048576k,huge=within_size,mode=755
+26 21 8:1 / /data rw,relatime - ext4 /dev/sda1 rw
+27 25 0:24 / /run/arenas/over rw,relatime - tmpfs tmpfs rw,size=1024k,huge=always
+28 21 0:25 / /run/with\\040space rw - tmpfs tmpfs rw,huge=advise
+29 21 0:26 / /dev/shm rw - tmpfs tmpfs rw,huge=always
+"""
+
+SHMEM_NEVER = "always within_size advise [never] deny force\n"
+
+
+@pytest.mark.parametrize(("directory", "policy"), [
+    ("/run/arenas", "within_size"),
+    ("/run/arenas/model/", "within_size"),  # below the mount point
+    ("/run/arenas/over/x", "always"),  # the innermost mount
+    ("/run/arenasx", ""),  # a sibling whose name only starts like the mount point: the overlay root
+    ("/dev/shm", "always"),  # mounted over: the later mount is the one seen
+    ("/data/models", ""),
+    ("/run/with space", "advise"),
+])
+def test_the_policy_is_the_innermost_tmpfs_mount_s(tmp_path: Path, directory: str, policy: str) -> None:
+    mountinfo, shmem = tmp_path / "mountinfo", tmp_path / "shmem_enabled"
+    mountinfo.write_text(MOUNTINFO)
+    shmem.write_text(SHMEM_NEVER)
+    assert huge_page_policy(Path(directory), mountinfo=mountinfo, shmem_enabled=shmem) == policy
+
+
+def test_a_tmpfs_without_the_option_gets_small_pages_and_the_system_setting_can_override(tmp_path: Path) -> None:
+    mountinfo, shmem = tmp_path / "mountinfo", tmp_path / "shmem_enabled"
+    mountinfo.write_text("".join(MOUNTINFO.splitlines(keepends=True)[:-1]))  # /dev/shm without huge=, not over
+    shmem.write_text(SHMEM_NEVER)
+    assert huge_page_policy(Path("/dev/shm"), mountinfo=mountinfo, shmem_enabled=shmem) == "never"
+    shmem.write_text("always within_size advise never deny [force]\n")
+    assert huge_page_policy(Path("/dev/shm"), mountinfo=mountinfo, shmem_enabled=shmem) == "always"
+    shmem.write_text("always within_size advise never [deny] force\n")
+    assert huge_page_policy(Path("/run/arenas"), mountinfo=mountinfo, shmem_enabled=shmem) == "never"
+    assert huge_page_policy(Path("/data"), mountinfo=mountinfo, shmem_enabled=shmem) == ""
+    # Kernels without transparent huge pages have no such file: the mount's own option stands.
+    assert huge_page_policy(Path("/run/arenas"), mountinfo=mountinfo, shmem_enabled=tmp_path / "absent") == (
+        "within_size")
+
+
+def test_this_machine_s_dev_shm_is_a_tmpfs_with_a_known_policy() -> None:
+    assert huge_page_policy(Path("/dev/shm")) in {"never", "always", "within_size", "advise"}
+
+
+# Attach; compare with safetensors; report how much of the arena mappings the kernel maps in 2 MiB pages.
+ATTACH_AND_COUNT_HUGE = r"""
+import glob, json, sys
+import torch
+from safetensors.torch import load_file
+from weightd import client
+
+model = client.attach(sys.argv[1], target=sys.argv[2], timeout=120)
+expected = {}
+for f in glob.glob(sys.argv[3] + "/*.safetensors"):
+    expected.update(load_file(f))
+mismatched = [n for n, t in expected.items() if not torch.equal(model.tensors[n], t)]
+pointers = [t.data_ptr() for t in model.tensors.values()]
+huge = inside = 0
+for line in open("/proc/self/smaps"):
+    field = line.split()
+    if "-" in field[0]:
+        low, high = (int(x, 16) for x in field[0].split("-"))
+        inside = any(low <= p < high for p in pointers)
+    elif inside and field[0] == "ShmemPmdMapped:":
+        huge += int(field[1]) * 1024
+print(json.dumps({"mismatched": mismatched, "tensors": len(model.tensors), "huge_mapped": huge}))
+"""
+
+
+def in_own_tmpfs(directory: Path, options: str) -> tuple[str, ...]:
+    """A wrapper that starts the daemon in its own mount namespace, on a tmpfs mounted at ``directory``."""
+    if subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode != 0:
+        pytest.skip("needs unshare -m (root or CAP_SYS_ADMIN)")
+    directory.mkdir()
+    return ("unshare", "-m", "sh", "-c", f'mount -t tmpfs -o {options} tmpfs {directory} && exec "$@"', "sh")
+
+
+def test_arenas_on_a_huge_tmpfs_are_mapped_in_2_mib_pages(daemon_factory, tmp_path: Path,
+                                                            llama_model: Model) -> None:
+    shm = tmp_path / "huge-shm"
+    wrapper = in_own_tmpfs(shm, "size=256m,huge=within_size")
+    daemon = daemon_factory(extra_args=("--shm-dir", str(shm), "--free-on-stop", "true"), wrapper=wrapper)
+    seen = run_client(ATTACH_AND_COUNT_HUGE, str(llama_model.directory), daemon.target, str(llama_model.directory))
+    assert seen["mismatched"] == [] and seen["tensors"] == len(llama_model.tensors)
+    # The arena's whole 2 MiB-aligned part (a within_size tail smaller than a huge page stays in 4 KiB pages).
+    assert seen["huge_mapped"] >= (llama_model.nbytes // 2**21 - 1) * 2**21, seen
+    assert "4 KiB pages" not in daemon.log.read_text()
+
+
+def test_the_daemon_warns_when_arenas_get_4_kib_pages(daemon_factory, tmp_path: Path) -> None:
+    if re.search(r"\[(force|deny)\]", Path("/sys/kernel/mm/transparent_hugepage/shmem_enabled").read_text()):
+        pytest.skip("this kernel's shmem_enabled overrides every tmpfs's huge= option")
+    shm = tmp_path / "small-pages"
+    daemon = daemon_factory(extra_args=("--shm-dir", str(shm)), wrapper=in_own_tmpfs(shm, "size=16m,huge=never"))
+    log = daemon.log.read_text()
+    assert f"arenas in {shm} get 4 KiB pages (tmpfs huge=never)" in log
+    assert "README, 'Huge pages for arenas'" in log
