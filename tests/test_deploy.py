@@ -56,12 +56,28 @@ def test_daemonset_sees_every_gpu_and_shares_gpu_memory_by_descriptor() -> None:
 def test_systemd_unit_verifies(tmp_path: Path) -> None:
     if shutil.which("systemd-analyze") is None:
         pytest.skip("systemd-analyze is not installed")
-    unit = tmp_path / "weightd.service"
+    unit, mount = tmp_path / "weightd.service", tmp_path / "dev-shm-weightd.mount"
     weightd = Path(sys.executable).parent / "weightd"  # the unit's /usr/local/bin/weightd, as installed here
     source = (DEPLOY / "systemd" / "weightd.service").read_text()
     unit.write_text(source.replace("/usr/local/bin/weightd", str(weightd)))
-    result = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True)
+    shutil.copy(DEPLOY / "systemd" / mount.name, mount)
+    result = subprocess.run(["systemd-analyze", "verify", str(unit), str(mount)], capture_output=True, text=True)
     assert result.returncode == 0 and result.stderr == "", result.stderr
+
+
+def test_arenas_get_a_tmpfs_of_huge_pages_wherever_the_daemon_is_deployed() -> None:
+    mount = (DEPLOY / "systemd" / "dev-shm-weightd.mount").read_text()
+    where = next(line.split("=", 1)[1] for line in mount.splitlines() if line.startswith("Where="))
+    assert "huge=within_size" in next(line for line in mount.splitlines() if line.startswith("Options="))
+    service = (DEPLOY / "systemd" / "weightd.service").read_text()
+    assert f"--shm-dir {where}" in service and f"RequiresMountsFor={where}" in service
+    (daemonset,) = yaml.safe_load_all((DEPLOY / "kubernetes" / "daemonset.yaml").read_text())
+    pod = daemonset["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert f"--shm-dir={where}" in container["args"]
+    shm = next(v for v in pod["volumes"] if v["name"] == "shm")
+    assert shm["hostPath"]["path"] == where  # the node's mount of that unit, when the node has one
+    assert {"name": "shm", "mountPath": where} in container["volumeMounts"]
 
 
 def test_daemon_tells_systemd_it_is_ready_and_stopping(daemon_factory, tmp_path: Path) -> None:
