@@ -23,6 +23,10 @@ c and d are also measured for a second, smaller model to show d stays flat as th
 measures a, c and d, interleaved, and e (TP=4), on checkpoints shaped like real ones (benchmarks/geometries.py)
 instead, and reports per geometry its size, tensor count, median tensor size and the ratios, with every sample.
 With --sizes-gb 0.25,1,4 the synthetic "small" geometry is measured at each size (cold time against bytes).
+
+--shm-dirs DIR[,DIR...] (default /dev/shm) says where daemons keep their arenas: the first directory serves
+every scenario, and each further one adds c and d with arenas there to the interleaving (say, /dev/shm against
+a tmpfs mounted huge=within_size: 4 KiB against 2 MiB pages, side by side in one run).
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from weightd import client  # noqa: E402
+from weightd.daemon.memory.host import huge_page_policy  # noqa: E402
 from weightd.daemon.synthetic import write_synthetic_model  # noqa: E402
 
 from benchmarks.daemon import Daemon  # noqa: E402
@@ -142,20 +147,24 @@ def run_script(script: str, *args: str, env: dict[str, str]) -> dict[str, Any]:
 
 
 class Bench:
-    def __init__(self, s3: S3Server, work: Path, repetitions: int) -> None:
+    def __init__(self, s3: S3Server, work: Path, repetitions: int, shm_dirs: list[Path]) -> None:
         self.s3 = s3
         self.work = work
         self.repetitions = repetitions
+        # Interleaved cold/warm steps, by name: "cd" on the first arena directory, "cd@DIR" on each further one.
+        self.cold_steps = {"cd": shm_dirs[0], **{f"cd@{d}": d for d in shm_dirs[1:]}}
         # The same streamer settings for every contender (the daemon would default the timeout to 30 s anyway;
         # at the streamer's 1 s, four concurrent streams on two cores fail with "File access error").
         self.env = {**os.environ, **s3.env(), "BENCH_DISK": str(work), "RUNAI_STREAMER_S3_USE_VIRTUAL_ADDRESSING": "0",
                     "RUNAI_STREAMER_S3_REQUEST_TIMEOUT_MS": "30000"}
         self.daemons = 0
 
-    def daemon(self, *, concurrency: int | None = None) -> Daemon:
+    def daemon(self, *, concurrency: int | None = None, shm_dir: Path | None = None, name: str = "daemon") -> Daemon:
         self.daemons += 1
-        extra = ("--concurrency", str(concurrency)) if concurrency is not None else ()
-        return Daemon(self.work / f"daemon{self.daemons}", self.env, extra_args=extra)
+        extra = ["--shm-dir", str(shm_dir or self.cold_steps["cd"])]
+        if concurrency is not None:
+            extra += ["--concurrency", str(concurrency)]
+        return Daemon(self.work / f"{name}{self.daemons}", self.env, extra_args=extra)
 
     def model(self, size_gb: float, name: str) -> dict[str, Any]:
         directory = self.work / name
@@ -184,22 +193,26 @@ class Bench:
         """a, c and d interleaved (order rotated per repetition); the first pass warms the storage for both."""
         paths = [f"s3://{BUCKET}/{model['prefix']}{s}" for s in model["shards"]]
         run_script(STREAMER_ALONE, *paths, env=self.env)  # warm: SeaweedFS's own caches, same objects
-        samples: dict[str, list[float]] = {"a": [], "c": [], "d": []}
+        samples: dict[str, list[float]] = {"a": []}
+        steps = ["a", *self.cold_steps]
         for repetition in range(self.repetitions):
-            steps = ["a", "cd"] if repetition % 2 == 0 else ["cd", "a"]
-            for step in steps:
+            for step in steps[repetition % len(steps) :] + steps[: repetition % len(steps)]:
                 if step == "a":
                     samples["a"].append(run_script(STREAMER_ALONE, *paths, env=self.env)["seconds"])
                 else:
-                    cold, warm, read = self.cold_and_warm(model)
-                    assert read == model["bytes"], f"weightd read {read} bytes of a {model['bytes']}-byte model"
-                    samples["c"].append(cold)
-                    samples["d"].append(warm)
+                    self.record_cold_and_warm(samples, step, model)
             print(f"  rep {repetition + 1} done", file=sys.stderr)
         return samples
 
-    def cold_and_warm(self, model: dict[str, Any]) -> tuple[float, float, int]:
-        daemon = self.daemon()
+    def record_cold_and_warm(self, samples: dict[str, list[float]], step: str, model: dict[str, Any]) -> None:
+        """c and d of cold step ``step`` ("cd" or "cd@DIR"), as samples "c" and "d" (or "c@DIR" and "d@DIR")."""
+        cold, warm, read = self.cold_and_warm(model, shm_dir=self.cold_steps[step])
+        assert read == model["bytes"], f"weightd read {read} bytes of a {model['bytes']}-byte model"
+        samples.setdefault("c" + step[2:], []).append(cold)
+        samples.setdefault("d" + step[2:], []).append(warm)
+
+    def cold_and_warm(self, model: dict[str, Any], *, shm_dir: Path | None = None) -> tuple[float, float, int]:
+        daemon = self.daemon(shm_dir=shm_dir)
         try:
             cold = run_script(ATTACH, model["uri"], daemon.target, "0", "1", env=self.env)["seconds"]
             warm = run_script(ATTACH, model["uri"], daemon.target, "0", "1", env=self.env)["seconds"]
@@ -210,24 +223,20 @@ class Bench:
 
     def interleaved(self, model: dict[str, Any]) -> dict[str, list[float]]:
         paths = [f"s3://{BUCKET}/{model['prefix']}{s}" for s in model["shards"]]
-        steps: list[tuple[str, Callable[[], Any]]] = [
+        steps: list[tuple[str, Callable[[], float]]] = [
             ("a", lambda: run_script(STREAMER_ALONE, *paths, env=self.env)["seconds"]),
             ("b", lambda: run_script(DOWNLOAD_THEN_LOAD, BUCKET, model["prefix"], *model["shards"],
                                      env=self.env)["seconds"]),
-            ("cd", lambda: self.cold_and_warm(model)),
         ]
-        samples: dict[str, list[float]] = {"a": [], "b": [], "c": [], "d": []}
+        samples: dict[str, list[float]] = {"a": [], "b": []}
+        names = [name for name, _ in steps] + list(self.cold_steps)
         for repetition in range(self.repetitions):
             # Rotate the order so no scenario always runs first (warm caches, server state).
-            for name, step in steps[repetition % 3 :] + steps[: repetition % 3]:
-                value = step()
-                if name == "cd":
-                    cold, warm, read = value
-                    assert read == model["bytes"], f"weightd read {read} bytes of a {model['bytes']}-byte model"
-                    samples["c"].append(cold)
-                    samples["d"].append(warm)
+            for name in names[repetition % len(names) :] + names[: repetition % len(names)]:
+                if name in self.cold_steps:
+                    self.record_cold_and_warm(samples, name, model)
                 else:
-                    samples[name].append(value)
+                    samples[name].append(dict(steps)[name]())
                 print(f"  rep {repetition + 1}: {name} done", file=sys.stderr)
         return samples
 
@@ -280,12 +289,13 @@ class Bench:
         for _ in range(self.repetitions):
             root = self.work / f"restart{self.daemons}"
             self.daemons += 1
-            first = Daemon(root, self.env)
+            extra = ("--shm-dir", str(self.cold_steps["cd"]))
+            first = Daemon(root, self.env, extra_args=extra)
             try:
                 client.load(model["uri"], target=first.target)
             finally:
                 first.kill()
-            second = Daemon(root, self.env)  # returns once it answers
+            second = Daemon(root, self.env, extra_args=extra)  # returns once it answers
             try:
                 serving.append(time.perf_counter() - second.started)
                 attach.append(run_script(ATTACH, model["uri"], second.target, "0", "1", env=self.env)["seconds"])
@@ -350,7 +360,10 @@ def main() -> int:
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--geometries", help=f"comma-separated, of: small, {', '.join(GEOMETRIES)}")
     parser.add_argument("--sizes-gb", help="with --geometries small: comma-separated sizes (default: --size-gb)")
+    parser.add_argument("--shm-dirs", default="/dev/shm",
+                        help="arena directories: the first for every scenario, each further one adds c and d")
     args = parser.parse_args()
+    args.shm_dirs = [Path(d) for d in args.shm_dirs.split(",")]
     if args.geometries:
         return run_geometries(args)
 
@@ -358,7 +371,7 @@ def main() -> int:
     s3 = start_seaweedfs(work / "seaweedfs")
     try:
         s3.client().create_bucket(Bucket=BUCKET)
-        bench = Bench(s3, work, args.repetitions)
+        bench = Bench(s3, work, args.repetitions, args.shm_dirs)
         big = bench.model(args.size_gb, "big")
         small = bench.model(args.small_size_gb, "small")
         print(f"models: {big['bytes'] / 1e9:.2f} GB ({big['tensors']} tensors), "
@@ -378,12 +391,12 @@ def main() -> int:
     small_c = statistics.median(c for c, _, _ in small_cd)
     small_d = statistics.median(d for _, d, _ in small_cd)
     results = {
-        "machine": machine(),
+        "machine": machine(), "arena_dirs": arena_dirs(args.shm_dirs),
         "model_bytes": big["bytes"], "model_tensors": big["tensors"], "small_model_bytes": small["bytes"],
         "repetitions": args.repetitions, "median_seconds": med, "samples": samples,
         "small_model": {"c": small_c, "d": small_d},
         "ratios": {
-            "c/a": med["c"] / med["a"], "c/b": med["c"] / med["b"], "d/c": med["d"] / med["c"],
+            "c/a": med["c"] / med["a"], **cold_ratios(med), "c/b": med["c"] / med["b"], "d/c": med["d"] / med["c"],
             "d/c small": small_d / small_c,
             **tp_ratios(tp, big["bytes"]),
             "f weightd node memory/model": memory["weightd_node_bytes"] / big["bytes"],
@@ -398,6 +411,15 @@ def main() -> int:
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return 0
+
+
+def cold_ratios(med: dict[str, float]) -> dict[str, float]:
+    """c/a with arenas in each further directory (--shm-dirs)."""
+    return {f"{key}/a": value / med["a"] for key, value in med.items() if key.startswith("c@")}
+
+
+def arena_dirs(shm_dirs: list[Path]) -> list[dict[str, str]]:
+    return [{"path": str(d), "tmpfs_huge": huge_page_policy(d) or "not a tmpfs"} for d in shm_dirs]
 
 
 def tp_ratios(tp: dict[str, Any], model_bytes: int) -> dict[str, float]:
@@ -425,10 +447,11 @@ def run_geometries(args: argparse.Namespace) -> int:
     runs = [(name, size) for name in names for size in (sizes if name == "small" else [args.size_gb])]
     work = Path(tempfile.mkdtemp(prefix="weightd-bench-"))
     s3 = start_seaweedfs(work / "seaweedfs")
-    results: dict[str, Any] = {"machine": machine(), "repetitions": args.repetitions, "geometries": {}}
+    results: dict[str, Any] = {"machine": machine(), "arena_dirs": arena_dirs(args.shm_dirs),
+                               "repetitions": args.repetitions, "geometries": {}}
     try:
         s3.client().create_bucket(Bucket=BUCKET)
-        bench = Bench(s3, work, args.repetitions)
+        bench = Bench(s3, work, args.repetitions, args.shm_dirs)
         for name, size_gb in runs:
             model = bench.geometry(name, size_gb)
             if name == "small" and len(sizes) > 1:
@@ -441,19 +464,20 @@ def run_geometries(args: argparse.Namespace) -> int:
                 **{k: v for k, v in model.items() if k not in ("uri", "prefix", "shards")},
                 "samples": samples, "median_seconds": med, "tensor_parallel": tp,
                 "ratios": {
-                    "c/a": med["c"] / med["a"], "d/c": med["d"] / med["c"], **tp_ratios(tp, model["bytes"]),
+                    "c/a": med["c"] / med["a"], **cold_ratios(med), "d/c": med["d"] / med["c"],
+                    **tp_ratios(tp, model["bytes"]),
                 },
             }
             print(f"  {name}: a {med['a']:.2f} s, c {med['c']:.2f} s (c/a {med['c'] / med['a']:.3f}), "
-                  f"d {med['d'] * 1000:.1f} ms; TP=4 all ranks {tp['all_ranks_s']:.2f} s, full load "
-                  f"{tp['full_load_s']:.2f} s, lone rank {tp['lone_rank_s']:.2f} s", file=sys.stderr)
+                  f"d {med['d'] * 1000:.1f} ms; {cold_ratios(med)}; TP=4 all ranks {tp['all_ranks_s']:.2f} s, "
+                  f"full load {tp['full_load_s']:.2f} s, lone rank {tp['lone_rank_s']:.2f} s", file=sys.stderr)
             if args.json:
                 args.json.write_text(json.dumps(results, indent=2))
     finally:
         stop_process(s3.process)
         shutil.rmtree(work, ignore_errors=True)
-    lines = [f"weightd per geometry: SeaweedFS S3 on loopback; {results['machine']}; medians of "
-             f"{args.repetitions}", "",
+    lines = [f"weightd per geometry: SeaweedFS S3 on loopback; {results['machine']}; arenas "
+             f"{results['arena_dirs']}; medians of {args.repetitions}", "",
              "| geometry | size | tensors | median tensor | largest | a. streamer | c. weightd cold | c/a | "
              "d. warm attach | TP=4 all ranks / full load | lone rank: time / bytes (of a full load) |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -463,6 +487,9 @@ def run_geometries(args: argparse.Namespace) -> int:
                      f"| {g['largest_tensor_bytes'] / 1e6:.0f} MB | {m['a']:.2f} s | {m['c']:.2f} s | {r['c/a']:.3f} "
                      f"| {m['d'] * 1000:.1f} ms | {r['e all-ranks time/full load']:.2f} "
                      f"| {r['e lone-rank time/full load']:.2f} / {r['e lone-rank bytes/model']:.2f} |")
+    for name, g in results["geometries"].items():
+        for key, value in cold_ratios(g["median_seconds"]).items():
+            lines.append(f"{name}: {key} {value:.3f} ({g['median_seconds'][key.removesuffix('/a')]:.2f} s)")
     print("\n".join(lines))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
@@ -474,7 +501,7 @@ def render(r: dict[str, Any]) -> str:
     m = r["median_seconds"]
     lines = [
         f"weightd benchmark: {gb:.2f} GB model, {r['model_tensors']} tensors, SeaweedFS S3 on loopback; "
-        f"{r['machine']}; medians of {r['repetitions']}",
+        f"{r['machine']}; arenas {r['arena_dirs']}; medians of {r['repetitions']}",
         "",
         "| scenario | median |",
         "|---|---|",
@@ -482,6 +509,7 @@ def render(r: dict[str, Any]) -> str:
         f"| b. boto3 download to disk + safetensors load | {m['b']:.2f} s |",
         f"| c. weightd cold (fresh daemon: load + attach) | {m['c']:.2f} s |",
         f"| d. weightd warm (attach from a new process) | {m['d'] * 1000:.1f} ms |",
+        *(f"| {key}. weightd cold, arenas there | {value:.2f} s |" for key, value in m.items() if key.startswith("c@")),
         f"| c / d at {r['small_model_bytes'] / 1e9:.2f} GB | {r['small_model']['c']:.2f} s / "
         f"{r['small_model']['d'] * 1000:.1f} ms |",
         f"| e. TP=4 all-ranks load / one full load | {r['tensor_parallel']['all_ranks_s']:.2f} s / "
