@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from weightd.daemon import loader  # noqa: E402
+from weightd.daemon.config import SETTINGS  # noqa: E402
 from weightd.daemon.memory.host import HostMemory  # noqa: E402
 from weightd.daemon.storage.base import parse_model_uri  # noqa: E402
 from weightd.daemon.synthetic import write_synthetic_model  # noqa: E402
@@ -52,7 +53,7 @@ def main() -> int:
         s3.upload(work / "m", "prof", "m/")
         location = parse_model_uri("s3://prof/m/")
         memory = HostMemory(directory=Path("/dev/shm"), namespace=f"profile-{os.getpid()}")
-        settings = loader.LoadSettings(memory_limit=512 * 2**20)
+        settings = loader.LoadSettings(memory_limit=next(s.default for s in SETTINGS if s.name == "memory_limit"))
         # One unprofiled load first: the server's first read after an upload is slow for every reader.
         warm = loader.prepare(location, cache_dir=work / "warm-cache", tp_size=1, ranks=[0], rules=(),
                               settings=settings)

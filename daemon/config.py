@@ -134,7 +134,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("concurrency", 0, _non_negative_int,
             "Storage clients (threads) per load (RUNAI_STREAMER_CONCURRENCY); 0: the streamer's own default, "
             "8 for object storage and 16 for file systems."),
-    Setting("memory_limit", 512 * 2**20, parse_size, "Staging buffer per load for slices that scatter, e.g. 512MiB."),
+    # Small enough that its pages, fresh in every load, stay few; double buffering keeps the streamer busy.
+    Setting("memory_limit", 64 * 2**20, parse_size, "Staging buffer per load for slices that scatter, e.g. 64MiB."),
     Setting("host_memory_limit", MemoryLimit(fraction=0.75), parse_memory_limit,
             "Budget for host arenas: bytes (64GiB) or a share of --shm-dir's size (75%)."),
     Setting("memory", "auto", _choice("auto", "host", "cuda"),
