@@ -41,6 +41,7 @@ class HelperJob:
     plan: LoadPlan
     descriptors: list[int]  # inherited writable descriptors, one per plan.layouts entry
     memory_limit: int
+    direct_piece_min: int
     report_fills: bool  # whether the daemon copies filled regions on (to a GPU) as they land
 
 
@@ -57,6 +58,7 @@ def fetch_in_helper(
     plan: LoadPlan,
     *,
     memory_limit: int,
+    direct_piece_min: int,
     concurrency: int,
     on_progress: Callable[[int], None],
     on_filled: FillCallback | None = None,
@@ -81,7 +83,8 @@ def fetch_in_helper(
     try:
         try:
             # Parent to its own child over an anonymous pipe: nothing untrusted is unpickled.
-            pickle.dump(HelperJob(paths, plan, descriptors, memory_limit, on_filled is not None), process.stdin)
+            job = HelperJob(paths, plan, descriptors, memory_limit, direct_piece_min, on_filled is not None)
+            pickle.dump(job, process.stdin)
             process.stdin.flush()
         except BrokenPipeError:
             pass  # the helper died before reading its job: its exit status is reported below
@@ -124,6 +127,7 @@ def main() -> int:
 
     try:
         fetch_into(destinations, job.paths, job.plan, memory_limit=job.memory_limit,
+                   direct_piece_min=job.direct_piece_min,
                    on_progress=lambda n: reply(HELPER_LANDED, str(n)),
                    on_filled=(lambda i, o, n: reply(HELPER_FILLED, f"{i} {o} {n}")) if job.report_fills else None)
     except StreamingError as e:

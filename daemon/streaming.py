@@ -73,16 +73,7 @@ class _Duplicate:
     length: int
 
 
-# A block that several ranks share is read as one range per rank only when each rank's piece is at least this
-# large; smaller pieces are read as one range and copied out in memory. Measured on a TP=4 all-ranks load of a
-# 1 GB model of 0.1-3 MB tensors from SeaweedFS (in-process, medians of 3): one ranged GET per piece, 2,869
-# of them, took 1.48x a full load; one read per block below 4 MiB pieces, 1.10x. Copies cost less than requests.
-DIRECT_PIECE_MIN_BYTES = 4 << 20
-
-
-def _route(
-    plan: LoadPlan, *, direct_piece_min: int = DIRECT_PIECE_MIN_BYTES
-) -> tuple[list[_Direct], list[_Staged], list[_Duplicate]]:
+def _route(plan: LoadPlan, *, direct_piece_min: int) -> tuple[list[_Direct], list[_Staged], list[_Duplicate]]:
     """Split the plan's blocks into direct writes, staged scatters and in-memory duplicates.
 
     Exactly the plan's bytes are fetched, each once. A single-row block whose targets' windows tile it is read
@@ -126,18 +117,21 @@ def fetch_into(
     plan: LoadPlan,
     *,
     memory_limit: int,
+    direct_piece_min: int,
     on_progress: Callable[[int], None],
     on_filled: FillCallback | None = None,
 ) -> None:
     """Drive the streamer's range API directly so that it writes into the arenas themselves.
 
     ``paths`` are the streamer's paths of ``plan.files``. ``memory_limit`` bounds only the staging buffer
-    that scattered blocks pass through. ``on_progress`` gets the bytes of each fetched range as it lands;
-    ``on_filled`` each destination region (layout index, offset, length) once its final bytes are in place.
-    Both are called from this thread. A storage failure raises StreamingError.
+    that scattered blocks pass through; a block whose per-rank pieces are under ``direct_piece_min`` bytes
+    passes through it too, read once (the storage's ``min_separate_read_bytes``). ``on_progress`` gets the
+    bytes of each fetched range as it lands; ``on_filled`` each destination region (layout index, offset,
+    length) once its final bytes are in place. Both are called from this thread. A storage failure raises
+    StreamingError.
     """
     filled = on_filled or _ignore_filled
-    direct, staged, duplicates = _route(plan)
+    direct, staged, duplicates = _route(plan, direct_piece_min=direct_piece_min)
     if not direct and not staged:
         return
     bases = [d.data_ptr() for d in destinations]

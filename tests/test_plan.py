@@ -10,14 +10,16 @@ from weightd.daemon.errors import InvalidRequestError, UnsupportedModelError
 from weightd.daemon.plan import ALIGNMENT, LoadPlan, build_plan
 from weightd.daemon.safetensors_header import header_length, parse_header
 from weightd.daemon.sharding import Architecture, ShardRule, Split, llama_family_plan, select_rules, split_for
+from weightd.daemon.storage.base import PrefixedObjects
 from weightd.daemon.streaming import (
-    DIRECT_PIECE_MIN_BYTES,
     _batches,
     _copy_duplicates,
     _route,
     _scatter_block,
     _staging_slots,
 )
+
+OBJECT_STORE_PIECE_MIN = PrefixedObjects.min_separate_read_bytes
 
 RULES = (ShardRule(r"vocab", 0, 8), ShardRule(r"padrow", 1, 4), ShardRule(r"col", 0), ShardRule(r"row", 1),
          ShardRule(r"deep", 2), ShardRule(r"whole", None))
@@ -55,7 +57,7 @@ def expected_slice(full: torch.Tensor, dim: int | None, rule_pad: int, tp_size: 
     return padded.narrow(dim, rank * part, part).contiguous()
 
 
-def execute(blob: bytes, plan: LoadPlan, direct_piece_min: int = DIRECT_PIECE_MIN_BYTES) -> list[torch.Tensor]:
+def execute(blob: bytes, plan: LoadPlan, direct_piece_min: int = OBJECT_STORE_PIECE_MIN) -> list[torch.Tensor]:
     """Run the loader's own routing and copies, with an in-memory file standing in for the streamer."""
     arenas = [torch.zeros(layout.size, dtype=torch.uint8) for layout in plan.layouts]
     source = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
@@ -80,7 +82,7 @@ def header_of(blob: bytes):
 @pytest.mark.parametrize("row_range_min", [1, 1 << 20])
 @pytest.mark.parametrize("lone", [True, False])
 # 1: every rank's piece of a shared block is its own range; the default: these small blocks are read once, copied.
-@pytest.mark.parametrize("direct_piece_min", [1, DIRECT_PIECE_MIN_BYTES])
+@pytest.mark.parametrize("direct_piece_min", [1, OBJECT_STORE_PIECE_MIN])
 def test_every_rank_gets_exactly_its_slice(
     tp_size: int, max_range: int, row_range_min: int, lone: bool, direct_piece_min: int
 ) -> None:
@@ -138,7 +140,7 @@ def test_lone_rank_reads_whole_rows_below_the_row_range_threshold() -> None:
 def test_a_whole_model_is_written_directly_and_large_reads_split() -> None:
     tensors = {f"norm{i}": torch.randn(16) for i in range(10)} | {"whole": torch.randn(1000)}
     plan = build_plan([header_of(save(tensors))], tp_size=1, ranks=[0], rules=(), max_range_bytes=1024)
-    direct, staged, duplicates = _route(plan)
+    direct, staged, duplicates = _route(plan, direct_piece_min=OBJECT_STORE_PIECE_MIN)
     assert staged == [] and duplicates == []  # no staging buffer and no copy for tp_size 1
     assert max(d.length for d in direct) <= 1024 and len(direct) == 10 + 4
 
@@ -159,7 +161,7 @@ def test_a_block_shared_by_ranks_is_one_read_when_their_pieces_are_small() -> No
 def test_staging_takes_two_slots_only_when_the_staged_blocks_exceed_the_limit_and_two_largest_fit() -> None:
     tensors = {f"row{i}.weight": torch.randn(64, 64) for i in range(8)}  # 16 KiB each, all scattered at tp 4
     plan = build_plan([header_of(save(tensors))], tp_size=4, ranks=[0, 1, 2, 3], rules=RULES, max_range_bytes=1 << 20)
-    staged = _route(plan)[1]
+    staged = _route(plan, direct_piece_min=OBJECT_STORE_PIECE_MIN)[1]
     assert [item.block.length for item in staged] == [16384] * 8
     assert _staging_slots(staged, 1 << 20) == [8 * (16384 + ALIGNMENT)]  # all at once: one slot, one batch
     assert _staging_slots(staged, 16384) == [16384]  # two would not each hold a block

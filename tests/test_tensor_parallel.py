@@ -26,7 +26,7 @@ KV_HEADS = 2
 
 
 @pytest.fixture(scope="session")
-def tiny_llama(tmp_path_factory: pytest.TempPathFactory, s3_server: S3Server) -> tuple[str, dict[str, torch.Tensor]]:
+def tiny_llama_directory(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import transformers
 
     config = transformers.LlamaConfig(
@@ -38,9 +38,14 @@ def tiny_llama(tmp_path_factory: pytest.TempPathFactory, s3_server: S3Server) ->
     directory = tmp_path_factory.mktemp("tiny-llama")
     model.save_pretrained(directory, max_shard_size="3MB")
     assert len(list(directory.glob("*.safetensors"))) >= 3 and (directory / "model.safetensors.index.json").exists()
-    s3_server.upload(directory, "models", "tiny-llama/")
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_llama_directory: Path, s3_server: S3Server) -> tuple[str, dict[str, torch.Tensor]]:
+    s3_server.upload(tiny_llama_directory, "models", "tiny-llama/")
     tensors: dict[str, torch.Tensor] = {}
-    for file in glob.glob(f"{directory}/*.safetensors"):
+    for file in glob.glob(f"{tiny_llama_directory}/*.safetensors"):
         tensors |= load_file(file)
     return "s3://models/tiny-llama/", tensors
 
@@ -84,9 +89,13 @@ def check_rank(
         assert torch.equal(model.tensors[name], want), (name, model.rank)
 
 
+@pytest.mark.parametrize("storage", ["s3", "local"])  # pieces read once and copied out; every piece direct
 @pytest.mark.parametrize("tp_size", TP_SIZES)
-def test_all_ranks_load_reads_each_byte_once(daemon, tiny_llama, tp_size: int) -> None:
+def test_all_ranks_load_reads_each_byte_once(daemon, tiny_llama, tiny_llama_directory: Path, tp_size: int,
+                                             storage: str) -> None:
     uri, full = tiny_llama
+    if storage == "local":
+        uri = str(tiny_llama_directory)
     model_bytes = sum(t.nbytes for t in full.values())
     loaded = subprocess.run(
         [sys.executable, "-m", "weightd.daemon", "load", uri, "--tp-size", str(tp_size), "--target", daemon.target],

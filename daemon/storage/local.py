@@ -11,6 +11,8 @@ from weightd.daemon.storage.base import ModelLocation, ObjectInfo
 
 
 class LocalStore:
+    min_separate_read_bytes = 1  # a read from a local file has no fixed cost worth saving: every piece direct
+
     def __init__(self, location: ModelLocation) -> None:
         self.location = location
         self.root = Path(location.prefix)
