@@ -219,6 +219,15 @@ def run_client(script: str, *args: str, env: Mapping[str, str] | None = None, ti
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def in_own_tmpfs(directory: Path, options: str) -> tuple[str, ...]:
+    """A wrapper (``daemon_factory(wrapper=...)``) that starts the daemon in its own mount namespace, on a tmpfs
+    mounted at ``directory`` with ``options``; skips the test where that is not allowed."""
+    if subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode != 0:
+        pytest.skip("needs unshare -m (root or CAP_SYS_ADMIN)")
+    directory.mkdir()
+    return ("unshare", "-m", "sh", "-c", f'mount -t tmpfs -o {options} tmpfs {directory} && exec "$@"', "sh")
+
+
 def copy_model(model: Model, destination: Path) -> Path:
     shutil.copytree(model.directory, destination)
     return destination

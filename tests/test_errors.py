@@ -7,7 +7,6 @@ import json
 import re
 import shutil
 import struct
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import grpc
 import pytest
 from weightd import client
 
-from tests.conftest import Model, S3Server, copy_model, free_port
+from tests.conftest import Model, S3Server, copy_model, free_port, in_own_tmpfs
 
 
 def write_raw_safetensors(path: Path, header: object, data: bytes = b"", *, length: int | None = None) -> None:
@@ -170,11 +169,8 @@ def test_attach_timeout_is_deadline_exceeded_and_the_load_goes_on(daemon_factory
 def test_a_model_larger_than_the_shared_memory_is_resource_exhausted(daemon_factory, tmp_path: Path,
                                                                        good_uri: str) -> None:
     shm = tmp_path / "small-shm"
-    shm.mkdir()
     # A 1 MiB tmpfs in the daemon's own mount namespace stands in for a full /dev/shm.
-    wrapper = ("unshare", "-m", "sh", "-c", f'mount -t tmpfs -o size=1m tmpfs {shm} && exec "$@"', "sh")
-    if subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode != 0:
-        pytest.skip("needs unshare -m (root or CAP_SYS_ADMIN)")
+    wrapper = in_own_tmpfs(shm, "size=1m")
     # A budget beyond the tmpfs itself: the filesystem, not the budget, runs out.
     daemon = daemon_factory(extra_args=("--shm-dir", str(shm), "--host-memory-limit", "1GiB"), wrapper=wrapper)
     with pytest.raises(client.ResourceExhaustedError, match="evict models") as raised:

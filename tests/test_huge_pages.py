@@ -5,13 +5,12 @@ the daemon and by the engines that attach)."""
 from __future__ import annotations
 
 import re
-import subprocess
 from pathlib import Path
 
 import pytest
 from weightd.daemon.memory.host import huge_page_policy
 
-from tests.conftest import Model, run_client
+from tests.conftest import Model, in_own_tmpfs, run_client
 
 MOUNTINFO = """\
 21 1 0:20 / / rw,relatime - overlay overlay rw,lowerdir=/l,upperdir=/u
@@ -84,14 +83,6 @@ for line in open("/proc/self/smaps"):
         huge += int(field[1]) * 1024
 print(json.dumps({"mismatched": mismatched, "tensors": len(model.tensors), "huge_mapped": huge}))
 """
-
-
-def in_own_tmpfs(directory: Path, options: str) -> tuple[str, ...]:
-    """A wrapper that starts the daemon in its own mount namespace, on a tmpfs mounted at ``directory``."""
-    if subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode != 0:
-        pytest.skip("needs unshare -m (root or CAP_SYS_ADMIN)")
-    directory.mkdir()
-    return ("unshare", "-m", "sh", "-c", f'mount -t tmpfs -o {options} tmpfs {directory} && exec "$@"', "sh")
 
 
 def test_arenas_on_a_huge_tmpfs_are_mapped_in_2_mib_pages(daemon_factory, tmp_path: Path,

@@ -174,16 +174,16 @@ def huge_page_policy(directory: Path, *, mountinfo: Path = Path("/proc/self/moun
     transparent huge pages.
     """
     target = os.path.realpath(directory)
-    mount: tuple[str, str] | None = None  # (mount point, fstype + super options) of the innermost mount
+    mount: tuple[str, str, str] | None = None  # (mount point, filesystem type, super options) of the innermost
     for line in mountinfo.read_text().splitlines():
         fields = line.split(" ")
         point = fields[4].replace("\\040", " ")
         inside = target == point or target.startswith(point.rstrip("/") + "/")
         # Later lines are later mounts: one over the same point hides the earlier.
         if inside and (mount is None or len(point) >= len(mount[0])):
-            after = fields[fields.index("-") + 1 :]
-            mount = (point, f"{after[0]} {after[2] if len(after) > 2 else ''}")
-    if mount is None or not mount[1].startswith("tmpfs "):
+            separator = fields.index("-")  # then the filesystem type, the source and the super options
+            mount = (point, fields[separator + 1], fields[separator + 3])
+    if mount is None or mount[1] != "tmpfs":
         return ""
     try:
         # "[deny]" and "[force]" override every mount's own option (Documentation/admin-guide/mm/transhuge.rst).
@@ -194,5 +194,5 @@ def huge_page_policy(directory: Path, *, mountinfo: Path = Path("/proc/self/moun
         return "never"
     if system and system.group(1) == "force":
         return "always"
-    option = re.search(r"(?:^|,)huge=(\w+)", mount[1].split(" ", 1)[1])
+    option = re.search(r"(?:^|,)huge=(\w+)", mount[2])
     return option.group(1) if option else "never"
