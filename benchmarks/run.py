@@ -159,12 +159,12 @@ class Bench:
                     "RUNAI_STREAMER_S3_REQUEST_TIMEOUT_MS": "30000"}
         self.daemons = 0
 
-    def daemon(self, *, concurrency: int | None = None, shm_dir: Path | None = None, name: str = "daemon") -> Daemon:
+    def daemon(self, *, concurrency: int | None = None, shm_dir: Path | None = None) -> Daemon:
         self.daemons += 1
         extra = ["--shm-dir", str(shm_dir or self.cold_steps["cd"])]
         if concurrency is not None:
             extra += ["--concurrency", str(concurrency)]
-        return Daemon(self.work / f"{name}{self.daemons}", self.env, extra_args=extra)
+        return Daemon(self.work / f"daemon{self.daemons}", self.env, extra_args=extra)
 
     def model(self, size_gb: float, name: str) -> dict[str, Any]:
         directory = self.work / name
@@ -223,20 +223,20 @@ class Bench:
 
     def interleaved(self, model: dict[str, Any]) -> dict[str, list[float]]:
         paths = [f"s3://{BUCKET}/{model['prefix']}{s}" for s in model["shards"]]
-        steps: list[tuple[str, Callable[[], float]]] = [
-            ("a", lambda: run_script(STREAMER_ALONE, *paths, env=self.env)["seconds"]),
-            ("b", lambda: run_script(DOWNLOAD_THEN_LOAD, BUCKET, model["prefix"], *model["shards"],
-                                     env=self.env)["seconds"]),
-        ]
+        steps: dict[str, Callable[[], float]] = {
+            "a": lambda: run_script(STREAMER_ALONE, *paths, env=self.env)["seconds"],
+            "b": lambda: run_script(DOWNLOAD_THEN_LOAD, BUCKET, model["prefix"], *model["shards"],
+                                    env=self.env)["seconds"],
+        }
         samples: dict[str, list[float]] = {"a": [], "b": []}
-        names = [name for name, _ in steps] + list(self.cold_steps)
+        names = [*steps, *self.cold_steps]
         for repetition in range(self.repetitions):
             # Rotate the order so no scenario always runs first (warm caches, server state).
             for name in names[repetition % len(names) :] + names[: repetition % len(names)]:
                 if name in self.cold_steps:
                     self.record_cold_and_warm(samples, name, model)
                 else:
-                    samples[name].append(dict(steps)[name]())
+                    samples[name].append(steps[name]())
                 print(f"  rep {repetition + 1}: {name} done", file=sys.stderr)
         return samples
 
