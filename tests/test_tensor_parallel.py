@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from weightd import client
 
-from tests.conftest import S3Server, run_client
+from tests.conftest import S3Server, in_own_tmpfs, run_client
 
 TP_SIZES = (2, 4)
 # Fewer KV heads than the largest tp_size: there the default plan gives consecutive ranks the same head.
@@ -270,3 +270,23 @@ def test_a_small_staging_buffer_still_loads_every_rank_exactly(
         with client.attach(uri, rank, tp_size=2, target=daemon.target) as model:
             check_rank(model, full, 2)
     assert sum(m.storage_bytes_read for m in daemon.models()) == sum(t.nbytes for t in full.values())
+
+
+def test_ranks_that_do_not_all_fit_release_every_arena(daemon_factory, s3_server: S3Server, tiny_llama,
+                                                       tmp_path: Path) -> None:
+    """An all-ranks load reserves its arenas side by side; when one cannot be reserved, none is kept."""
+    uri, full = tiny_llama
+    model_bytes = sum(t.nbytes for t in full.values())
+    shm = tmp_path / "shm"
+    # Room for one of two ranks (about half the model each), not for both.
+    wrapper = in_own_tmpfs(shm, f"size={model_bytes * 7 // 10}")
+    # A budget beyond the tmpfs itself: the filesystem, not the budget, runs out.
+    daemon = daemon_factory(s3_server.env(), extra_args=("--shm-dir", str(shm), "--host-memory-limit", "1GiB"),
+                            wrapper=wrapper)
+    with pytest.raises(client.ResourceExhaustedError, match="evict models"):
+        client.load(uri, tp_size=2, all_ranks=True, target=daemon.target)
+    assert daemon.models() == []
+    # Had the rank that fitted kept its arena, this one would not fit either.
+    client.load(uri, tp_size=2, rank=1, target=daemon.target)
+    with client.attach(uri, 1, tp_size=2, target=daemon.target) as model:
+        check_rank(model, full, 2)
