@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import ctypes
 import functools
+from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy
@@ -137,26 +139,34 @@ def fetch_into(
     bases = [d.data_ptr() for d in destinations]
     slots = _staging_slots(staged, memory_limit)
     staging = torch.empty(sum(slots), dtype=torch.uint8)
-    try:
-        # The streamer session owns the C handle and applies object-store credentials once.
-        with FileStreamer() as session:
-            session.handle_object_store(paths[0], session.streamer)
-            reader = _RangeReader(session.streamer, paths)
-            reader.submit([_Range(d.file_index, d.file_offset, d.length, bases[d.layout_index] + d.dst_offset,
-                                  functools.partial(_direct_landed, d, on_progress, filled)) for d in direct])
-            in_flight: list[list[int]] = []  # each slot's batch, oldest first
-            for index, batch in enumerate(_batches(staged, slots[0])):
-                if len(in_flight) == len(slots):
-                    reader.wait(in_flight.pop(0))  # its slot is free once that batch has landed and scattered
-                slot = staging[(index % len(slots)) * slots[0] :]
-                in_flight.append(reader.submit(
-                    [_staged_range(item, slot[cursor:], destinations, on_progress, filled) for cursor, item in batch]
-                ))
-            reader.wait()
-    except ValueError as e:  # how the streamer's Python layer reports a failed start or request
-        raise StreamingError(str(e)) from e
-    finally:
-        _return_freed_heap()  # the streamer has ended and freed its buffers
+    # Leaving this block waits for every scatter, so none writes after a failed load's arenas are released.
+    with ThreadPoolExecutor(max_workers=SCATTER_THREADS, thread_name_prefix="weightd-scatter") as pool:
+        scatters = _Scatters(pool)
+        try:
+            # The streamer session owns the C handle and applies object-store credentials once.
+            with FileStreamer() as session:
+                session.handle_object_store(paths[0], session.streamer)
+                reader = _RangeReader(session.streamer, paths)
+                reader.submit([_Range(d.file_index, d.file_offset, d.length, bases[d.layout_index] + d.dst_offset,
+                                      functools.partial(_direct_landed, d, on_progress, filled)) for d in direct])
+                in_flight: list[tuple[int, list[int]]] = []  # each slot's batch and its submissions, oldest first
+                for index, batch in enumerate(_batches(staged, slots[0])):
+                    if len(in_flight) == len(slots):
+                        # A slot is free once its batch has landed and every block of it has scattered.
+                        oldest, submissions = in_flight.pop(0)
+                        reader.wait(submissions)
+                        scatters.wait(oldest)
+                    slot = staging[(index % len(slots)) * slots[0] :]
+                    in_flight.append((index, reader.submit([
+                        _staged_range(item, slot[cursor:], destinations, scatters, index, on_progress, filled)
+                        for cursor, item in batch
+                    ])))
+                reader.wait()
+            scatters.wait(None)
+        except ValueError as e:  # how the streamer's Python layer reports a failed start or request
+            raise StreamingError(str(e)) from e
+        finally:
+            _return_freed_heap()  # the streamer has ended and freed its buffers
     _copy_duplicates(duplicates, destinations)
     for d in duplicates:
         filled(d.dst_layout, d.dst_offset, d.length)
@@ -188,20 +198,63 @@ def _staged_range(
     item: _Staged,
     buffer: torch.Tensor,
     destinations: list[torch.Tensor],
+    scatters: _Scatters,
+    batch: int,
     on_progress: Callable[[int], None],
     on_filled: FillCallback,
 ) -> _Range:
     view = buffer[: item.block.length]
     block = item.block
 
-    def landed() -> None:
-        _scatter_block(view, block, destinations)
+    def scattered() -> None:
         on_progress(block.length)
         for t in block.targets:
             # A target's rows lie dst_row_stride apart; the plan makes that its width, or gives it one row.
             on_filled(t.layout_index, t.dst_offset, (block.rows - 1) * t.dst_row_stride + t.width)
 
+    def landed() -> None:
+        scatters.start(batch, functools.partial(_scatter_block, view, block, destinations), scattered)
+        scatters.finish_done()
+
     return _Range(item.file_index, item.block.file_offset, item.block.length, view.data_ptr(), landed)
+
+
+# Scatter threads per load. The copies release the GIL; on two cores two threads took a TP=4 load's dim-1
+# scatter from 0.25-0.29 s to about 0.15 s (a local 1 GB model), and four measured the same as two.
+SCATTER_THREADS = 4
+
+
+class _Scatters:
+    """Staged blocks' scatters, run on a pool's threads beside the one collecting the streamer's responses.
+
+    Each block's completion (progress, filled regions) runs on the fetching thread, as ``fetch_into``
+    promises: in ``finish_done`` or ``wait``.
+    """
+
+    def __init__(self, pool: ThreadPoolExecutor) -> None:
+        self.pool = pool
+        self.pending: deque[tuple[int, Future[None], Callable[[], None]]] = deque()  # (batch, scatter, completion)
+
+    def start(self, batch: int, scatter: Callable[[], None], completion: Callable[[], None]) -> None:
+        self.pending.append((batch, self.pool.submit(scatter), completion))
+
+    def finish_done(self) -> None:
+        """Complete the oldest scatters that have finished, without waiting."""
+        while self.pending and self.pending[0][1].done():
+            self._complete(self.pending.popleft())
+
+    def wait(self, batch: int | None) -> None:
+        """Wait for the scatters of ``batch`` and the batches before it (None: all), and complete them."""
+        later = deque(p for p in self.pending if batch is not None and p[0] > batch)
+        for entry in [p for p in self.pending if batch is None or p[0] <= batch]:
+            self._complete(entry)
+        self.pending = later
+
+    @staticmethod
+    def _complete(entry: tuple[int, Future[None], Callable[[], None]]) -> None:
+        _, scatter, completion = entry
+        scatter.result()  # re-raises a failed copy here, on the fetching thread
+        completion()
 
 
 # libstreamer 0.17 failed a request of 30,000 ranges (9 KB tensors of a local file) with "File access error"
