@@ -219,8 +219,9 @@ def _staged_range(
     return _Range(item.file_index, item.block.file_offset, item.block.length, view.data_ptr(), landed)
 
 
-# Scatter threads per load. The copies release the GIL; on two cores two threads took a TP=4 load's dim-1
-# scatter from 0.25-0.29 s to about 0.15 s (a local 1 GB model), and four measured the same as two.
+# Scatter threads per load. The copies release the GIL. In-process TP=4 loads of a local 1 GB model on two
+# cores (three alternations, medians of 5): 0.78-0.85 s with every scatter on the response thread, 0.75-0.79 s
+# with the pool; four threads measured the same as two.
 SCATTER_THREADS = 4
 
 
