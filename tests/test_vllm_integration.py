@@ -143,8 +143,15 @@ def generate(python: Path, script: Path, model: Path, load_format: str, extra: d
         cores = sorted(os.sched_getaffinity(0))
         env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(
             ",".join(map(str, cores[i::tp_size])) for i in range(tp_size))
-    result = subprocess.run([str(python), str(script), str(model), load_format, json.dumps(extra), str(tp_size)],
-                            capture_output=True, text=True, timeout=900, env=env)
+    shm = Path("/dev/shm")
+    before = set(shm.glob("vllm_dist_*"))
+    try:
+        result = subprocess.run([str(python), str(script), str(model), load_format, json.dumps(extra), str(tp_size)],
+                                capture_output=True, text=True, timeout=900, env=env)
+    finally:
+        # vLLM's CPU workers can exit without unlinking their all-reduce segments (vllm_dist_<id>-...-cpushm_N).
+        for leftover in set(shm.glob("vllm_dist_*")) - before:
+            leftover.unlink(missing_ok=True)
     # vLLM's processes log to stdout and stderr both: show every line that names a failure.
     output = result.stdout + result.stderr
     failures = [line for line in output.splitlines() if "rror" in line or "xception" in line]
