@@ -434,8 +434,10 @@ def tp_ratios(tp: dict[str, Any], model_bytes: int) -> dict[str, float]:
 def machine() -> str:
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     versions = ", ".join(f"{name} {importlib.metadata.version(name)}" for name in ("torch", "runai-model-streamer"))
+    # Streamer settings given to this run apply to every contender; the record names them.
+    settings = "".join(f", {k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("RUNAI_STREAMER_"))
     return (f"{platform.machine()}, {os.cpu_count()} cores, {memory:.0f} GiB, Linux {platform.release()}, "
-            f"Python {platform.python_version()}, {versions}")
+            f"Python {platform.python_version()}, {versions}{settings}")
 
 
 def run_geometries(args: argparse.Namespace) -> int:
