@@ -67,27 +67,43 @@ def fetch_metadata(store: ObjectStore, cache_dir: Path) -> Metadata:
     The directory is keyed by the objects' versions, so a file already there is the same object and is not
     downloaded again, across daemon restarts too; a changed object makes a new revision directory.
     """
-    location = store.location
-    objects = {o.name: o for o in store.list_objects()}
-    _check_names(location, objects)
-    revision = revision_of(objects)
-    directory = cache_dir / "metadata" / hashlib.sha256(location.uri.encode()).hexdigest()[:16] / revision
-    directory.mkdir(parents=True, exist_ok=True)
-    files = tuple(sorted(n for n in objects if not n.endswith((WEIGHTS_SUFFIX, *OTHER_WEIGHT_SUFFIXES))))
-    downloaded = sum(_in_parallel(lambda name: _cache_file(store, objects[name], directory), files))
-    return Metadata(objects, revision, directory, files, downloaded)
+    return _download_metadata(store, cache_dir, _listing(store))
 
 
 def resolve(store: ObjectStore, cache_dir: Path) -> ModelSource:
     location = store.location
-    metadata = fetch_metadata(store, cache_dir)
-    weight_map = _weight_map(location, metadata.directory)
-    weights = _weight_files(location, metadata.objects, weight_map)
-    headers = tuple(_in_parallel(lambda info: _read_header(store, info), weights))
+    objects = _listing(store)
+    listed = [info for name, info in objects.items() if name.endswith(WEIGHTS_SUFFIX)]
+    with ThreadPoolExecutor(max_workers=max(1, min(8, len(listed)))) as pool:
+        # Both need only the listing: the headers are read while the metadata downloads, so a load waits one
+        # round trip after the listing, not two. A file the index leaves out has its header read for nothing.
+        header_reads = {info.name: pool.submit(_read_header, store, info) for info in listed}
+        metadata = _download_metadata(store, cache_dir, objects)
+        weight_map = _weight_map(location, metadata.directory)
+        weights = _weight_files(location, objects, weight_map)
+        headers = tuple(
+            header_reads[info.name].result() if info.name in header_reads else _read_header(store, info)
+            for info in weights
+        )
     _check_tensors(location, headers, weight_map)
     return ModelSource(
         location=location, metadata=metadata, headers=headers, architecture=_architecture(metadata.directory)
     )
+
+
+def _listing(store: ObjectStore) -> dict[str, ObjectInfo]:
+    objects = {o.name: o for o in store.list_objects()}
+    _check_names(store.location, objects)
+    return objects
+
+
+def _download_metadata(store: ObjectStore, cache_dir: Path, objects: dict[str, ObjectInfo]) -> Metadata:
+    revision = revision_of(objects)
+    directory = cache_dir / "metadata" / hashlib.sha256(store.location.uri.encode()).hexdigest()[:16] / revision
+    directory.mkdir(parents=True, exist_ok=True)
+    files = tuple(sorted(n for n in objects if not n.endswith((WEIGHTS_SUFFIX, *OTHER_WEIGHT_SUFFIXES))))
+    downloaded = sum(_in_parallel(lambda name: _cache_file(store, objects[name], directory), files))
+    return Metadata(objects, revision, directory, files, downloaded)
 
 
 def _in_parallel(request: Callable[[T], R], items: Sequence[T]) -> list[R]:
