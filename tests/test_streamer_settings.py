@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -115,6 +116,22 @@ def test_a_shard_gone_mid_load_is_named(tmp_path: Path, llama_model: Model, conc
     with pytest.raises(ModelNotFoundError, match=re.escape(gone)):
         loader.stream(prepared, memory, settings=settings, on_progress=lambda n: None)
     assert list((tmp_path / "shm").iterdir()) == []
+
+
+def test_the_streamers_of_finished_loads_all_end(tmp_path: Path, llama_model: Model) -> None:
+    """A load returns once its bytes are in place and its streamer stops on a thread of its own: none is left."""
+    settings = loader.LoadSettings(memory_limit=1 << 20)
+    (tmp_path / "shm").mkdir()
+    memory = HostMemory(directory=tmp_path / "shm", namespace="test")
+    for _ in range(3):
+        prepared = loader.prepare(parse_model_uri(str(llama_model.directory)), cache_dir=tmp_path / "cache",
+                                  tp_size=1, ranks=[0], rules=(), settings=settings)
+        for rank in loader.stream(prepared, memory, settings=settings, on_progress=lambda n: None):
+            rank.arena.release()
+    for thread in threading.enumerate():
+        if thread.name == "weightd-streamer-end":
+            thread.join(timeout=60)
+    assert not [t for t in threading.enumerate() if t.name == "weightd-streamer-end"]
 
 
 def test_a_helper_killed_mid_load_fails_that_load_only(daemon, s3_llama: str, llama_model: Model) -> None:
