@@ -73,11 +73,11 @@ def fetch_metadata(store: ObjectStore, cache_dir: Path) -> Metadata:
 def resolve(store: ObjectStore, cache_dir: Path) -> ModelSource:
     location = store.location
     objects = _listing(store)
-    listed = [info for name, info in objects.items() if name.endswith(WEIGHTS_SUFFIX)]
-    with ThreadPoolExecutor(max_workers=max(1, min(8, len(listed)))) as pool:
+    listed_weights = [info for name, info in objects.items() if name.endswith(WEIGHTS_SUFFIX)]
+    with ThreadPoolExecutor(max_workers=max(1, min(8, len(listed_weights)))) as pool:
         # Both need only the listing: the headers are read while the metadata downloads, so a load waits one
         # round trip after the listing, not two. A file the index leaves out has its header read for nothing.
-        header_reads = {info.name: pool.submit(_read_header, store, info) for info in listed}
+        header_reads = {info.name: pool.submit(_read_header, store, info) for info in listed_weights}
         metadata = _download_metadata(store, cache_dir, objects)
         weight_map = _weight_map(location, metadata.directory)
         weights = _weight_files(location, objects, weight_map)
