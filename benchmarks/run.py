@@ -27,6 +27,9 @@ With --sizes-gb 0.25,1,4 the synthetic "small" geometry is measured at each size
 --shm-dirs DIR[,DIR...] (default /dev/shm) says where daemons keep their arenas: the first directory serves
 every scenario, and each further one adds c and d with arenas there to the interleaving (say, /dev/shm against
 a tmpfs mounted huge=within_size: 4 KiB against 2 MiB pages, side by side in one run).
+
+--storage fake-gcs (with --geometries) serves the models from fake-gcs-server, in memory, instead of SeaweedFS:
+a store whose ranged reads cost little per request, where SeaweedFS reads about a whole 4 MiB chunk for each.
 """
 
 from __future__ import annotations
@@ -55,9 +58,11 @@ from weightd.daemon.synthetic import write_synthetic_model  # noqa: E402
 
 from benchmarks.daemon import Daemon  # noqa: E402
 from benchmarks.geometries import GEOMETRIES, write_geometry  # noqa: E402
-from tests.storage_servers import S3Server, start_seaweedfs, stop_process  # noqa: E402
+from tests.storage_servers import GcsServer, S3Server, free_port, start_gcs, start_seaweedfs, stop_process  # noqa: E402
 
 BUCKET = "bench"
+# --storage choices, and how the output names them.
+STORES = {"seaweedfs": "SeaweedFS S3 on loopback", "fake-gcs": "fake-gcs-server (GCS JSON API, in memory) on loopback"}
 
 # Each scenario runs in a fresh interpreter; it times only the work (imports excluded) and prints JSON.
 STREAMER_ALONE = r"""
@@ -147,16 +152,17 @@ def run_script(script: str, *args: str, env: dict[str, str]) -> dict[str, Any]:
 
 
 class Bench:
-    def __init__(self, s3: S3Server, work: Path, repetitions: int, shm_dirs: list[Path]) -> None:
-        self.s3 = s3
+    def __init__(self, store: S3Server | GcsServer, work: Path, repetitions: int, shm_dirs: list[Path]) -> None:
+        self.store = store
+        self.scheme = "s3" if isinstance(store, S3Server) else "gs"
         self.work = work
         self.repetitions = repetitions
         # Interleaved cold/warm steps, by name: "cd" on the first arena directory, "cd@DIR" on each further one.
         self.cold_steps = {"cd": shm_dirs[0], **{f"cd@{d}": d for d in shm_dirs[1:]}}
         # The same streamer settings for every contender (the daemon would default the timeout to 30 s anyway;
         # at the streamer's 1 s, four concurrent streams on two cores fail with "File access error").
-        self.env = {**os.environ, **s3.env(), "BENCH_DISK": str(work), "RUNAI_STREAMER_S3_USE_VIRTUAL_ADDRESSING": "0",
-                    "RUNAI_STREAMER_S3_REQUEST_TIMEOUT_MS": "30000"}
+        self.env = {**os.environ, **store.env(), "BENCH_DISK": str(work),
+                    "RUNAI_STREAMER_S3_USE_VIRTUAL_ADDRESSING": "0", "RUNAI_STREAMER_S3_REQUEST_TIMEOUT_MS": "30000"}
         self.daemons = 0
 
     def daemon(self, *, concurrency: int | None = None, shm_dir: Path | None = None) -> Daemon:
@@ -170,10 +176,10 @@ class Bench:
         directory = self.work / name
         tensors = write_synthetic_model(directory, total_bytes=int(size_gb * 1e9), shards=4,
                                         dtypes=("bf16", "fp16", "fp32"))
-        self.s3.upload(directory, BUCKET, f"{name}/")
+        self.store.upload(directory, BUCKET, f"{name}/")
         shards = sorted(p.name for p in directory.glob("*.safetensors"))
-        return {"uri": f"s3://{BUCKET}/{name}/", "prefix": f"{name}/", "directory": directory, "shards": shards,
-                "bytes": sum(t.nbytes for t in tensors.values()), "tensors": len(tensors)}
+        return {"uri": f"{self.scheme}://{BUCKET}/{name}/", "prefix": f"{name}/", "directory": directory,
+                "shards": shards, "bytes": sum(t.nbytes for t in tensors.values()), "tensors": len(tensors)}
 
     def geometry(self, name: str, size_gb: float) -> dict[str, Any]:
         directory = self.work / name
@@ -182,16 +188,19 @@ class Bench:
                 directory, total_bytes=int(size_gb * 1e9), shards=4, dtypes=("bf16", "fp16", "fp32")).items()}
         else:
             sizes = write_geometry(directory, GEOMETRIES[name])
-        self.s3.upload(directory, BUCKET, f"{name}/")
+        self.store.upload(directory, BUCKET, f"{name}/")
         shards = sorted(p.name for p in directory.glob("*.safetensors"))
         shutil.rmtree(directory)  # the bucket holds it; the disk and page cache need not
-        return {"uri": f"s3://{BUCKET}/{name}/", "prefix": f"{name}/", "shards": shards,
+        return {"uri": f"{self.scheme}://{BUCKET}/{name}/", "prefix": f"{name}/", "shards": shards,
                 "bytes": sum(sizes.values()), "tensors": len(sizes),
                 "median_tensor_bytes": statistics.median(sizes.values()), "largest_tensor_bytes": max(sizes.values())}
 
+    def shard_uris(self, model: dict[str, Any]) -> list[str]:
+        return [f"{self.scheme}://{BUCKET}/{model['prefix']}{s}" for s in model["shards"]]
+
     def streamer_against_cold(self, model: dict[str, Any]) -> dict[str, list[float]]:
         """a, c and d interleaved (order rotated per repetition); the first pass warms the storage for both."""
-        paths = [f"s3://{BUCKET}/{model['prefix']}{s}" for s in model["shards"]]
+        paths = self.shard_uris(model)
         run_script(STREAMER_ALONE, *paths, env=self.env)  # warm: SeaweedFS's own caches, same objects
         samples: dict[str, list[float]] = {"a": []}
         steps = ["a", *self.cold_steps]
@@ -222,7 +231,7 @@ class Bench:
         return cold, warm, read
 
     def interleaved(self, model: dict[str, Any]) -> dict[str, list[float]]:
-        paths = [f"s3://{BUCKET}/{model['prefix']}{s}" for s in model["shards"]]
+        paths = self.shard_uris(model)
         steps: dict[str, Callable[[], float]] = {
             "a": lambda: run_script(STREAMER_ALONE, *paths, env=self.env)["seconds"],
             "b": lambda: run_script(DOWNLOAD_THEN_LOAD, BUCKET, model["prefix"], *model["shards"],
@@ -345,7 +354,7 @@ class Bench:
         finally:
             daemon.stop()
         weightd_total = shared + client_growth + max(daemon_growth, 0)
-        procs, baseline = hold(["stream", *[f"s3://{BUCKET}/{model['prefix']}{s}" for s in model["shards"]]])
+        procs, baseline = hold(["stream", *self.shard_uris(model)])
         release(procs)
         return {"weightd_node_bytes": weightd_total, "weightd_shared_bytes": shared,
                 "weightd_daemon_private_bytes": max(daemon_growth, 0), "weightd_clients_private_bytes": client_growth,
@@ -362,15 +371,18 @@ def main() -> int:
     parser.add_argument("--sizes-gb", help="with --geometries small: comma-separated sizes (default: --size-gb)")
     parser.add_argument("--shm-dirs", default="/dev/shm",
                         help="arena directories: the first for every scenario, each further one adds c and d")
+    parser.add_argument("--storage", choices=STORES, default="seaweedfs",
+                        help="the local object store serving the models (fake-gcs: with --geometries only)")
     args = parser.parse_args()
     args.shm_dirs = [Path(d) for d in args.shm_dirs.split(",")]
     if args.geometries:
         return run_geometries(args)
+    if args.storage != "seaweedfs":
+        parser.error("--storage fake-gcs needs --geometries (scenario b downloads with boto3)")
 
     work = Path(tempfile.mkdtemp(prefix="weightd-bench-"))
-    s3 = start_seaweedfs(work / "seaweedfs")
+    s3 = start_store("seaweedfs", work)
     try:
-        s3.client().create_bucket(Bucket=BUCKET)
         bench = Bench(s3, work, args.repetitions, args.shm_dirs)
         big = bench.model(args.size_gb, "big")
         small = bench.model(args.small_size_gb, "small")
@@ -440,20 +452,34 @@ def machine() -> str:
             f"Python {platform.python_version()}, {versions}{settings}")
 
 
+def start_store(name: str, work: Path) -> S3Server | GcsServer:
+    """The object store of ``--storage``, on loopback, with the benchmark's bucket."""
+    if name == "fake-gcs":
+        (work / "fake-gcs").mkdir()
+        return start_gcs(work / "fake-gcs", free_port())  # its upload creates the bucket
+    s3 = start_seaweedfs(work / "seaweedfs")
+    s3.client().create_bucket(Bucket=BUCKET)
+    return s3
+
+
 def run_geometries(args: argparse.Namespace) -> int:
     names = args.geometries.split(",")
     unknown = set(names) - {"small", *GEOMETRIES}
     if unknown:
         raise SystemExit(f"unknown geometries {sorted(unknown)}")
+    if args.storage == "fake-gcs" and "qwen3-moe" in names:
+        # Measured: fake-gcs-server reached 22.6 GB of memory uploading it after the other three, and was killed.
+        raise SystemExit("fake-gcs-server keeps several in-memory copies of each upload: the 5 GB qwen3-moe "
+                         "does not fit a 24 GiB machine; measure it on --storage seaweedfs")
     sizes = [float(s) for s in args.sizes_gb.split(",")] if args.sizes_gb else [args.size_gb]
     runs = [(name, size) for name in names for size in (sizes if name == "small" else [args.size_gb])]
     work = Path(tempfile.mkdtemp(prefix="weightd-bench-"))
-    s3 = start_seaweedfs(work / "seaweedfs")
-    results: dict[str, Any] = {"machine": machine(), "arena_dirs": arena_dirs(args.shm_dirs),
-                               "repetitions": args.repetitions, "geometries": {}}
+    store = start_store(args.storage, work)
+    results: dict[str, Any] = {"machine": machine(), "storage": STORES[args.storage],
+                               "arena_dirs": arena_dirs(args.shm_dirs), "repetitions": args.repetitions,
+                               "geometries": {}}
     try:
-        s3.client().create_bucket(Bucket=BUCKET)
-        bench = Bench(s3, work, args.repetitions, args.shm_dirs)
+        bench = Bench(store, work, args.repetitions, args.shm_dirs)
         for name, size_gb in runs:
             model = bench.geometry(name, size_gb)
             if name == "small" and len(sizes) > 1:
@@ -476,9 +502,9 @@ def run_geometries(args: argparse.Namespace) -> int:
             if args.json:
                 args.json.write_text(json.dumps(results, indent=2))
     finally:
-        stop_process(s3.process)
+        stop_process(store.process)
         shutil.rmtree(work, ignore_errors=True)
-    lines = [f"weightd per geometry: SeaweedFS S3 on loopback; {results['machine']}; arenas "
+    lines = [f"weightd per geometry: {results['storage']}; {results['machine']}; arenas "
              f"{results['arena_dirs']}; medians of {args.repetitions}", "",
              "| geometry | size | tensors | median tensor | largest | a. streamer | c. weightd cold | c/a | "
              "d. warm attach | TP=4 all ranks / full load | lone rank: time / bytes (of a full load) |",
