@@ -201,7 +201,7 @@ class Bench:
     def streamer_against_cold(self, model: dict[str, Any]) -> dict[str, list[float]]:
         """a, c and d interleaved (order rotated per repetition); the first pass warms the storage for both."""
         paths = self.shard_uris(model)
-        run_script(STREAMER_ALONE, *paths, env=self.env)  # warm: SeaweedFS's own caches, same objects
+        run_script(STREAMER_ALONE, *paths, env=self.env)  # warm: the store's own caches, same objects
         samples: dict[str, list[float]] = {"a": []}
         steps = ["a", *self.cold_steps]
         for repetition in range(self.repetitions):
