@@ -528,7 +528,7 @@ def render(r: dict[str, Any]) -> str:
     gb = r["model_bytes"] / 1e9
     m = r["median_seconds"]
     lines = [
-        f"weightd benchmark: {gb:.2f} GB model, {r['model_tensors']} tensors, SeaweedFS S3 on loopback; "
+        f"weightd benchmark: {gb:.2f} GB model, {r['model_tensors']} tensors, {STORES['seaweedfs']}; "
         f"{r['machine']}; arenas {r['arena_dirs']}; medians of {r['repetitions']}",
         "",
         "| scenario | median |",
