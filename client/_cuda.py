@@ -1,9 +1,10 @@
 """GPU arenas in a client: import a VMM descriptor and map it read-only, or open a legacy CUDA IPC handle.
 
-Either way the result is one uint8 CUDA tensor over the whole arena, wrapped zero-copy (cupy ``UnownedMemory``
--> ``torch.as_tensor``, measured on an H100: shared/notes/cuda-measured.md). Every view of it keeps the mapping
-alive; when the last one goes, the mapping is unmapped and the imported memory released. CUDA modules are
-imported only here, when a grant holds GPU memory.
+Either way the result is one uint8 CUDA tensor over the whole arena, wrapped zero-copy: ``torch.as_tensor`` of an
+object whose ``__cuda_array_interface__`` names the mapped range (the path cupy's ``UnownedMemory`` takes too, less
+cupy's own set-up in the attach). Every view of it keeps the mapping alive; when the last one goes, the mapping
+is unmapped and the imported memory released. CUDA modules are imported only here, when a grant holds GPU
+memory.
 """
 
 from __future__ import annotations
@@ -102,22 +103,30 @@ def _close_ipc(cupy: Any, address: int, device_index: int) -> None:
         cupy.cuda.runtime.ipcCloseMemHandle(address)
 
 
-def _as_tensor(cupy: Any, address: int, size: int, device_index: int, owner: object) -> torch.Tensor:
-    memory = cupy.cuda.UnownedMemory(address, size, owner, device_index)
-    array = cupy.ndarray((size,), dtype=cupy.uint8, memptr=cupy.cuda.MemoryPointer(memory, 0))
-    return torch.as_tensor(array, device=torch.device("cuda", device_index))
+class _DeviceRange:
+    """``size`` bytes of device memory at ``address`` as ``torch.as_tensor`` takes them; the tensor holds this
+    object, and this object the mapping, for as long as any view lives."""
+
+    def __init__(self, address: int, size: int, mapping: object) -> None:
+        self.__cuda_array_interface__ = {
+            "shape": (size,), "typestr": "|u1", "data": (address, False), "strides": None, "version": 3,
+            "stream": None,  # nothing to wait for: the daemon finished its copies before it granted the memory
+        }
+        self._mapping = mapping
+
+
+def _as_tensor(address: int, size: int, device_index: int, mapping: object) -> torch.Tensor:
+    return torch.as_tensor(_DeviceRange(address, size, mapping), device=torch.device("cuda", device_index))
 
 
 def import_vmm(descriptor: int, size: int, device_index: int) -> torch.Tensor:
     """The VMM allocation behind ``descriptor``, mapped read-only on device ``device_index``; the caller
     closes the descriptor (the import holds its own reference)."""
-    cupy = _module("cupy")
     mapping = _VmmMapping(_module("cuda.bindings.driver"), descriptor, size, device_index)
-    return _as_tensor(cupy, mapping.address, size, device_index, mapping)
+    return _as_tensor(mapping.address, size, device_index, mapping)
 
 
 def open_ipc(ipc_handle: bytes, size: int, device_index: int) -> torch.Tensor:
     """The legacy CUDA IPC allocation ``ipc_handle`` names, opened on device ``device_index`` (writable)."""
-    cupy = _module("cupy")
-    mapping = _IpcMapping(cupy, ipc_handle, device_index)
-    return _as_tensor(cupy, mapping.address, size, device_index, mapping)
+    mapping = _IpcMapping(_module("cupy"), ipc_handle, device_index)
+    return _as_tensor(mapping.address, size, device_index, mapping)

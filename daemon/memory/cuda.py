@@ -28,6 +28,7 @@ from typing import Any
 from weightd.daemon.devices import GpuDevice, uuid_from_bytes
 from weightd.daemon.errors import DeviceError, MemoryUnavailableError, OutOfMemoryError
 from weightd.daemon.memory.base import CUDA, AdoptionError, ArenaHandle, FillableArena
+from weightd.daemon.memory.host import populate
 
 INSTALL_HINT = "pip install 'weightd[cuda12]' (or 'weightd[cuda13]' on CUDA 13 drivers)"
 SHARING_MODES = ("vmm", "legacy")
@@ -86,7 +87,7 @@ def discover() -> list[GpuDevice]:
         name = _call(drv, "cuDeviceGetName", drv.cuDeviceGetName(256, device))
         total = _call(drv, "cuDeviceTotalMem", drv.cuDeviceTotalMem(device))
         devices.append(GpuDevice(uuid_from_bytes(bytes(raw_uuid.bytes)), ordinal,
-                                 _text(name).rstrip("\0").strip(), int(total)))
+                                 _text(name).split("\0", 1)[0].strip(), int(total)))
     return devices
 
 
@@ -288,6 +289,8 @@ class CudaMemory:
         with _PINNED_LOCK:
             if address in _PINNED:
                 return
+            # Registering faults in a fresh arena's pages in one thread: populate them side by side first.
+            populate(source.tensor())
             flags = getattr(drv, "CU_MEMHOSTREGISTER_PORTABLE", 1)  # pinned for every GPU's context
             _call(drv, f"cuMemHostRegister of host arena {source.name}",
                   drv.cuMemHostRegister(address, length, flags))
