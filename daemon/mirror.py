@@ -4,10 +4,15 @@ A GPU load streams into pinned host arenas (the same layout as the GPU arenas) a
 bytes land, queues its copy to the GPU on a CUDA stream, so the bus works while storage is still being read.
 Small regions (small tensors) are merged first, so the copy count follows bytes rather than tensors. Pure
 bookkeeping on top of the ``DeviceArena``/``DeviceBackend`` seam: nothing here imports CUDA.
+
+Pinning a fresh host arena faults in and page-locks every page (0.24 s per GiB on an H200, 0.16 s of it the
+faulting): that runs in a thread beside the streamer, which fills the same pages meanwhile, and the copies of
+what landed before it finished wait for it.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 
 from weightd.daemon.memory.base import DeviceArena, DeviceBackend, FillableArena
@@ -92,20 +97,29 @@ class DeviceMirror:
         self._backends = backends
         self._sources: Sequence[FillableArena] = ()
         self._coalescer = CopyCoalescer(len(targets), self._copy, min_copy_bytes=min_copy_bytes)
+        self._lock = threading.Lock()
+        self._pinned = False  # every source is pinned: copies go to the device as they are emitted
+        self._waiting: list[tuple[int, int, int]] = []  # copies emitted before that, in order
+        self._pinning: threading.Thread | None = None
+        self._pin_error: BaseException | None = None
 
     def started(self, sources: Sequence[FillableArena]) -> None:
         self._sources = sources  # first: a failed pin is undone by stopped()
-        for source, backend in zip(sources, self._backends, strict=True):
-            backend.pin(source)
+        self._pinning = threading.Thread(target=self._pin_sources, name="weightd-pin", daemon=True)
+        self._pinning.start()
 
     def filled(self, layout_index: int, offset: int, length: int) -> None:
         self._coalescer.filled(layout_index, offset, length)
 
     def stopped(self, *, completed: bool) -> None:
-        """Wait for every queued copy (they read the host arenas, which a failed load frees next); after a
-        failure, unpin the host arenas too."""
+        """Wait for the pinning and every queued copy (they read the host arenas, which a failed load frees next);
+        after a failure, unpin the host arenas too. A failed pin fails a completed load."""
         try:
+            if self._pinning is not None:
+                self._pinning.join()
             if completed:
+                if self._pin_error is not None:
+                    raise self._pin_error
                 self._coalescer.flush()
             for target in self._targets:
                 target.finish_copies()
@@ -114,7 +128,27 @@ class DeviceMirror:
                 for source, backend in zip(self._sources, self._backends, strict=False):
                     backend.unpin(source)
 
+    def _pin_sources(self) -> None:
+        try:
+            for source, backend in zip(self._sources, self._backends, strict=True):
+                backend.pin(source)
+        except BaseException as e:  # raised by stopped(), in the loading thread
+            self._pin_error = e
+            return
+        with self._lock:
+            for copy in self._waiting:
+                self._issue(*copy)
+            self._waiting.clear()
+            self._pinned = True
+
     def _copy(self, layout_index: int, offset: int, length: int) -> None:
+        with self._lock:
+            if not self._pinned:
+                self._waiting.append((layout_index, offset, length))
+                return
+        self._issue(layout_index, offset, length)
+
+    def _issue(self, layout_index: int, offset: int, length: int) -> None:
         self._targets[layout_index].copy_from(self._sources[layout_index], offset, length)
 
 

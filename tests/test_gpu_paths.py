@@ -18,6 +18,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Collection, Iterator
 from pathlib import Path
 
@@ -87,6 +88,9 @@ class HostBackedGpu:
         self._host = HostMemory(directory=directory, namespace=f"gpu{device.ordinal}")
         self.pinned = pinned  # shared by every GPU, as CUDA's (portable) host registrations are
         self.copies: list[tuple[int, int]] = []
+        self.pin_seconds = 0.0
+        self.pin_failure: BaseException | None = None
+        self.filled_when_pinned: dict[str, tuple[bool, int]] = {}  # arena -> (any byte filled, copies made)
 
     @property
     def device_uuid(self) -> str:
@@ -105,6 +109,10 @@ class HostBackedGpu:
         return []
 
     def pin(self, source: FillableArena) -> None:
+        time.sleep(self.pin_seconds)  # what page-locking a fresh arena takes, while the streamer fills it
+        if self.pin_failure is not None:
+            raise self.pin_failure
+        self.filled_when_pinned[source.name] = (bool(source.tensor().any()), len(self.copies))
         self.pinned.add(source.name)
 
     def unpin(self, source: FillableArena) -> None:
@@ -257,6 +265,49 @@ def test_a_failed_mirrored_load_waits_for_its_copies_and_unpins(
         assert [p.name for p in shm.iterdir()] == [target.name]  # the host arena is gone
     finally:
         target.release()
+
+
+def test_pinning_runs_beside_the_streamer_and_copies_wait_for_it(
+    shm: Path, tmp_path: Path, small_model: tuple[Path, dict[str, torch.Tensor]]
+) -> None:
+    directory, full = small_model
+    settings = LoadSettings(memory_limit=4 << 20)
+    prepared = loader.prepare(parse_model_uri(str(directory)), cache_dir=tmp_path, tp_size=1, ranks=[0], rules=(),
+                              settings=settings)
+    gpu = HostBackedGpu(GPU0, shm, set())
+    gpu.pin_seconds = 1.0
+    target = gpu.allocate(prepared.plan.layouts[0].size, label="r0")
+    (loaded,) = loader.stream(prepared, HostMemory(directory=shm, namespace="host"), settings=settings,
+                              on_progress=lambda n: None, listener=DeviceMirror([target], [gpu], min_copy_bytes=1))
+    try:
+        assert gpu.filled_when_pinned == {loaded.arena.name: (True, 0)}  # bytes landed meanwhile; none copied
+        for slot in prepared.plan.layouts[0].slots:
+            assert torch.equal(read_slot(target.host.tensor(), slot), full[slot.name]), slot.name
+    finally:
+        loaded.arena.release()
+        target.release()
+
+
+def test_a_failed_pin_fails_the_load_and_leaves_nothing_pinned(
+    shm: Path, tmp_path: Path, small_model: tuple[Path, dict[str, torch.Tensor]]
+) -> None:
+    settings = LoadSettings(memory_limit=4 << 20)
+    prepared = loader.prepare(parse_model_uri(str(small_model[0])), cache_dir=tmp_path, tp_size=2, ranks=[0, 1],
+                              rules=(), settings=settings)
+    pinned: set[str] = set()
+    gpus = [HostBackedGpu(GPU0, shm, pinned), HostBackedGpu(GPU1, shm, pinned)]
+    gpus[1].pin_failure = OutOfMemoryError("cuMemHostRegister of host arena x failed: CUDA_ERROR_OUT_OF_MEMORY")
+    targets = [gpu.allocate(layout.size, label=f"r{layout.rank}") for gpu, layout in
+               zip(gpus, prepared.plan.layouts, strict=True)]
+    try:
+        with pytest.raises(OutOfMemoryError, match="cuMemHostRegister"):
+            loader.stream(prepared, HostMemory(directory=shm, namespace="host"), settings=settings,
+                          on_progress=lambda n: None, listener=DeviceMirror(targets, gpus))
+        assert pinned == set() and gpus[0].copies == gpus[1].copies == []  # rank 0's pin was undone
+        assert sorted(p.name for p in shm.iterdir()) == sorted(t.name for t in targets)  # host arenas gone
+    finally:
+        for target in targets:
+            target.release()
 
 
 # --- the registry's GPU paths ----------------------------------------------------------------------------
