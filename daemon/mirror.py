@@ -101,7 +101,7 @@ class DeviceMirror:
         self._pinned = False  # every source is pinned: copies go to the device as they are emitted
         self._waiting: list[tuple[int, int, int]] = []  # copies emitted before that, in order
         self._pinning: threading.Thread | None = None
-        self._pin_error: BaseException | None = None
+        self._pin_error: BaseException | None = None  # of the pinning, or of the waiting copies it issued
 
     def started(self, sources: Sequence[FillableArena]) -> None:
         self._sources = sources  # first: a failed pin is undone by stopped()
@@ -113,7 +113,8 @@ class DeviceMirror:
 
     def stopped(self, *, completed: bool) -> None:
         """Wait for the pinning and every queued copy (they read the host arenas, which a failed load frees next);
-        after a failure, unpin the host arenas too. A failed pin fails a completed load."""
+        after a failure, unpin the host arenas too. A failed pin, or copy issued once it was done, fails a completed
+        load."""
         try:
             if self._pinning is not None:
                 self._pinning.join()
@@ -132,14 +133,13 @@ class DeviceMirror:
         try:
             for source, backend in zip(self._sources, self._backends, strict=True):
                 backend.pin(source)
+            with self._lock:
+                for copy in self._waiting:
+                    self._issue(*copy)
+                self._waiting.clear()
+                self._pinned = True
         except BaseException as e:  # raised by stopped(), in the loading thread
             self._pin_error = e
-            return
-        with self._lock:
-            for copy in self._waiting:
-                self._issue(*copy)
-            self._waiting.clear()
-            self._pinned = True
 
     def _copy(self, layout_index: int, offset: int, length: int) -> None:
         with self._lock:

@@ -28,7 +28,13 @@ import torch
 from weightd import client
 from weightd.daemon import loader
 from weightd.daemon.devices import GpuDevice, canonical_uuid, pick
-from weightd.daemon.errors import InvalidRequestError, MemoryUnavailableError, OutOfMemoryError, WeightdError
+from weightd.daemon.errors import (
+    DeviceError,
+    InvalidRequestError,
+    MemoryUnavailableError,
+    OutOfMemoryError,
+    WeightdError,
+)
 from weightd.daemon.loader import LoadSettings
 from weightd.daemon.manifests import ManifestStore
 from weightd.daemon.memory.base import CUDA, ArenaHandle, FillableArena
@@ -55,6 +61,7 @@ class HostBackedArena:
         self.host = host
         self._device = device
         self.copies = log
+        self.copy_failure: BaseException | None = None
 
     name = property(lambda self: self.host.name)
     size = property(lambda self: self.host.size)
@@ -67,6 +74,8 @@ class HostBackedArena:
         return self.host.export()
 
     def copy_from(self, source: FillableArena, offset: int, length: int) -> None:
+        if self.copy_failure is not None:
+            raise self.copy_failure
         self.copies.append((offset, length))
         self.host.tensor()[offset : offset + length] = source.tensor()[offset : offset + length]
 
@@ -288,22 +297,33 @@ def test_pinning_runs_beside_the_streamer_and_copies_wait_for_it(
         target.release()
 
 
-def test_a_failed_pin_fails_the_load_and_leaves_nothing_pinned(
-    shm: Path, tmp_path: Path, small_model: tuple[Path, dict[str, torch.Tensor]]
+@pytest.mark.parametrize("failing", ["pin", "waiting copy"])
+def test_a_failed_pin_or_queued_copy_fails_the_load_and_leaves_nothing_pinned(
+    shm: Path, tmp_path: Path, small_model: tuple[Path, dict[str, torch.Tensor]], failing: str
 ) -> None:
     settings = LoadSettings(memory_limit=4 << 20)
     prepared = loader.prepare(parse_model_uri(str(small_model[0])), cache_dir=tmp_path, tp_size=2, ranks=[0, 1],
                               rules=(), settings=settings)
     pinned: set[str] = set()
     gpus = [HostBackedGpu(GPU0, shm, pinned), HostBackedGpu(GPU1, shm, pinned)]
-    gpus[1].pin_failure = OutOfMemoryError("cuMemHostRegister of host arena x failed: CUDA_ERROR_OUT_OF_MEMORY")
     targets = [gpu.allocate(layout.size, label=f"r{layout.rank}") for gpu, layout in
                zip(gpus, prepared.plan.layouts, strict=True)]
+    if failing == "pin":
+        failure: WeightdError = OutOfMemoryError("cuMemHostRegister of host arena x failed: CUDA_ERROR_OUT_OF_MEMORY")
+        gpus[1].pin_failure = failure
+    else:  # a copy queued while the pin ran, issued by the pinning thread
+        failure = DeviceError("cuMemcpyHtoDAsync into x failed: CUDA_ERROR_INVALID_VALUE")
+        gpus[1].pin_seconds = 1.0
+        targets[0].copy_failure = failure
     try:
-        with pytest.raises(OutOfMemoryError, match="cuMemHostRegister"):
+        with pytest.raises(type(failure), match=str(failure).split(" ", 1)[0]) as raised:
             loader.stream(prepared, HostMemory(directory=shm, namespace="host"), settings=settings,
-                          on_progress=lambda n: None, listener=DeviceMirror(targets, gpus))
-        assert pinned == set() and gpus[0].copies == gpus[1].copies == []  # rank 0's pin was undone
+                          on_progress=lambda n: None, listener=DeviceMirror(targets, gpus, min_copy_bytes=1))
+        assert pinned == set()  # rank 0's pin was undone
+        if failing == "pin":
+            assert gpus[0].copies == gpus[1].copies == []
+        else:
+            assert any(entry.name == "_pin_sources" for entry in raised.traceback)  # issued by the pinning thread
         assert sorted(p.name for p in shm.iterdir()) == sorted(t.name for t in targets)  # host arenas gone
     finally:
         for target in targets:
