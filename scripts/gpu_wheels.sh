@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
 # Wheels for running tests/gpu and benchmarks/gpu.py on a GPU machine that has no network: weightd itself and
 # the dependencies that machine's image lacks (it has torch, cupy-cuda13x, cuda-bindings 13, grpcio, protobuf,
-# safetensors, transformers and pytest). Writes .whl/ (git-ignored); on the GPU machine, from the repository:
-#   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
-#   python3 -m pytest -m gpu tests/gpu && python3 benchmarks/gpu.py
+# safetensors, transformers and pytest). Writes .whl/ (git-ignored); on the GPU machine, from the repository,
+# scripts/gpu_check.sh installs them and runs tests/gpu and benchmarks/gpu.py.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rm -rf .whl && mkdir .whl

@@ -2,7 +2,8 @@
 ``weightd[cuda12]`` or ``weightd[cuda13]``. Local-directory models only: no storage server, no network.
 
 On a GPU machine without network access, carry the wheels weightd needs that its image lacks: build them
-with scripts/gpu_wheels.sh where pip works, and install them there as that script says.
+with scripts/gpu_wheels.sh where pip works; scripts/gpu_check.sh installs them there and runs these tests and
+benchmarks/gpu.py.
 """
 
 from __future__ import annotations
