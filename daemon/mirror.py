@@ -113,8 +113,8 @@ class DeviceMirror:
 
     def stopped(self, *, completed: bool) -> None:
         """Wait for the pinning and every queued copy (they read the host arenas, which a failed load frees next);
-        after a failure, unpin the host arenas too. A failed pin, or copy issued once it was done, fails a completed
-        load."""
+        after a failure, unpin the host arenas too. A failed pin, or a failed copy among those that waited for it,
+        fails a completed load."""
         try:
             if self._pinning is not None:
                 self._pinning.join()
