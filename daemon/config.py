@@ -234,7 +234,16 @@ class DaemonConfig:
             )
 
     def streamer_environment(self, env: Mapping[str, str]) -> dict[str, str]:
-        """runai-model-streamer settings, read process-wide when a streamer starts; the entry point applies them."""
+        """runai-model-streamer settings, read process-wide when a streamer starts; the entry point applies them.
+        ConfigurationError for a streamer variable set to nothing, which would fail every load."""
+        empty = sorted(name for name, value in env.items() if name.startswith("RUNAI_STREAMER_") and not value.strip())
+        if empty:
+            # runai-model-streamer 0.17 fails on them at each load: "Invalid request parameters" (concurrency,
+            # chunk size, queue depth), int('') (memory limit), "Unknown Error" for every range (S3 in-flight).
+            raise ConfigurationError(
+                f"{', '.join(empty)} {'is' if len(empty) == 1 else 'are'} set but empty, which fails every load in "
+                "runai-model-streamer; unset or give a value"
+            )
         # 0 leaves the streamer's per-backend default: 16 object-store clients on 2 cores took 2.5x as long
         # as its 8 for a 5 GB model (docs/benchmarks.md).
         settings = {"RUNAI_STREAMER_CONCURRENCY": str(self.concurrency)} if self.concurrency else {}

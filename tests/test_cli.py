@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -75,6 +76,17 @@ def test_cli_reports_an_absent_daemon(tmp_path: Path) -> None:
     result = weightd("ls", "--target", f"unix://{tmp_path}/absent.sock")
     assert result.returncode == 1
     assert "is the daemon running" in result.stderr
+
+
+def test_serve_refuses_an_empty_streamer_variable(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "weightd.daemon", "serve", "--socket", str(tmp_path / "w.sock"), "--cache-dir",
+         str(tmp_path / "cache")], capture_output=True, text=True, timeout=120,
+        env={**os.environ, "RUNAI_STREAMER_CONCURRENCY": ""},
+    )
+    assert result.returncode == 1
+    assert "RUNAI_STREAMER_CONCURRENCY is set but empty" in result.stderr
+    assert not (tmp_path / "w.sock").exists()
 
 
 def test_serve_help_lists_every_setting() -> None:

@@ -61,6 +61,9 @@ def test_streamer_environment() -> None:
     assert "RUNAI_STREAMER_CONCURRENCY" not in DaemonConfig.load({}, {}).streamer_environment({})
     with pytest.raises(ConfigurationError, match=r"concurrency from flag: '-1': must be 0 or more"):
         DaemonConfig.load({"concurrency": "-1"}, {})
+    with pytest.raises(ConfigurationError, match=r"^RUNAI_STREAMER_MEMORY_LIMIT, RUNAI_STREAMER_S3_MAX_INFLIGHT_MIB "
+                                                 "are set but empty"):
+        config.streamer_environment({"RUNAI_STREAMER_S3_MAX_INFLIGHT_MIB": "", "RUNAI_STREAMER_MEMORY_LIMIT": " "})
 
 
 def test_every_setting_is_documented_in_the_readme() -> None:
