@@ -96,9 +96,9 @@ def _route(plan: LoadPlan, *, direct_piece_min: int) -> tuple[list[_Direct], lis
     """Split the plan's blocks into direct writes, staged scatters and in-memory duplicates.
 
     Exactly the plan's bytes are fetched, each once. A single-row block whose targets' windows tile it is read
-    as one direct range per window (a replicated tensor's one window: one range, then copies), unless it has
-    several windows under ``direct_piece_min`` bytes each; a block of whole rows for one rank is one direct
-    range; anything else is staged and scattered.
+    as one direct range per window (a replicated tensor's one window: one range, then copies), unless it goes
+    to several ranks in pieces under ``direct_piece_min`` bytes each; a block of whole rows for one rank is
+    one direct range; anything else is staged and scattered.
     """
     direct: list[_Direct] = []
     staged: list[_Staged] = []
@@ -107,8 +107,9 @@ def _route(plan: LoadPlan, *, direct_piece_min: int) -> tuple[list[_Direct], lis
         for block in file_plan.blocks:
             first = block.targets[0]
             windows = {(t.column, t.width) for t in block.targets}
-            # Ranks holding one replicated window would save no request: only distinct pieces count.
-            small_pieces = len(windows) > 1 and block.width < direct_piece_min * len(windows)
+            # Staged too, a small replicated tensor (a norm) keeps its staged neighbours one range: read directly,
+            # it cut an all-ranks load's reads into two requests per layer norm.
+            small_pieces = len(block.targets) > 1 and block.width < direct_piece_min * len(windows)
             if block.rows == 1 and sum(width for _, width in windows) == block.width and not small_pieces:
                 fetched: dict[tuple[int, int], Target] = {}
                 for t in block.targets:

@@ -152,10 +152,11 @@ def test_a_block_shared_by_ranks_is_one_read_when_their_pieces_are_small() -> No
     assert sorted(d.length for d in direct) == [256, 4096, 4096, 4096, 4096] and staged == []
     assert len(duplicates) == 3  # the replicated norm: read once into rank 0, copied to the others
     direct, staged, duplicates = _route(plan, direct_piece_min=4096)
-    assert sorted(d.length for d in direct) == [256, 4096, 4096, 4096, 4096] and staged == []
+    assert sorted(d.length for d in direct) == [4096, 4096, 4096, 4096] and duplicates == []
+    assert [item.block.length for item in staged] == [256]  # a norm under the threshold: read once, copied out
     direct, staged, duplicates = _route(plan, direct_piece_min=4097)
-    assert [d.length for d in direct] == [256] and len(duplicates) == 3  # one window: staging saves no request
-    assert [item.block.length for item in staged] == [16384]  # one read, copied out to the 4 ranks
+    assert direct == [] and duplicates == []  # the norm too: staged beside the block, one request for both
+    assert [item.block.length for item in staged] == [16384, 256]  # each read once, copied out to the 4 ranks
 
 
 def test_staging_takes_two_slots_only_when_the_staged_blocks_exceed_the_limit_and_two_largest_fit() -> None:
