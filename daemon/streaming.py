@@ -96,39 +96,42 @@ def _route(plan: LoadPlan, *, direct_piece_min: int) -> tuple[list[_Direct], lis
     """Split the plan's blocks into direct writes, staged scatters and in-memory duplicates.
 
     Exactly the plan's bytes are fetched, each once. A single-row block whose targets' windows tile it is read
-    as one direct range per window (a replicated tensor's one window: one range, then copies), unless it goes
-    to several ranks in pieces under ``direct_piece_min`` bytes each; a block of whole rows for one rank is
-    one direct range; anything else is staged and scattered.
+    as one direct range per window (a replicated tensor's one window: one range, then copies), unless it has
+    several windows under ``direct_piece_min`` bytes each; a block of whole rows for one rank is one direct
+    range; anything else is staged and scattered. A load that stages any block stages every block under
+    ``direct_piece_min`` bytes too: read directly, such a block (a norm, a lone rank's quarter of a small
+    tensor) would split the staged run around it into separate requests.
     """
     direct: list[_Direct] = []
     staged: list[_Staged] = []
     duplicates: list[_Duplicate] = []
-    for file_index, file_plan in enumerate(plan.files):
-        for block in file_plan.blocks:
-            first = block.targets[0]
-            windows = {(t.column, t.width) for t in block.targets}
-            # Staged too, a small replicated tensor (a norm) keeps its staged neighbours one range: read directly,
-            # it cut an all-ranks load's reads into two requests per layer norm.
-            small_pieces = len(block.targets) > 1 and block.width < direct_piece_min * len(windows)
-            if block.rows == 1 and sum(width for _, width in windows) == block.width and not small_pieces:
-                fetched: dict[tuple[int, int], Target] = {}
-                for t in block.targets:
-                    if (t.column, t.width) in fetched:
-                        src = fetched[(t.column, t.width)]
-                        duplicates.append(
-                            _Duplicate(src.layout_index, src.dst_offset, t.layout_index, t.dst_offset, t.width)
-                        )
-                    else:
-                        fetched[(t.column, t.width)] = t
-                        direct.append(
-                            _Direct(file_index, block.file_offset + t.column, t.width, t.layout_index, t.dst_offset)
-                        )
-            elif len(block.targets) == 1 and first.width == block.width == first.dst_row_stride:
-                direct.append(_Direct(file_index, block.file_offset, block.length, first.layout_index,
-                                      first.dst_offset))
+    blocks = [(file_index, block) for file_index, file_plan in enumerate(plan.files) for block in file_plan.blocks]
+    readable = [_reads_directly(block, direct_piece_min) for _, block in blocks]
+    stages = not all(readable)
+    for (file_index, block), directly in zip(blocks, readable, strict=True):
+        if not directly or (stages and block.length < direct_piece_min):
+            staged.append(_Staged(file_index, block))
+            continue
+        fetched: dict[tuple[int, int], Target] = {}
+        for t in block.targets:  # one row (or whole rows for one rank: one target of the block's full width)
+            if (t.column, t.width) in fetched:
+                src = fetched[(t.column, t.width)]
+                duplicates.append(_Duplicate(src.layout_index, src.dst_offset, t.layout_index, t.dst_offset, t.width))
             else:
-                staged.append(_Staged(file_index, block))
+                fetched[(t.column, t.width)] = t
+                direct.append(_Direct(file_index, block.file_offset + t.column, block.rows * t.width,
+                                      t.layout_index, t.dst_offset))
     return direct, staged, duplicates
+
+
+def _reads_directly(block: Block, direct_piece_min: int) -> bool:
+    """Whether the streamer can write ``block`` straight into arenas, each distinct window once."""
+    windows = {(t.column, t.width) for t in block.targets}
+    if block.rows == 1:
+        small_pieces = len(windows) > 1 and block.width < direct_piece_min * len(windows)
+        return sum(width for _, width in windows) == block.width and not small_pieces
+    first = block.targets[0]
+    return len(block.targets) == 1 and first.width == block.width == first.dst_row_stride
 
 
 def fetch_into(

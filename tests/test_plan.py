@@ -152,11 +152,25 @@ def test_a_block_shared_by_ranks_is_one_read_when_their_pieces_are_small() -> No
     assert sorted(d.length for d in direct) == [256, 4096, 4096, 4096, 4096] and staged == []
     assert len(duplicates) == 3  # the replicated norm: read once into rank 0, copied to the others
     direct, staged, duplicates = _route(plan, direct_piece_min=4096)
-    assert sorted(d.length for d in direct) == [4096, 4096, 4096, 4096] and duplicates == []
-    assert [item.block.length for item in staged] == [256]  # a norm under the threshold: read once, copied out
+    assert sorted(d.length for d in direct) == [256, 4096, 4096, 4096, 4096] and staged == []
     direct, staged, duplicates = _route(plan, direct_piece_min=4097)
     assert direct == [] and duplicates == []  # the norm too: staged beside the block, one request for both
     assert [item.block.length for item in staged] == [16384, 256]  # each read once, copied out to the 4 ranks
+
+
+def test_a_load_that_stages_blocks_stages_its_small_direct_ranges_too() -> None:
+    # A lone rank of 4: its quarter of "col" is one 4 KiB range, and "row" is read whole to be sliced in memory.
+    tensors = {"col.weight": torch.randn(64, 64), "norm.weight": torch.randn(64), "row.weight": torch.randn(64, 64)}
+    plan = build_plan([header_of(save(tensors))], tp_size=4, ranks=[1], rules=RULES, max_range_bytes=1 << 20)
+    direct, staged, _ = _route(plan, direct_piece_min=1)
+    assert sorted(d.length for d in direct) == [256, 4096] and [s.block.length for s in staged] == [16384]
+    # Under the store's threshold they are staged with it: the norm and "row", back to back, are one request.
+    direct, staged, _ = _route(plan, direct_piece_min=4097)
+    assert direct == [] and sorted(s.block.length for s in staged) == [256, 4096, 16384]
+    assert execute(save(tensors), plan, 4097)[0].equal(execute(save(tensors), plan, 1)[0])
+    # A load that stages nothing keeps its small ranges direct: there is no staged run to keep whole.
+    whole = build_plan([header_of(save(tensors))], tp_size=1, ranks=[0], rules=RULES, max_range_bytes=1 << 20)
+    assert _route(whole, direct_piece_min=4097)[1] == []
 
 
 def test_staging_takes_two_slots_only_when_the_staged_blocks_exceed_the_limit_and_two_largest_fit() -> None:
