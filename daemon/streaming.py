@@ -98,30 +98,48 @@ def _route(plan: LoadPlan, *, direct_piece_min: int) -> tuple[list[_Direct], lis
     Exactly the plan's bytes are fetched, each once. A single-row block whose targets' windows tile it is read
     as one direct range per window (a replicated tensor's one window: one range, then copies), unless it has
     several windows under ``direct_piece_min`` bytes each; a block of whole rows for one rank is one direct
-    range; anything else is staged and scattered. A load that stages any block stages every block under
-    ``direct_piece_min`` bytes too: read directly, such a block (a norm, a lone rank's quarter of a small
+    range; anything else is staged and scattered. A block under ``direct_piece_min`` bytes that lies back to back
+    with staged ones is staged too: read directly, such a block (a norm, a lone rank's quarter of a small
     tensor) would split the staged run around it into separate requests.
     """
     direct: list[_Direct] = []
     staged: list[_Staged] = []
     duplicates: list[_Duplicate] = []
-    blocks = [(file_index, block) for file_index, file_plan in enumerate(plan.files) for block in file_plan.blocks]
-    readable = [_reads_directly(block, direct_piece_min) for _, block in blocks]
-    stages = not all(readable)
-    for (file_index, block), directly in zip(blocks, readable, strict=True):
-        if not directly or (stages and block.length < direct_piece_min):
-            staged.append(_Staged(file_index, block))
-            continue
-        fetched: dict[tuple[int, int], Target] = {}
-        for t in block.targets:  # one row (or whole rows for one rank: one target of the block's full width)
-            if (t.column, t.width) in fetched:
-                src = fetched[(t.column, t.width)]
-                duplicates.append(_Duplicate(src.layout_index, src.dst_offset, t.layout_index, t.dst_offset, t.width))
-            else:
-                fetched[(t.column, t.width)] = t
-                direct.append(_Direct(file_index, block.file_offset + t.column, block.rows * t.width,
-                                      t.layout_index, t.dst_offset))
+    for file_index, file_plan in enumerate(plan.files):
+        blocks = sorted(file_plan.blocks, key=lambda b: b.file_offset)
+        for block, directly in zip(blocks, _direct_reads(blocks, direct_piece_min), strict=True):
+            if not directly:
+                staged.append(_Staged(file_index, block))
+                continue
+            fetched: dict[tuple[int, int], Target] = {}
+            for t in block.targets:  # one row (or whole rows for one rank: one target of the block's full width)
+                if (t.column, t.width) in fetched:
+                    src = fetched[(t.column, t.width)]
+                    duplicates.append(
+                        _Duplicate(src.layout_index, src.dst_offset, t.layout_index, t.dst_offset, t.width)
+                    )
+                else:
+                    fetched[(t.column, t.width)] = t
+                    direct.append(_Direct(file_index, block.file_offset + t.column, block.rows * t.width,
+                                          t.layout_index, t.dst_offset))
     return direct, staged, duplicates
+
+
+def _direct_reads(blocks: Sequence[Block], direct_piece_min: int) -> list[bool]:
+    """For one file's blocks in file order: whether each is read directly. A small block back to back with a
+    staged one is staged with it, and so is a chain of them: one pass forward, one back."""
+    direct = [_reads_directly(block, direct_piece_min) for block in blocks]
+
+    def joins(i: int, staged_neighbour: int) -> bool:
+        first, second = sorted((blocks[i], blocks[staged_neighbour]), key=lambda b: b.file_offset)
+        return (direct[i] and not direct[staged_neighbour] and blocks[i].length < direct_piece_min
+                and first.file_offset + first.length == second.file_offset)
+
+    for i in range(1, len(blocks)):
+        direct[i] = direct[i] and not joins(i, i - 1)
+    for i in range(len(blocks) - 2, -1, -1):
+        direct[i] = direct[i] and not joins(i, i + 1)
+    return direct
 
 
 def _reads_directly(block: Block, direct_piece_min: int) -> bool:

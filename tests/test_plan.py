@@ -158,18 +158,23 @@ def test_a_block_shared_by_ranks_is_one_read_when_their_pieces_are_small() -> No
     assert [item.block.length for item in staged] == [16384, 256]  # each read once, copied out to the 4 ranks
 
 
-def test_a_load_that_stages_blocks_stages_its_small_direct_ranges_too() -> None:
+def test_small_direct_ranges_back_to_back_with_staged_blocks_are_staged_with_them() -> None:
     # A lone rank of 4: its quarter of "col" is one 4 KiB range, and "row" is read whole to be sliced in memory.
+    # In the file: col, norm, row; rank 3's quarter ends where the norm starts, rank 1's touches nothing.
     tensors = {"col.weight": torch.randn(64, 64), "norm.weight": torch.randn(64), "row.weight": torch.randn(64, 64)}
-    plan = build_plan([header_of(save(tensors))], tp_size=4, ranks=[1], rules=RULES, max_range_bytes=1 << 20)
-    direct, staged, _ = _route(plan, direct_piece_min=1)
-    assert sorted(d.length for d in direct) == [256, 4096] and [s.block.length for s in staged] == [16384]
-    # Under the store's threshold they are staged with it: the norm and "row", back to back, are one request.
-    direct, staged, _ = _route(plan, direct_piece_min=4097)
-    assert direct == [] and sorted(s.block.length for s in staged) == [256, 4096, 16384]
-    assert execute(save(tensors), plan, 4097)[0].equal(execute(save(tensors), plan, 1)[0])
-    # A load that stages nothing keeps its small ranges direct: there is no staged run to keep whole.
-    whole = build_plan([header_of(save(tensors))], tp_size=1, ranks=[0], rules=RULES, max_range_bytes=1 << 20)
+    blob = save(tensors)
+    for rank, direct_under, staged_under in ((1, [4096], [256, 16384]), (3, [], [256, 4096, 16384])):
+        plan = build_plan([header_of(blob)], tp_size=4, ranks=[rank], rules=RULES, max_range_bytes=1 << 20)
+        direct, staged, _ = _route(plan, direct_piece_min=1)
+        assert sorted(d.length for d in direct) == [256, 4096] and [s.block.length for s in staged] == [16384]
+        # Under the store's threshold, a range back to back with a staged block (the norm, and through it rank
+        # 3's quarter) is staged with it: one request for the run.
+        direct, staged, _ = _route(plan, direct_piece_min=4097)
+        assert [d.length for d in direct] == direct_under
+        assert sorted(s.block.length for s in staged) == staged_under
+        assert execute(blob, plan, 4097)[0].equal(execute(blob, plan, 1)[0])
+    # A load that stages nothing keeps its small ranges direct.
+    whole = build_plan([header_of(blob)], tp_size=1, ranks=[0], rules=RULES, max_range_bytes=1 << 20)
     assert _route(whole, direct_piece_min=4097)[1] == []
 
 
