@@ -12,6 +12,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from itertools import pairwise
 
 import numpy
 import torch
@@ -129,16 +130,14 @@ def _direct_reads(blocks: Sequence[Block], direct_piece_min: int) -> list[bool]:
     """For one file's blocks in file order: whether each is read directly. A small block back to back with a
     staged one is staged with it, and so is a chain of them: one pass forward, one back."""
     direct = [_reads_directly(block, direct_piece_min) for block in blocks]
-
-    def joins(i: int, staged_neighbour: int) -> bool:
-        first, second = sorted((blocks[i], blocks[staged_neighbour]), key=lambda b: b.file_offset)
-        return (direct[i] and not direct[staged_neighbour] and blocks[i].length < direct_piece_min
-                and first.file_offset + first.length == second.file_offset)
-
+    small = [block.length < direct_piece_min for block in blocks]
+    touches_next = [a.file_offset + a.length == b.file_offset for a, b in pairwise(blocks)]
     for i in range(1, len(blocks)):
-        direct[i] = direct[i] and not joins(i, i - 1)
+        if direct[i] and small[i] and touches_next[i - 1] and not direct[i - 1]:
+            direct[i] = False
     for i in range(len(blocks) - 2, -1, -1):
-        direct[i] = direct[i] and not joins(i, i + 1)
+        if direct[i] and small[i] and touches_next[i] and not direct[i + 1]:
+            direct[i] = False
     return direct
 
 
