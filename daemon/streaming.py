@@ -143,8 +143,8 @@ def _direct_reads(blocks: Sequence[Block], direct_piece_min: int) -> list[bool]:
 
 def _reads_directly(block: Block, direct_piece_min: int) -> bool:
     """Whether the streamer can write ``block`` straight into arenas, each distinct window once."""
-    windows = {(t.column, t.width) for t in block.targets}
     if block.rows == 1:
+        windows = {(t.column, t.width) for t in block.targets}
         small_pieces = len(windows) > 1 and block.width < direct_piece_min * len(windows)
         return sum(width for _, width in windows) == block.width and not small_pieces
     first = block.targets[0]

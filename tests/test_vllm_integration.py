@@ -199,7 +199,7 @@ def test_vllm_serves_a_model_zero_copy_through_the_weightd_load_format(
     (row,) = daemon.models()
     assert row.storage_bytes_read == weight_bytes(tiny_llama_dir) and row.tp_size == 1
     theirs = run_vllm(tiny_llama_dir, "safetensors", {})
-    assert theirs.shared == [[]] and len(theirs.private[0]) >= len(shared)
+    assert theirs.shared == [[]] and theirs.private == ours.shared  # vLLM keeps the same parameters either way
     assert ours.tokens == theirs.tokens and all(len(t) == 8 for t in ours.tokens)
     assert daemon.models()[0].leases == 0  # the engine exited: its lease ended with it
 
