@@ -203,13 +203,14 @@ def test_coalescer_merges_neighbours_and_padding_and_emits_each_region_after_it_
 
 def test_populate_faults_in_a_fresh_arena_before_it_is_pinned(shm: Path) -> None:
     """What the CUDA backend does before page-locking a host arena: every page present (zeroed) afterwards,
-    across several 64 MiB pieces and a partial last page; doing it again adds nothing."""
+    across several 64 MiB pieces and a partial last page; doing it again adds nothing. (An arena reserved with
+    posix_fallocate, as on a huge-page tmpfs or after adoption: its pages exist but are not mapped yet.)"""
 
     def resident_shared() -> int:
         status = Path("/proc/self/status").read_text()
         return int(next(line.split()[1] for line in status.splitlines() if line.startswith("RssShmem:"))) * 1024
 
-    arena = HostMemory(directory=shm, namespace="populate").allocate((150 << 20) + 100, label="fresh")
+    arena = HostArena(shm / "fresh", (150 << 20) + 100, create=True)
     try:
         before = resident_shared()
         assert populate(arena.tensor())

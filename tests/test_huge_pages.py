@@ -4,7 +4,10 @@ the daemon and by the engines that attach)."""
 
 from __future__ import annotations
 
+import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -108,3 +111,66 @@ def test_the_daemon_warns_when_arenas_get_4_kib_pages(daemon_factory, tmp_path: 
     log = daemon.log.read_text()
     assert f"arenas in {shm} get 4 KiB pages (tmpfs huge=never)" in log
     assert "README, 'Huge pages for arenas'" in log
+
+
+# In its own mount namespace: allocate on a 4 KiB-page and a huge-page tmpfs; report what each arena's creation
+# left mapped and allocated; then fill a 16 MiB tmpfs past its end both ways.
+RESERVE = r"""
+import errno, json, os, sys
+from pathlib import Path
+from weightd.daemon.errors import OutOfMemoryError
+from weightd.daemon.memory import host
+from weightd.daemon.memory.host import HostArena, HostMemory
+
+def resident_shared():
+    return int(next(l.split()[1] for l in open("/proc/self/status") if l.startswith("RssShmem:"))) * 1024
+
+report = {}
+for name in ("small", "huge"):
+    before = resident_shared()
+    arena = HostMemory(directory=Path(sys.argv[1]) / name, namespace="t").allocate(24 << 20, label=name)
+    report[name] = {"mapped": resident_shared() - before, "allocated": os.stat(arena.path).st_blocks * 512,
+                    "zero": not bool(arena.tensor().any())}
+    arena.release()
+full = Path(sys.argv[1]) / "full"
+(full / "other").write_bytes(b"x" * (10 << 20))  # another writer's 10 MiB of the 16
+host._free_bytes = lambda directory: 1 << 40  # as if that writer came after the free-space check
+for fault_in in (True, False):
+    try:
+        HostArena(full / "arena", 8 << 20, create=True, fault_in=fault_in)
+    except (OSError, OutOfMemoryError) as e:
+        report[f"full, fault_in={fault_in}"] = [type(e).__name__, str(e), sorted(p.name for p in full.iterdir())]
+try:
+    HostMemory(directory=full, namespace="t").allocate(8 << 20, label="late")
+except OutOfMemoryError as e:
+    report["full, allocate"] = str(e)
+print(json.dumps(report))
+"""
+
+
+def test_each_tmpfs_gets_the_cheaper_reservation_and_a_full_one_is_an_error_not_sigbus(tmp_path: Path) -> None:
+    """4 KiB pages are faulted in at creation (mapped and allocated: the streamer's writes take no faults);
+    huge pages are reserved with posix_fallocate (allocated, mapped by the writers). A tmpfs that fills
+    between the free-space check and the reservation fails that arena, removes its file, and the process
+    lives on."""
+    if subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode != 0:
+        pytest.skip("needs unshare -m (root or CAP_SYS_ADMIN)")
+    if not SHMEM_ENABLED.exists() or re.search(r"\[(force|deny)\]", SHMEM_ENABLED.read_text()):
+        pytest.skip("this kernel's shmem_enabled overrides every tmpfs's huge= option")
+    mounts = " && ".join(f"mkdir {tmp_path}/{name} && mount -t tmpfs -o {options} tmpfs {tmp_path}/{name}"
+                         for name, options in (("small", "size=32m,huge=never"), ("huge", "size=32m,huge=within_size"),
+                                               ("full", "size=16m,huge=never")))
+    done = subprocess.run(["unshare", "-m", "sh", "-c", f'{mounts} && exec "$@"', "sh", sys.executable, "-c", RESERVE,
+                           str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    size = 24 << 20
+    assert report["small"] == {"mapped": size, "allocated": size, "zero": True}
+    assert report["huge"]["allocated"] >= size and report["huge"]["zero"]
+    assert report["huge"]["mapped"] == 0
+    assert report["full, fault_in=True"] == [
+        "OutOfMemoryError", f"faulting in {8 << 20} bytes of host memory failed: its tmpfs is full; evict models "
+        "(weightd evict URI) or enlarge the tmpfs", ["other"]]
+    assert report["full, fault_in=False"][0] == "OSError" and "No space left" in report["full, fault_in=False"][1]
+    assert report["full, fault_in=False"][2] == ["other"]
+    assert report["full, allocate"].startswith(f"arena for late in {tmp_path}/full: faulting in")

@@ -147,7 +147,6 @@ class DeviceBackend(MemoryBackend, Protocol):
 def map_writable(fd: int, size: int) -> tuple[mmap.mmap, torch.Tensor]:
     """Map a host-memory descriptor (an arena's, or ``FillableArena.fill_descriptor``'s) read-write, shared."""
     # mmap refuses length 0; an empty arena still gets a page so every descriptor maps. (MAP_POPULATE would
-    # map every page before streaming starts; left to the writers, the minor faults overlap with storage
-    # reads, which measured faster.)
+    # map every page on this one thread; a new arena's creator faults them in from several where that pays.)
     mapping = mmap.mmap(fd, max(size, 1), mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
     return mapping, torch.frombuffer(mapping, dtype=torch.uint8)

@@ -31,31 +31,40 @@ PREFIX = "weightd"
 _MADV_POPULATE_WRITE = 23  # Linux 5.14+
 _POPULATE_CHUNK = 64 << 20
 _PAGE = os.sysconf("SC_PAGE_SIZE")
+# What MADV_POPULATE_WRITE's errors mean for a tmpfs mapping (EFAULT: the fault would have raised SIGBUS).
+_FAULT_FAILURES = {errno.EFAULT: "its tmpfs is full", errno.ENOMEM: "out of memory (the node's or the cgroup's)"}
 
 
 class HostArena:
     kind = HOST
 
-    def __init__(self, path: Path, size: int, *, create: bool) -> None:
+    def __init__(self, path: Path, size: int, *, create: bool, fault_in: bool = False) -> None:
+        """Open the arena at ``path``, or create it (``create``) with every page reserved: a full tmpfs is an
+        error here, not SIGBUS in the middle of a load. ``fault_in`` reserves by faulting the pages in from
+        several threads (``populate``) rather than with ``posix_fallocate``."""
         self.path = path
         self._size = size
         flags = os.O_RDWR | os.O_NOFOLLOW | (os.O_CREAT | os.O_EXCL if create else 0)
         fd = os.open(path, flags, ARENA_MODE)
+        mapping = None
         try:
             if create:
                 os.fchmod(fd, ARENA_MODE)  # the umask must not widen what others can open
                 os.ftruncate(fd, size)
-                if size:
-                    # Reserve every page now: a full tmpfs is ENOSPC here, not SIGBUS in the middle of a load.
-                    os.posix_fallocate(fd, 0, size)
-            self._map, tensor = map_writable(fd, size)
+            mapping, tensor = map_writable(fd, size)
+            if create and size and not (fault_in and populate(tensor[:size])):
+                os.posix_fallocate(fd, 0, size)
             self._read_fd = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY)
         except BaseException:
+            if mapping is not None:
+                del tensor
+                mapping.close()
             if create:
                 path.unlink(missing_ok=True)
             raise
         finally:
             os.close(fd)
+        self._map = mapping
         self._tensor: torch.Tensor | None = tensor
 
     @property
@@ -108,6 +117,11 @@ class HostMemory:
     def __init__(self, *, directory: Path, namespace: str) -> None:
         self.directory = directory
         self._prefix = f"{PREFIX}-{namespace}-"
+        # 4 KiB tmpfs pages: posix_fallocate clears them on one thread (under the file's lock) and the writers
+        # then fault each one into their mapping; faulting them in from several threads does both at once
+        # (1 GB here: 0.48 s against 0.62 s, the same CPU). Huge pages: fallocate defers the clearing to the
+        # writers' faults, 512 times fewer, which overlap with storage reads (0.09 s against 0.16 s).
+        self._fault_in = huge_page_policy(directory) in ("never", "advise")
 
     def capacity(self) -> int:
         st = os.statvfs(self.directory)
@@ -123,7 +137,7 @@ class HostMemory:
         safe_label = re.sub(r"[^A-Za-z0-9_.]+", "_", label)[-80:]
         path = self.directory / f"{self._prefix}{safe_label}-{secrets.token_hex(4)}"
         try:
-            return HostArena(path, size, create=True)
+            return HostArena(path, size, create=True, fault_in=self._fault_in)
         except OSError as e:
             if e.errno != errno.ENOSPC:
                 raise
@@ -131,6 +145,8 @@ class HostMemory:
                 f"arena for {label} needs {size} bytes but {self.directory} is full (another writer took the "
                 "space first); evict models (weightd evict URI) or enlarge the tmpfs"
             ) from e
+        except OutOfMemoryError as e:
+            raise OutOfMemoryError(f"arena for {label} in {self.directory}: {e}") from e
 
     def adopt(self, name: str, size: int) -> HostArena:
         if not name.startswith(self._prefix) or "/" in name:
@@ -167,9 +183,10 @@ class HostMemory:
 def populate(region: torch.Tensor) -> bool:
     """Fault in every page of a writable shared mapping (an arena's ``tensor()``), 64 MiB per thread at a time.
 
-    Page-locking a fresh arena for GPU copies (``cuMemHostRegister``) faults in its missing pages one at a time in
-    one thread, before any byte is streamed; ``madvise(MADV_POPULATE_WRITE)`` from several threads zeroes them side
-    by side instead. False (and nothing done) where the kernel lacks it (before 5.14): the pinning faults them in.
+    ``madvise(MADV_POPULATE_WRITE)`` from several threads allocates and zeroes the pages side by side, where a
+    new arena's ``posix_fallocate`` or page-locking it for GPU copies (``cuMemHostRegister``) takes them one at
+    a time in one thread. A page that cannot be had is an error here, not SIGBUS at its first write. False (and
+    nothing done) where the kernel lacks it (before 5.14).
     """
     start = region.data_ptr()
     length = -(-region.numel() // _PAGE) * _PAGE
@@ -194,9 +211,9 @@ def populate(region: torch.Tensor) -> bool:
         logger.debug("madvise(MADV_POPULATE_WRITE) is not supported by this kernel; pages fault in on first use")
         return False
     if errors:
-        reasons = ", ".join(os.strerror(e) for e in sorted(errors))
-        raise OutOfMemoryError(f"faulting in {length} bytes of host memory failed: {reasons}; evict models or "
-                               "enlarge the tmpfs")
+        reasons = ", ".join(_FAULT_FAILURES.get(e, os.strerror(e)) for e in sorted(errors))
+        raise OutOfMemoryError(f"faulting in {length} bytes of host memory failed: {reasons}; evict models "
+                               "(weightd evict URI) or enlarge the tmpfs")
     return True
 
 
