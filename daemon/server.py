@@ -30,7 +30,7 @@ from weightd.daemon.memory.host import huge_page_policy
 from weightd.daemon.metrics import Metrics
 from weightd.daemon.registry import Registry
 from weightd.daemon.service import SERVICE_NAME, WeightService, add_weight_service, status_name
-from weightd.daemon.storage.base import warm_up_s3
+from weightd.daemon.storage.base import warm_up_storage
 
 logger = logging.getLogger(__name__)
 
@@ -52,8 +52,8 @@ async def serve(config: DaemonConfig) -> None:
     # it landed in a new daemon's first load.
     gc.freeze()
     loop = asyncio.get_running_loop()
-    # Beside the start-up, so that the first S3 load, which may come as soon as the daemon serves, finds it done.
-    warming = loop.run_in_executor(None, warm_up_s3)
+    # Beside the start-up, so that a first load, which may come as soon as the daemon serves, finds its SDK ready.
+    warming = loop.run_in_executor(None, warm_up_storage)
     config.cache_dir.mkdir(parents=True, exist_ok=True)
     lock = _lock_cache_dir(config.cache_dir)
     memory = open_backend("host", directory=config.shm_dir, namespace=arena_namespace(config.cache_dir))
@@ -239,7 +239,7 @@ def _warn_small_pages(shm_dir: Path) -> None:
 
 
 def _freeze_start_up_heap(_: object) -> None:
-    """Exempt the S3 warm-up's objects (botocore's S3 model: about 30k) from garbage collection too, as the
+    """Exempt the storage warm-up's objects (botocore's S3 model: about 30k) from garbage collection too, as the
     imports' already are. Each full collection walked them all: 140-180 ms holding the GIL on a busy 2-core
     node with the imports' objects, landing in the middle of loads and attaches every few loads. After the
     freeze a full collection takes 0.1-6 ms."""

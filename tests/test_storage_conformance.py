@@ -13,7 +13,7 @@ import grpc
 import pytest
 from weightd import client
 from weightd.daemon.errors import ModelNotFoundError, UnauthenticatedError
-from weightd.daemon.storage.base import open_store, parse_model_uri, warm_up_s3
+from weightd.daemon.storage.base import open_store, parse_model_uri, warm_up_storage
 
 from tests.conftest import ATTACH_AND_VERIFY, Model, free_port, run_client
 from tests.storage_servers import S3Server
@@ -155,7 +155,7 @@ def test_s3_stores_share_parsed_models_and_each_resolves_its_own_credentials(
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens there
-    warm_up_s3()  # no credentials and no endpoint needed: it only parses the SDK's models
+    warm_up_storage()  # no credentials and no endpoint needed: it only parses the SDK's models
     location = parse_model_uri(f"s3://models/{PREFIX}")
     for name, value in s3_server.env(secret="wrong-secret").items():
         monkeypatch.setenv(name, value)
@@ -164,3 +164,18 @@ def test_s3_stores_share_parsed_models_and_each_resolves_its_own_credentials(
     for name, value in s3_server.env().items():
         monkeypatch.setenv(name, value)
     assert {o.name for o in open_store(location).list_objects()} == {p.name for p in llama_model.directory.iterdir()}
+
+
+WARM_UP_WITHOUT_GCS = r"""
+import json, sys
+sys.modules["google.cloud.storage"] = None  # as on a node installed without the gcs extra
+from weightd.daemon.storage.base import warm_up_storage
+warm_up_storage()
+print(json.dumps(sorted(m for m in sys.modules if m.startswith("weightd.daemon.storage."))))
+"""
+
+
+def test_the_warm_up_imports_the_installed_sdks_and_skips_a_missing_one() -> None:
+    imported = run_client(WARM_UP_WITHOUT_GCS)
+    assert "weightd.daemon.storage.s3" in imported and "weightd.daemon.storage.azure" in imported
+    assert "weightd.daemon.storage.gcs" not in imported

@@ -166,15 +166,20 @@ STREAMER_PLUGINS = {
 }
 
 
-def warm_up_s3() -> None:
-    """Import the S3 SDK and parse its service model (0.2-0.4 s on a busy 2-core node) before the first S3 load
-    needs them: a started daemon calls this once, in the background."""
-    try:
-        from weightd.daemon.storage.s3 import warm_up
-
-        warm_up()
-    except Exception:  # only a head start: the first S3 load pays the cost instead
-        logger.debug("warming up the S3 client failed", exc_info=True)
+def warm_up_storage() -> None:
+    """Import every installed object-store SDK, and parse the S3 service model, before a first load needs them:
+    a started daemon calls this once, in the background. S3 first (0.2-0.4 s on a busy 2-core node), then
+    google-cloud-storage and azure-storage-blob (0.11-0.14 s and 14 MB each): a fresh daemon's first gs://
+    attach of 0.25 GB took 0.39 s without, 0.27 s with, and it served no later."""
+    for scheme in ("s3", "gcs", "azure"):
+        try:
+            module = importlib.import_module(f"weightd.daemon.storage.{scheme}")
+            if scheme == "s3":
+                module.warm_up()
+        except ImportError:  # the node lacks this extra; a load from it says so
+            continue
+        except Exception:  # only a head start: the first load pays the cost instead
+            logger.debug("warming up the %s client failed", scheme, exc_info=True)
 
 
 def open_store(location: ModelLocation) -> ObjectStore:
