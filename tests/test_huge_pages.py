@@ -116,7 +116,7 @@ def test_the_daemon_warns_when_arenas_get_4_kib_pages(daemon_factory, tmp_path: 
 # In its own mount namespace: allocate on a 4 KiB-page and a huge-page tmpfs; report what each arena's creation
 # left mapped and allocated; then fill a 16 MiB tmpfs past its end both ways.
 RESERVE = r"""
-import errno, json, os, sys
+import json, os, sys
 from pathlib import Path
 from weightd.daemon.errors import OutOfMemoryError
 from weightd.daemon.memory import host
