@@ -26,7 +26,7 @@ from weightd.daemon.loader import LoadSettings
 from weightd.daemon.manifests import ManifestStore
 from weightd.daemon.memory import open_backend, open_gpus
 from weightd.daemon.memory.base import DeviceBackend
-from weightd.daemon.memory.host import huge_page_policy
+from weightd.daemon.memory.host import SMALL_PAGE_POLICIES, huge_page_policy
 from weightd.daemon.metrics import Metrics
 from weightd.daemon.registry import Registry
 from weightd.daemon.service import SERVICE_NAME, WeightService, add_weight_service, status_name
@@ -231,7 +231,7 @@ def _claim_socket(path: Path, kind: socket.SocketKind) -> None:
 
 def _warn_small_pages(shm_dir: Path) -> None:
     policy = huge_page_policy(shm_dir)
-    if policy in ("never", "advise"):
+    if policy in SMALL_PAGE_POLICIES:
         # Measured here: 0.6-0.7 s of CPU per GB to reserve and fault 4 KiB pages, 0.06 s with 2 MiB pages.
         logger.warning("arenas in %s get 4 KiB pages (tmpfs huge=%s), which cost a cold load about 0.6 s of CPU "
                        "per GB more than huge pages; give the daemon a tmpfs mounted with huge=within_size "

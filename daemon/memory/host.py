@@ -31,6 +31,8 @@ PREFIX = "weightd"
 _MADV_POPULATE_WRITE = 23  # Linux 5.14+
 _POPULATE_CHUNK = 64 << 20
 _PAGE = os.sysconf("SC_PAGE_SIZE")
+# tmpfs huge= policies under which an arena's pages are 4 KiB (the daemon does not madvise its mappings).
+SMALL_PAGE_POLICIES = ("never", "advise")
 # What MADV_POPULATE_WRITE's errors mean for a tmpfs mapping (EFAULT: the fault would have raised SIGBUS).
 _FAULT_FAILURES = {errno.EFAULT: "its tmpfs is full", errno.ENOMEM: "out of memory (the node's or the cgroup's)"}
 
@@ -121,7 +123,7 @@ class HostMemory:
         # then fault each one into their mapping; faulting them in from several threads does both at once
         # (1 GB here: 0.48 s against 0.62 s, the same CPU). Huge pages: fallocate defers the clearing to the
         # writers' faults, 512 times fewer, which overlap with storage reads (0.09 s against 0.16 s).
-        self._fault_in = huge_page_policy(directory) in ("never", "advise")
+        self._fault_in = huge_page_policy(directory) in SMALL_PAGE_POLICIES
 
     def capacity(self) -> int:
         st = os.statvfs(self.directory)
