@@ -1,6 +1,6 @@
 """Which pages an arena gets: the daemon reads its --shm-dir's tmpfs ``huge=`` policy, warns when arenas would be
-filled one 4 KiB page at a time, and on a ``huge=within_size`` tmpfs its arenas are mapped in 2 MiB pages (by
-the daemon and by the engines that attach)."""
+filled one 4 KiB page at a time, and on a ``huge=within_size`` or ``huge=advise`` tmpfs its arenas are mapped in
+2 MiB pages (by the daemon and by the engines that attach)."""
 
 from __future__ import annotations
 
@@ -89,12 +89,15 @@ print(json.dumps({"mismatched": mismatched, "tensors": len(model.tensors), "huge
 """
 
 
-def test_arenas_on_a_huge_tmpfs_are_mapped_in_2_mib_pages(daemon_factory, tmp_path: Path,
-                                                            llama_model: Model) -> None:
+@pytest.mark.parametrize("policy", ["within_size", "advise"])
+def test_arenas_on_a_huge_tmpfs_are_mapped_in_2_mib_pages(daemon_factory, tmp_path: Path, llama_model: Model,
+                                                            policy: str) -> None:
+    """huge=advise too: the daemon advises its mapping before faulting a new arena in, and the engines' mappings
+    of those pages are 2 MiB ones without advising theirs."""
     if not SHMEM_ENABLED.exists() or "[deny]" in SHMEM_ENABLED.read_text():
         pytest.skip("this kernel gives tmpfs no huge pages")
     shm = tmp_path / "huge-shm"
-    wrapper = in_own_tmpfs(shm, "size=256m,huge=within_size")
+    wrapper = in_own_tmpfs(shm, f"size=256m,huge={policy}")
     daemon = daemon_factory(extra_args=("--shm-dir", str(shm), "--free-on-stop", "true"), wrapper=wrapper)
     seen = run_client(ATTACH_AND_COUNT_HUGE, str(llama_model.directory), daemon.target, str(llama_model.directory))
     assert seen["mismatched"] == [] and seen["tensors"] == len(llama_model.tensors)
@@ -125,12 +128,22 @@ from weightd.daemon.memory.host import HostArena, HostMemory
 def resident_shared():
     return int(next(l.split()[1] for l in open("/proc/self/status") if l.startswith("RssShmem:"))) * 1024
 
+def huge_mapped(address):
+    inside = False
+    for line in open("/proc/self/smaps"):
+        field = line.split()
+        if "-" in field[0]:
+            low, high = (int(x, 16) for x in field[0].split("-"))
+            inside = low <= address < high
+        elif inside and field[0] == "ShmemPmdMapped:":
+            return int(field[1]) * 1024
+
 report = {}
-for name in ("small", "huge"):
+for name in ("small", "huge", "advise"):
     before = resident_shared()
     arena = HostMemory(directory=Path(sys.argv[1]) / name, namespace="t").allocate(24 << 20, label=name)
     report[name] = {"mapped": resident_shared() - before, "allocated": os.stat(arena.path).st_blocks * 512,
-                    "zero": not bool(arena.tensor().any())}
+                    "zero": not bool(arena.tensor().any()), "huge_mapped": huge_mapped(arena.tensor().data_ptr())}
     arena.release()
 full = Path(sys.argv[1]) / "full"
 (full / "other").write_bytes(b"x" * (10 << 20))  # another writer's 10 MiB of the 16
@@ -150,7 +163,8 @@ print(json.dumps(report))
 
 def test_each_tmpfs_gets_the_cheaper_reservation_and_a_full_one_is_an_error_not_sigbus(tmp_path: Path) -> None:
     """4 KiB pages are faulted in at creation (mapped and allocated: the streamer's writes take no faults);
-    huge pages are reserved with posix_fallocate (allocated, mapped by the writers). A tmpfs that fills
+    huge pages are reserved with posix_fallocate (allocated, mapped by the writers); on a huge=advise tmpfs
+    the daemon advises its mapping and faults it in, in 2 MiB pages. A tmpfs that fills
     between the free-space check and the reservation fails that arena, removes its file, and the process
     lives on."""
     if subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode != 0:
@@ -159,15 +173,18 @@ def test_each_tmpfs_gets_the_cheaper_reservation_and_a_full_one_is_an_error_not_
         pytest.skip("this kernel's shmem_enabled overrides every tmpfs's huge= option")
     mounts = " && ".join(f"mkdir {tmp_path}/{name} && mount -t tmpfs -o {options} tmpfs {tmp_path}/{name}"
                          for name, options in (("small", "size=32m,huge=never"), ("huge", "size=32m,huge=within_size"),
-                                               ("full", "size=16m,huge=never")))
+                                               ("advise", "size=32m,huge=advise"), ("full", "size=16m,huge=never")))
     done = subprocess.run(["unshare", "-m", "sh", "-c", f'{mounts} && exec "$@"', "sh", sys.executable, "-c", RESERVE,
                            str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     size = 24 << 20
-    assert report["small"] == {"mapped": size, "allocated": size, "zero": True}
+    assert report["small"] == {"mapped": size, "allocated": size, "zero": True, "huge_mapped": 0}
     assert report["huge"]["allocated"] >= size and report["huge"]["zero"]
     assert report["huge"]["mapped"] == 0
+    # A 2 MiB page the kernel cannot find at once (memory too fragmented to compact) falls back to 4 KiB ones.
+    assert report["advise"]["mapped"] == report["advise"]["allocated"] == size and report["advise"]["zero"]
+    assert report["advise"]["huge_mapped"] >= size // 2, report["advise"]
     assert report["full, fault_in=True"] == [
         "OutOfMemoryError", f"faulting in {8 << 20} bytes of host memory failed: its tmpfs is full; evict models "
         "(weightd evict URI) or enlarge the tmpfs", ["other"]]
