@@ -15,8 +15,9 @@ What is fetched:
   (large enough that a ranged GET runs near full throughput); below that the whole tensor is read and sliced
   in memory, because thousands of tiny GETs cost more than the extra bytes.
 A read of whole rows larger than ``max_range_bytes`` is split into several blocks, which bounds the staging
-buffer that scattered blocks pass through. (The streamer itself reads runs of back-to-back ranges as one
-stream, so small tensors need no coalescing here.)
+buffer that scattered blocks pass through. (The streamer reads a run of ranges that lie back to back both in
+the file and in memory as one request, so small tensors need no coalescing here: slots follow file order, and
+one whose size is a multiple of ALIGNMENT ends where the next begins. A tensor of another size ends a request.)
 """
 
 from __future__ import annotations

@@ -98,10 +98,11 @@ def _route(plan: LoadPlan, *, direct_piece_min: int) -> tuple[list[_Direct], lis
 
     Exactly the plan's bytes are fetched, each once. A single-row block whose targets' windows tile it is read
     as one direct range per window (a replicated tensor's one window: one range, then copies), unless it has
-    several windows under ``direct_piece_min`` bytes each; a block of whole rows for one rank is one direct
-    range; anything else is staged and scattered. A block under ``direct_piece_min`` bytes that lies back to back
-    with staged ones is staged too: read directly, such a block (a norm, a lone rank's quarter of a small
-    tensor) would split the staged run around it into separate requests.
+    several windows under ``direct_piece_min`` bytes each (each lands in another arena, so each would be a
+    request of its own: the streamer merges only ranges back to back in memory too); a block of whole rows for
+    one rank is one direct range; anything else is staged and scattered. A block under ``direct_piece_min``
+    bytes that lies back to back with staged ones is staged too: read directly, such a block (a norm, a lone
+    rank's quarter of a small tensor) would split the staged run around it into separate requests.
     """
     direct: list[_Direct] = []
     staged: list[_Staged] = []
