@@ -147,11 +147,18 @@ def _slot_shape(tensor: TensorEntry, split: Split | None) -> tuple[int, ...]:
 def _place(
     tensors: Sequence[TensorEntry], splits: dict[str, Split | None], fusions: Sequence[Fusion], *, tp_size: int
 ) -> _Placement:
-    shapes = {t.name: _slot_shape(t, splits[t.name]) for t in tensors}
-    nbytes = {t.name: math.prod(shapes[t.name]) * t.nbytes // max(math.prod(t.shape), 1) for t in tensors}
+    shapes: dict[str, tuple[int, ...]] = {}
+    nbytes: dict[str, int] = {}
+    for t in tensors:
+        split = splits[t.name]
+        if split is None:  # most tensors, and every one at tp_size 1: whole
+            shapes[t.name], nbytes[t.name] = t.shape, t.nbytes
+        else:
+            shapes[t.name] = _slot_shape(t, split)
+            nbytes[t.name] = math.prod(shapes[t.name]) * t.nbytes // max(math.prod(t.shape), 1)
     dims = {name: None if split is None else split.dim for name, split in splits.items()}
     groups: dict[str, list[TensorEntry | None]] = {}
-    for tensor in tensors:
+    for tensor in tensors if fusions else ():
         found = fused_name(tensor.name, fusions)
         if found is not None:
             name, index, count = found
@@ -206,16 +213,15 @@ class _PlanBuilder:
 
     def add_tensor(self, tensor: TensorEntry, split: Split | None) -> list[Block]:
         """Add ``tensor``'s padding to every rank's layout; return the blocks that fetch its slices."""
-        outer = 1 if split is None else math.prod(tensor.shape[: split.dim])
-        row_bytes = tensor.nbytes // max(outer, 1)
         if split is None:
-            piece = row_bytes
-        else:
-            piece = row_bytes // tensor.shape[split.dim] * split.part if tensor.shape[split.dim] else 0
+            return self._whole(tensor)
+        outer = math.prod(tensor.shape[: split.dim])
+        row_bytes = tensor.nbytes // max(outer, 1)
+        piece = row_bytes // tensor.shape[split.dim] * split.part if tensor.shape[split.dim] else 0
         offset = self.placement.offsets[tensor.name]
         windows = []
         for i, rank in enumerate(self.ranks):
-            window = 0 if split is None else split.index(rank, self.tp_size) * piece
+            window = split.index(rank, self.tp_size) * piece
             windows.append(window)
             if window + piece > row_bytes:
                 start = max(window, row_bytes) - window
@@ -245,8 +251,26 @@ class _PlanBuilder:
             for row in range(0, outer, rows_per_range)
         ]
 
-    def _attribute(self, length: int, targets: list[Target], rows: int) -> None:
+    def _whole(self, tensor: TensorEntry) -> list[Block]:
+        """The blocks of a tensor every rank holds whole: what ``add_tensor``'s general case gives for one row of
+        one window, without its per-rank arithmetic (a large MoE has 100k tensors)."""
+        offset, size = self.placement.offsets[tensor.name], tensor.nbytes
+        if 0 < size <= self.max_range and len(self.ranks) == 1:
+            self.fetched[0] += size
+            return [Block(tensor.begin, 1, size, (Target(0, 0, size, offset, size),))]
+        blocks = []
+        for column in range(0, size, self.max_range):
+            width = min(self.max_range, size - column)
+            targets = tuple(Target(i, 0, width, offset + column, size) for i in range(len(self.ranks)))
+            self._attribute(width, targets, 1)
+            blocks.append(Block(tensor.begin + column, 1, width, targets))
+        return blocks
+
+    def _attribute(self, length: int, targets: Sequence[Target], rows: int) -> None:
         """Split a block's fetched bytes between its targets by what each received (remainder to the first)."""
+        if len(targets) == 1:
+            self.fetched[targets[0].layout_index] += length
+            return
         received = [t.width * rows for t in targets]
         total = sum(received)
         shares = [length * r // total for r in received]

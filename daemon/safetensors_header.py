@@ -14,6 +14,7 @@ import json
 import math
 import struct
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import Any
 
 from weightd.daemon.errors import CorruptModelError, InvalidModelError
@@ -111,7 +112,7 @@ def parse_header(raw: bytes, *, file: str, file_size: int) -> SafetensorsHeader:
         for name, entry in document.items()
         if name != "__metadata__"
     ]
-    tensors.sort(key=lambda t: (t.begin, t.end))
+    tensors.sort(key=attrgetter("begin", "end"))
     for previous, current in itertools.pairwise(tensors):
         if current.begin < previous.end:
             raise InvalidModelError(

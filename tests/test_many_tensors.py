@@ -1,5 +1,6 @@
 """A checkpoint of tens of thousands of tensors (a large MoE's experts) loads and attaches whole: more ranges
-than libstreamer takes in one request, and tensor views made as they are read."""
+than libstreamer takes in one request (sizes that leave alignment gaps between arena slots, so no two ranges
+merge), and tensor views made as they are read."""
 
 from __future__ import annotations
 

@@ -12,8 +12,11 @@ from weightd.daemon.safetensors_header import header_length, parse_header
 from weightd.daemon.sharding import Architecture, ShardRule, Split, llama_family_plan, select_rules, split_for
 from weightd.daemon.storage.base import PrefixedObjects
 from weightd.daemon.streaming import (
+    COALESCE_MAX_BYTES,
     _batches,
+    _coalesce,
     _copy_duplicates,
+    _Direct,
     _route,
     _scatter_block,
     _staging_slots,
@@ -62,7 +65,7 @@ def execute(blob: bytes, plan: LoadPlan, direct_piece_min: int = OBJECT_STORE_PI
     arenas = [torch.zeros(layout.size, dtype=torch.uint8) for layout in plan.layouts]
     source = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
     direct, staged, duplicates = _route(plan, direct_piece_min=direct_piece_min)
-    for d in direct:
+    for d in _coalesce(direct):
         arenas[d.layout_index][d.dst_offset : d.dst_offset + d.length].copy_(
             source[d.file_offset : d.file_offset + d.length]
         )
@@ -143,6 +146,23 @@ def test_a_whole_model_is_written_directly_and_large_reads_split() -> None:
     direct, staged, duplicates = _route(plan, direct_piece_min=OBJECT_STORE_PIECE_MIN)
     assert staged == [] and duplicates == []  # no staging buffer and no copy for tp_size 1
     assert max(d.length for d in direct) <= 1024 and len(direct) == 10 + 4
+
+
+def test_ranges_back_to_back_in_file_and_arena_are_merged_up_to_the_limit() -> None:
+    """The streamer reads such a run as one request anyway; merged, it costs one response, not one per tensor.
+    A tensor whose size leaves an alignment gap in the arena ends a run, and so does another file or arena."""
+    tensors = {f"t{i:02d}": torch.randn(64) for i in range(6)} | {"u": torch.randn(10)} | {"v": torch.randn(64)}
+    plan = build_plan([header_of(save(tensors))], tp_size=1, ranks=[0], rules=(), max_range_bytes=1 << 20)
+    direct, _, _ = _route(plan, direct_piece_min=1)
+    merged = _coalesce(direct)
+    assert [d.length for d in merged] == [6 * 256 + 40, 256]  # "u" (40 B) ends the run: "v" starts aligned
+    assert sum(d.length for d in merged) == sum(d.length for d in direct)
+    assert _coalesce([_Direct(0, 0, 256, 0, 0), _Direct(1, 256, 256, 0, 256), _Direct(0, 256, 256, 1, 256),
+                      _Direct(0, 512, 256, 0, 768)]) == sorted(
+        [_Direct(0, 0, 256, 0, 0), _Direct(1, 256, 256, 0, 256), _Direct(0, 256, 256, 1, 256),
+         _Direct(0, 512, 256, 0, 768)], key=lambda d: (d.file_index, d.file_offset))
+    big = COALESCE_MAX_BYTES // 2
+    assert [d.length for d in _coalesce([_Direct(0, i * big, big, 0, i * big) for i in range(3)])] == [2 * big, big]
 
 
 def test_a_block_shared_by_ranks_is_one_read_when_their_pieces_are_small() -> None:
