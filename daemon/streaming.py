@@ -163,10 +163,11 @@ def _reads_directly(block: Block, direct_piece_min: int) -> bool:
 
 
 # Direct ranges back to back in their file and their arena are handed to the streamer as one range up to this
-# size (the plan's block size at the default --memory-limit): the streamer reads them as one request either
-# way, but each range costs a response and a Python callback (100k tensors: 1 s of a 2.4 s stream), and
-# regions copied on to a GPU as they land stay this small.
-COALESCE_MAX_BYTES = 16 << 20
+# size: the streamer reads them as one request either way, but each range costs a response and a Python
+# callback (100k tensors: 1 s of a 2.4 s stream). Small, so that a range's response (the load's progress, a GPU
+# load's copy on) comes about as early as one tensor's did: with 16 MiB, a load reported its first bytes when
+# a third of it had landed.
+COALESCE_MAX_BYTES = 1 << 20
 
 
 def _coalesce(direct: list[_Direct]) -> list[_Direct]:
