@@ -114,11 +114,6 @@ def _route(plan: LoadPlan, *, direct_piece_min: int) -> tuple[list[_Direct], lis
             if not directly:
                 staged.append(_Staged(file_index, block))
                 continue
-            if len(block.targets) == 1:  # the common case: one rank's range
-                t = block.targets[0]
-                direct.append(_Direct(file_index, block.file_offset + t.column, block.rows * t.width,
-                                      t.layout_index, t.dst_offset))
-                continue
             fetched: dict[tuple[int, int], Target] = {}
             for t in block.targets:  # one row (or whole rows for one rank: one target of the block's full width)
                 if (t.column, t.width) in fetched:
