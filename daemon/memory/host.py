@@ -36,7 +36,7 @@ _PAGE = os.sysconf("SC_PAGE_SIZE")
 SMALL_PAGE_POLICIES = ("never",)
 # Under this one a page is 2 MiB only if the mapping that faults it in was advised MADV_HUGEPAGE: the daemon
 # advises its own and faults a new arena in through it (posix_fallocate has no mapping and takes 4 KiB pages).
-HUGE_ON_ADVICE_POLICY = "advise"
+_HUGE_ON_ADVICE_POLICY = "advise"
 # What MADV_POPULATE_WRITE's errors mean for a tmpfs mapping (EFAULT: the fault would have raised SIGBUS).
 _FAULT_FAILURES = {errno.EFAULT: "its tmpfs is full", errno.ENOMEM: "out of memory (the node's or the cgroup's)"}
 
@@ -133,7 +133,7 @@ class HostMemory:
         # (1 GB here: 0.48 s against 0.62 s, the same CPU). Huge pages: fallocate defers the clearing to the
         # writers' faults, 512 times fewer, which overlap with storage reads (0.09 s against 0.16 s).
         policy = huge_page_policy(directory)
-        self._huge_advice = policy == HUGE_ON_ADVICE_POLICY
+        self._huge_advice = policy == _HUGE_ON_ADVICE_POLICY
         self._fault_in = policy in SMALL_PAGE_POLICIES or self._huge_advice
 
     def capacity(self) -> int:
