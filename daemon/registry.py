@@ -30,7 +30,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +45,7 @@ from weightd.daemon.errors import (
     ShuttingDownError,
     WeightdError,
 )
+from weightd.daemon.gc_pause import collection_paused
 from weightd.daemon.loader import LoadSettings
 from weightd.daemon.manifests import ArenaManifest, ManifestStore
 from weightd.daemon.memory.base import (
@@ -504,7 +505,7 @@ class Registry:
             load = self._stream(host_keys, progress, settings, mirror_keys=keys)
         else:
             load = self._refill(keys, settings, revalidate_after)
-        task = loop.create_task(load)
+        task = loop.create_task(_without_collections(load))
         self._metrics.load_started()
         started = time.monotonic()
         scheme = parse_model_uri(keys[0].model_uri).scheme
@@ -677,6 +678,13 @@ class Registry:
         entry.storage_bytes_read = manifest.storage_bytes_read
         entry.validated_at = validated_at
         entry.last_used = manifest.loaded_at
+
+
+async def _without_collections(load: Coroutine[object, object, None]) -> None:
+    """Run ``load`` with the garbage collector paused (weightd.daemon.gc_pause): its plan's objects per tensor
+    would otherwise be walked by collection after collection."""
+    with collection_paused():
+        await load
 
 
 def all_rank_keys(key: EntryKey) -> list[EntryKey]:
