@@ -188,6 +188,54 @@ def _coalesce(direct: list[_Direct]) -> list[_Direct]:
     return merged
 
 
+# Ranges back to back in their file but not in their arena are a request each: after a tensor whose size is not a
+# multiple of ALIGNMENT the next slot starts on the next aligned offset, not where the tensor ended (an FP8
+# checkpoint's 4-byte scales, 5,760-byte norms). A run of such ranges under this size each is read as one staged
+# block (of up to COALESCE_MAX_BYTES) and copied into the slots: a copy of 64 KiB takes less than a request.
+STAGED_RUN_PIECE_MAX = 64 << 10
+
+
+def _stage_broken_runs(direct: list[_Direct]) -> tuple[list[_Direct], list[_Staged]]:
+    """Split ``direct`` into the ranges that stay direct and staged blocks for runs of small ranges back to back
+    in one file that the arena breaks (see STAGED_RUN_PIECE_MAX); every byte is still fetched once."""
+    kept: list[_Direct] = []
+    staged: list[_Staged] = []
+    run: list[_Direct] = []
+    run_bytes = 0
+    for d in sorted(direct, key=attrgetter("file_index", "file_offset")):
+        if d.length >= STAGED_RUN_PIECE_MAX:
+            _end_run(run, kept, staged)
+            run, run_bytes = [], 0
+            kept.append(d)
+            continue
+        last = run[-1] if run else None
+        if (last is None or d.file_index != last.file_index or d.file_offset != last.file_offset + last.length
+                or run_bytes + d.length > COALESCE_MAX_BYTES):
+            _end_run(run, kept, staged)
+            run, run_bytes = [], 0
+        run.append(d)
+        run_bytes += d.length
+    _end_run(run, kept, staged)
+    return kept, staged
+
+
+def _end_run(run: list[_Direct], kept: list[_Direct], staged: list[_Staged]) -> None:
+    """A run of ranges back to back in one file: staged as one block if the arena breaks it, else kept."""
+    if all(a.layout_index == b.layout_index and b.dst_offset == a.dst_offset + a.length for a, b in pairwise(run)):
+        kept.extend(run)
+        return
+    start = run[0].file_offset
+    targets = tuple(Target(d.layout_index, d.file_offset - start, d.length, d.dst_offset, d.length) for d in run)
+    staged.append(_Staged(run[0].file_index, Block(start, 1, run[-1].file_offset + run[-1].length - start, targets)))
+
+
+def _requests(plan: LoadPlan, *, direct_piece_min: int) -> tuple[list[_Direct], list[_Staged], list[_Duplicate]]:
+    """What the streamer is asked for: the plan routed, runs the arena breaks staged, direct runs merged."""
+    direct, staged, duplicates = _route(plan, direct_piece_min=direct_piece_min)
+    direct, staged_runs = _stage_broken_runs(direct)
+    return _coalesce(direct), staged + staged_runs, duplicates
+
+
 def fetch_into(
     destinations: list[torch.Tensor],
     paths: list[str],
@@ -208,8 +256,7 @@ def fetch_into(
     StreamingError.
     """
     filled = on_filled or _ignore_filled
-    direct, staged, duplicates = _route(plan, direct_piece_min=direct_piece_min)
-    direct = _coalesce(direct)
+    direct, staged, duplicates = _requests(plan, direct_piece_min=direct_piece_min)
     if not direct and not staged:
         return
     bases = [d.data_ptr() for d in destinations]
@@ -443,6 +490,14 @@ _WORDS = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
 def _scatter_block(data: torch.Tensor, block: Block, destinations: list[torch.Tensor]) -> None:
     """Copy each target's columns of the ``block.rows`` x ``block.width`` bytes at the start of ``data``."""
     raw = data[: block.length]
+    if block.rows == 1:  # each target one contiguous piece: a plain copy, without numpy's views per target
+        source = raw.data_ptr()
+        for t in block.targets:
+            dst = destinations[t.layout_index]
+            if t.column + t.width > block.width or t.dst_offset + t.width > dst.numel():
+                raise ValueError(f"a staged piece of {t.width} bytes lies outside its block or arena")
+            ctypes.memmove(dst.data_ptr() + t.dst_offset, source + t.column, t.width)
+        return
     for t in block.targets:
         dst = destinations[t.layout_index]
         geometry = (block.width, t.column, t.width, t.dst_row_stride, t.dst_offset, raw.data_ptr(), dst.data_ptr())

@@ -13,10 +13,12 @@ from weightd.daemon.sharding import Architecture, ShardRule, Split, llama_family
 from weightd.daemon.storage.base import PrefixedObjects
 from weightd.daemon.streaming import (
     COALESCE_MAX_BYTES,
+    STAGED_RUN_PIECE_MAX,
     _batches,
     _coalesce,
     _copy_duplicates,
     _Direct,
+    _requests,
     _route,
     _scatter_block,
     _staging_slots,
@@ -64,8 +66,8 @@ def execute(blob: bytes, plan: LoadPlan, direct_piece_min: int = OBJECT_STORE_PI
     """Run the loader's own routing and copies, with an in-memory file standing in for the streamer."""
     arenas = [torch.zeros(layout.size, dtype=torch.uint8) for layout in plan.layouts]
     source = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
-    direct, staged, duplicates = _route(plan, direct_piece_min=direct_piece_min)
-    for d in _coalesce(direct):
+    direct, staged, duplicates = _requests(plan, direct_piece_min=direct_piece_min)
+    for d in direct:
         arenas[d.layout_index][d.dst_offset : d.dst_offset + d.length].copy_(
             source[d.file_offset : d.file_offset + d.length]
         )
@@ -121,7 +123,7 @@ def test_every_rank_gets_exactly_its_slice(
                 holds_padding = (layout.rank + 1) * slot.shape[dim] > tensors[slot.name].shape[dim]
                 assert differs == holds_padding, (slot.name, layout.rank)
         fetched_total += plan.fetched_bytes
-        direct, staged, _ = _route(plan, direct_piece_min=direct_piece_min)
+        direct, staged, _ = _requests(plan, direct_piece_min=direct_piece_min)
         assert plan.fetched_bytes == sum(d.length for d in direct) + sum(s.block.length for s in staged)
     weights = sum(t.nbytes for t in tensors.values())
     if not lone:
@@ -163,6 +165,26 @@ def test_ranges_back_to_back_in_file_and_arena_are_merged_up_to_the_limit() -> N
          _Direct(0, 512, 256, 0, 768)], key=lambda d: (d.file_index, d.file_offset))
     big = COALESCE_MAX_BYTES // 2
     assert [d.length for d in _coalesce([_Direct(0, i * big, big, 0, i * big) for i in range(3)])] == [2 * big, big]
+
+
+def test_small_tensors_the_arena_breaks_apart_are_read_as_staged_runs() -> None:
+    """An FP8 checkpoint's 4-byte scales lie back to back in the file, but each slot starts aligned, so read
+    directly each would be a request. Such runs are read as staged blocks of up to COALESCE_MAX_BYTES and copied
+    into their slots; ranges of STAGED_RUN_PIECE_MAX or more stay direct."""
+    tensors = ({f"a.{i:03d}.weight_scale": torch.rand(()) for i in range(300)}
+               | {f"b.{i:03d}.norm": torch.randn(1000) for i in range(600)}  # 4,000 B: not a multiple of 256
+               | {"c.weight": torch.randn(STAGED_RUN_PIECE_MAX // 4)})
+    blob = save(tensors)
+    plan = build_plan([header_of(blob)], tp_size=1, ranks=[0], rules=(), max_range_bytes=1 << 20)
+    direct, staged, duplicates = _requests(plan, direct_piece_min=1)
+    assert [d.length for d in direct] == [STAGED_RUN_PIECE_MAX] and duplicates == []
+    assert all(s.block.length <= COALESCE_MAX_BYTES for s in staged)
+    assert sum(len(s.block.targets) for s in staged) == 900 and len(staged) == 3  # 2.4 MB of runs: 3 reads
+    assert sum(d.length for d in direct) + sum(s.block.length for s in staged) == plan.fetched_bytes
+    (arena,) = execute(blob, plan, direct_piece_min=1)
+    for slot in plan.layouts[0].slots:
+        assert torch.equal(arena[slot.offset : slot.offset + slot.nbytes].view(torch.float32).view(slot.shape),
+                           tensors[slot.name])
 
 
 def test_a_block_shared_by_ranks_is_one_read_when_their_pieces_are_small() -> None:
