@@ -7,6 +7,8 @@ number of layers is cut where the full model would not fit a benchmark run on a 
     llama3-8b      meta-llama/Meta-Llama-3-8B cut to 1 layer: 1 GB embedding and lm_head, 117 MB MLP weights
     small          today's synthetic model (weightd.daemon.synthetic): 0.1-2.9 MB tensors, mixed dtypes
     qwen3-moe      Qwen/Qwen3-30B-A3B cut to 3 layers: 128 experts x 3 per layer (1,152 tensors of 3.1 MB)
+    llama3-8b-fp8  an FP8 Llama-3.1-8B with static per-tensor scales (AutoFP8 / llm-compressor's layout: F8_E4M3
+                   linear weights, each with a 4-byte weight_scale and input_scale) cut to 4 layers
 """
 
 from __future__ import annotations
@@ -30,7 +32,16 @@ class Geometry:
     shard_bytes: int = 2 << 30  # published shards are 4-5 GB; 2 GB halves the writer's peak memory
 
 
-def _dense(config: dict[str, object], *, qkv_bias: bool, qk_norm: bool = False) -> Specs:
+def _linear(specs: Specs, name: str, shape: tuple[int, int], *, fp8: bool) -> None:
+    if not fp8:
+        specs[f"{name}.weight"] = (shape, torch.bfloat16)
+        return
+    specs[f"{name}.weight"] = (shape, torch.float8_e4m3fn)
+    specs[f"{name}.weight_scale"] = ((), torch.float32)
+    specs[f"{name}.input_scale"] = ((), torch.float32)
+
+
+def _dense(config: dict[str, object], *, qkv_bias: bool, qk_norm: bool = False, fp8: bool = False) -> Specs:
     hidden, inter = int(config["hidden_size"]), int(config["intermediate_size"])  # type: ignore[call-overload]
     heads, kv = int(config["num_attention_heads"]), int(config["num_key_value_heads"])  # type: ignore[call-overload]
     head_dim = int(config.get("head_dim", hidden // heads))  # type: ignore[call-overload]
@@ -41,13 +52,13 @@ def _dense(config: dict[str, object], *, qkv_bias: bool, qk_norm: bool = False) 
         p = f"model.layers.{i}"
         specs[f"{p}.input_layernorm.weight"] = ((hidden,), bf16)
         for name, rows in (("q_proj", heads * head_dim), ("k_proj", kv * head_dim), ("v_proj", kv * head_dim)):
-            specs[f"{p}.self_attn.{name}.weight"] = ((rows, hidden), bf16)
+            _linear(specs, f"{p}.self_attn.{name}", (rows, hidden), fp8=fp8)
             if qkv_bias:
                 specs[f"{p}.self_attn.{name}.bias"] = ((rows,), bf16)
         if qk_norm:
             specs[f"{p}.self_attn.q_norm.weight"] = ((head_dim,), bf16)
             specs[f"{p}.self_attn.k_norm.weight"] = ((head_dim,), bf16)
-        specs[f"{p}.self_attn.o_proj.weight"] = ((hidden, heads * head_dim), bf16)
+        _linear(specs, f"{p}.self_attn.o_proj", (hidden, heads * head_dim), fp8=fp8)
         specs[f"{p}.post_attention_layernorm.weight"] = ((hidden,), bf16)
         experts = int(config.get("num_experts", 0))  # type: ignore[call-overload]
         if experts:
@@ -58,9 +69,9 @@ def _dense(config: dict[str, object], *, qkv_bias: bool, qk_norm: bool = False) 
                 specs[f"{p}.mlp.experts.{e}.up_proj.weight"] = ((moe, hidden), bf16)
                 specs[f"{p}.mlp.experts.{e}.down_proj.weight"] = ((hidden, moe), bf16)
         else:
-            specs[f"{p}.mlp.gate_proj.weight"] = ((inter, hidden), bf16)
-            specs[f"{p}.mlp.up_proj.weight"] = ((inter, hidden), bf16)
-            specs[f"{p}.mlp.down_proj.weight"] = ((hidden, inter), bf16)
+            _linear(specs, f"{p}.mlp.gate_proj", (inter, hidden), fp8=fp8)
+            _linear(specs, f"{p}.mlp.up_proj", (inter, hidden), fp8=fp8)
+            _linear(specs, f"{p}.mlp.down_proj", (hidden, inter), fp8=fp8)
     specs["model.norm.weight"] = ((hidden,), bf16)
     if not config.get("tie_word_embeddings"):
         specs["lm_head.weight"] = ((vocab, hidden), bf16)
@@ -80,6 +91,12 @@ GEOMETRIES = {
             "intermediate_size": 14336, "num_attention_heads": 32, "num_key_value_heads": 8,
             "num_hidden_layers": 1, "vocab_size": 128256, "tie_word_embeddings": False,
         }, lambda c: _dense(c, qkv_bias=False)),
+        Geometry("llama3-8b-fp8", {
+            "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+            "intermediate_size": 14336, "num_attention_heads": 32, "num_key_value_heads": 8,
+            "num_hidden_layers": 4, "vocab_size": 128256, "tie_word_embeddings": False,
+            "quantization_config": {"quant_method": "fp8", "activation_scheme": "static"},
+        }, lambda c: _dense(c, qkv_bias=False, fp8=True)),
         Geometry("qwen3-moe", {
             "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "hidden_size": 2048,
             "intermediate_size": 6144, "moe_intermediate_size": 768, "num_experts": 128, "head_dim": 128,

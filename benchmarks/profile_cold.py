@@ -1,6 +1,6 @@
 """Where the cold path spends its time beyond the streamer: cProfile over one cold load, in-process.
 
-    .venv/bin/python benchmarks/profile_cold.py [--geometry small|qwen2.5-0.5b|llama3-8b|qwen3-moe]
+    .venv/bin/python benchmarks/profile_cold.py [--geometry small|qwen2.5-0.5b|llama3-8b|llama3-8b-fp8|qwen3-moe]
         [--size-gb 1.0 (small only)] [--tp-size 4 [--rank 1]]
 
 Runs the daemon's own phases (resolve: list + metadata + headers; plan; stream into a host arena) against a

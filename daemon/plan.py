@@ -17,7 +17,8 @@ What is fetched:
 A read of whole rows larger than ``max_range_bytes`` is split into several blocks, which bounds the staging
 buffer that scattered blocks pass through. (The streamer reads a run of ranges that lie back to back both in
 the file and in memory as one request, so small tensors need no coalescing here: slots follow file order, and
-one whose size is a multiple of ALIGNMENT ends where the next begins. A tensor of another size ends a request.)
+one whose size is a multiple of ALIGNMENT ends where the next begins. After a tensor of another size the next
+slot starts aligned, so the streaming reads runs of such small tensors through its staging buffer.)
 """
 
 from __future__ import annotations
