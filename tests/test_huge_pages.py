@@ -123,7 +123,7 @@ import json, os, sys
 from pathlib import Path
 from weightd.daemon.errors import OutOfMemoryError
 from weightd.daemon.memory import host
-from weightd.daemon.memory.host import HostArena, HostMemory
+from weightd.daemon.memory.host import HostArena, HostMemory, Reservation
 
 def resident_shared():
     return int(next(l.split()[1] for l in open("/proc/self/status") if l.startswith("RssShmem:"))) * 1024
@@ -148,11 +148,11 @@ for name in ("small", "huge", "advise"):
 full = Path(sys.argv[1]) / "full"
 (full / "other").write_bytes(b"x" * (10 << 20))  # another writer's 10 MiB of the 16
 host._free_bytes = lambda directory: 1 << 40  # as if that writer came after the free-space check
-for fault_in in (True, False):
+for reservation in (Reservation.FAULT_IN, Reservation.FALLOCATE):
     try:
-        HostArena(full / "arena", 8 << 20, create=True, fault_in=fault_in)
+        HostArena(full / "arena", 8 << 20, create=True, reservation=reservation)
     except (OSError, OutOfMemoryError) as e:
-        report[f"full, fault_in={fault_in}"] = [type(e).__name__, str(e), sorted(p.name for p in full.iterdir())]
+        report[f"full, {reservation.name}"] = [type(e).__name__, str(e), sorted(p.name for p in full.iterdir())]
 try:
     HostMemory(directory=full, namespace="t").allocate(8 << 20, label="late")
 except OutOfMemoryError as e:
@@ -185,9 +185,9 @@ def test_each_tmpfs_gets_the_cheaper_reservation_and_a_full_one_is_an_error_not_
     # A 2 MiB page the kernel cannot find at once (memory too fragmented to compact) falls back to 4 KiB ones.
     assert report["advise"]["mapped"] == report["advise"]["allocated"] == size and report["advise"]["zero"]
     assert report["advise"]["huge_mapped"] >= size // 2, report["advise"]
-    assert report["full, fault_in=True"] == [
+    assert report["full, FAULT_IN"] == [
         "OutOfMemoryError", f"faulting in {8 << 20} bytes of host memory failed: its tmpfs is full; evict models "
         "(weightd evict URI) or enlarge the tmpfs", ["other"]]
-    assert report["full, fault_in=False"][0] == "OSError" and "No space left" in report["full, fault_in=False"][1]
-    assert report["full, fault_in=False"][2] == ["other"]
+    assert report["full, FALLOCATE"][0] == "OSError" and "No space left" in report["full, FALLOCATE"][1]
+    assert report["full, FALLOCATE"][2] == ["other"]
     assert report["full, allocate"].startswith(f"arena for late in {tmp_path}/full: faulting in")

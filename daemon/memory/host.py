@@ -9,6 +9,7 @@ only what a previous daemon of its own left behind, never another daemon's arena
 from __future__ import annotations
 
 import ctypes
+import enum
 import errno
 import logging
 import os
@@ -41,16 +42,22 @@ _HUGE_ON_ADVICE_POLICY = "advise"
 _FAULT_FAILURES = {errno.EFAULT: "its tmpfs is full", errno.ENOMEM: "out of memory (the node's or the cgroup's)"}
 
 
+class Reservation(enum.Enum):
+    """How a new arena's pages are reserved, by its tmpfs's ``huge=`` policy (HostMemory measured each)."""
+
+    FALLOCATE = "fallocate"  # posix_fallocate: 2 MiB pages, or not a tmpfs
+    FAULT_IN = "fault in"  # 4 KiB pages, faulted in from several threads (``populate``)
+    ADVISE_AND_FAULT_IN = "advise and fault in"  # huge=advise: the mapping advised MADV_HUGEPAGE, then faulted in
+
+
 class HostArena:
     kind = HOST
 
     def __init__(
-        self, path: Path, size: int, *, create: bool, fault_in: bool = False, huge_advice: bool = False
+        self, path: Path, size: int, *, create: bool, reservation: Reservation = Reservation.FALLOCATE
     ) -> None:
-        """Open the arena at ``path``, or create it (``create``) with every page reserved: a full tmpfs is an
-        error here, not SIGBUS in the middle of a load. ``fault_in`` reserves by faulting the pages in from
-        several threads (``populate``) rather than with ``posix_fallocate``; ``huge_advice`` first advises the
-        mapping ``MADV_HUGEPAGE`` (what a ``huge=advise`` tmpfs needs to give it 2 MiB pages)."""
+        """Open the arena at ``path``, or create it (``create``) with every page reserved as ``reservation``
+        says: a full tmpfs is an error here, not SIGBUS in the middle of a load."""
         self.path = path
         self._size = size
         flags = os.O_RDWR | os.O_NOFOLLOW | (os.O_CREAT | os.O_EXCL if create else 0)
@@ -61,9 +68,10 @@ class HostArena:
                 os.fchmod(fd, ARENA_MODE)  # the umask must not widen what others can open
                 os.ftruncate(fd, size)
             mapping, tensor = map_writable(fd, size)
-            if create and huge_advice:
+            if create and reservation is Reservation.ADVISE_AND_FAULT_IN:
                 _advise_huge_pages(tensor)
-            if create and size and not (fault_in and populate(tensor[:size])):
+            # posix_fallocate also where the kernel cannot populate (before Linux 5.14).
+            if create and size and not (reservation is not Reservation.FALLOCATE and populate(tensor[:size])):
                 os.posix_fallocate(fd, 0, size)
             self._read_fd = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY)
         except BaseException:
@@ -133,8 +141,11 @@ class HostMemory:
         # (1 GB here: 0.48 s against 0.62 s, the same CPU). Huge pages: fallocate defers the clearing to the
         # writers' faults, 512 times fewer, which overlap with storage reads (0.09 s against 0.16 s).
         policy = huge_page_policy(directory)
-        self._huge_advice = policy == _HUGE_ON_ADVICE_POLICY
-        self._fault_in = policy in SMALL_PAGE_POLICIES or self._huge_advice
+        self._reservation = (
+            Reservation.ADVISE_AND_FAULT_IN if policy == _HUGE_ON_ADVICE_POLICY
+            else Reservation.FAULT_IN if policy in SMALL_PAGE_POLICIES
+            else Reservation.FALLOCATE
+        )
 
     def capacity(self) -> int:
         st = os.statvfs(self.directory)
@@ -150,7 +161,7 @@ class HostMemory:
         safe_label = re.sub(r"[^A-Za-z0-9_.]+", "_", label)[-80:]
         path = self.directory / f"{self._prefix}{safe_label}-{secrets.token_hex(4)}"
         try:
-            return HostArena(path, size, create=True, fault_in=self._fault_in, huge_advice=self._huge_advice)
+            return HostArena(path, size, create=True, reservation=self._reservation)
         except OSError as e:
             if e.errno != errno.ENOSPC:
                 raise
