@@ -8,6 +8,7 @@ import mmap
 import os
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
+from typing import NamedTuple
 
 import grpc
 import torch
@@ -85,12 +86,22 @@ def _map_host(handle: pb.MemoryHandle, descriptor: int) -> torch.Tensor:
         return torch.frombuffer(mapping, dtype=torch.uint8)
 
 
+class _Rows(NamedTuple):
+    dims: list[int]
+    arena_indices: list[int]
+    dtypes: list[int]
+    byte_offsets: list[int]
+    byte_lengths: list[int]
+    arena_bytes: list[int]
+
+
 class TensorViews(Mapping[str, torch.Tensor]):
     """A grant's tensors by name. Each is made on first access (one ``as_strided`` of a per-(arena, dtype)
     view) and kept: attaching costs about the same for a thousand tensors or a hundred thousand (a large MoE),
-    and a process pays per tensor only for those it reads. The name index is built on the first lookup
-    (13 ms for 100k names). Dtypes and arenas are checked up front; a tensor's place in its arena when it is
-    made."""
+    and a process pays per tensor only for those it reads. The name index and the table's columns as lists are
+    built on the first lookup (about 50 ms for 100k tensors), which makes each view after it 30% cheaper
+    (touching 100k: 0.53-0.55 s against 0.69-0.79 s). Dtypes and arenas are checked up front; a tensor's place
+    in its arena when it is made."""
 
     def __init__(self, table: pb.TensorTable, arenas: Sequence[torch.Tensor]) -> None:
         self._table = table
@@ -106,6 +117,13 @@ class TensorViews(Mapping[str, torch.Tensor]):
     @functools.cached_property
     def _dim_starts(self) -> list[int]:
         return list(itertools.accumulate(self._table.ndims, initial=0))
+
+    @functools.cached_property
+    def _rows(self) -> _Rows:
+        """The table's columns as lists: indexing a protobuf repeated field costs several times a list's."""
+        table = self._table
+        return _Rows(list(table.dims), list(table.arena_indices), list(table.dtypes), list(table.byte_offsets),
+                     list(table.byte_lengths), [arena.numel() for arena in self._arenas])
 
     def _check(self) -> None:
         table = self._table
@@ -126,14 +144,14 @@ class TensorViews(Mapping[str, torch.Tensor]):
         if view is not None:
             return view
         i = self._index[name]
-        table = self._table
-        shape = tuple(table.dims[self._dim_starts[i] : self._dim_starts[i + 1]])
-        key = (table.arena_indices[i], table.dtypes[i])
+        rows, starts = self._rows, self._dim_starts
+        shape = tuple(rows.dims[starts[i] : starts[i + 1]])
+        key = (rows.arena_indices[i], rows.dtypes[i])
         base = self._typed.get(key)
         if base is None:
             base = self._typed[key] = self._arenas[key[0]].view(TORCH_DTYPES[key[1]])
-        offset, itemsize = table.byte_offsets[i], base.element_size()
-        if offset % itemsize or offset + table.byte_lengths[i] > self._arenas[key[0]].numel():
+        offset, itemsize = rows.byte_offsets[i], base.element_size()
+        if offset % itemsize or offset + rows.byte_lengths[i] > rows.arena_bytes[key[0]]:
             raise CorruptModelError(f"tensor {name!r}: the grant places it outside its arena or misaligned",
                                     code=grpc.StatusCode.DATA_LOSS)
         view = self._views[name] = base.as_strided(shape, _contiguous_strides(shape), offset // itemsize)
