@@ -22,7 +22,7 @@ from weightd.client._errors import (
     UnavailableError,
     from_rpc_error,
 )
-from weightd.client._mapping import TensorViews, map_arena
+from weightd.client._mapping import TensorViews, map_arena, tensor_table
 from weightd.v1 import weightd_pb2 as pb
 from weightd.v1 import weightd_pb2_grpc as pb_grpc
 
@@ -205,8 +205,8 @@ class AttachedModel:
     """
 
     def __init__(
-        self, channel: grpc.Channel, call: Any, grant: pb.Grant, tensors: Mapping[str, torch.Tensor],
-        device: torch.device,
+        self, channel: grpc.Channel, call: Any, grant: pb.Grant, table: pb.TensorTable,
+        tensors: Mapping[str, torch.Tensor], device: torch.device,
     ):
         self._channel = channel
         self._call = call
@@ -219,7 +219,7 @@ class AttachedModel:
         self.device = device  # where the tensors live: "cpu" (host shared memory) or a CUDA device
         self.tensors: Mapping[str, torch.Tensor] = tensors
         # split_dims is empty when tp_size is 1: then no tensor is sharded and this mapping is empty.
-        splits = zip(grant.tensors.names, grant.tensors.split_dims, strict=False)
+        splits = zip(table.names, table.split_dims, strict=False)
         self.shards: Mapping[str, int | None] = MappingProxyType(
             {name: (None if dim < 0 else dim) for name, dim in splits}
         )
@@ -295,20 +295,21 @@ def attach(
     grant = response.grant
     try:
         descriptors: list[int] = []
-        if any(handle.WhichOneof("kind") != "cuda_ipc" for handle in grant.arenas):
+        if grant.HasField("shared_tensors") or any(h.WhichOneof("kind") != "cuda_ipc" for h in grant.arenas):
             descriptors = receive_descriptors(_descriptor_socket(resolved, grant.descriptor_socket), grant.lease_id)
         try:
+            table = tensor_table(grant, descriptors)
             arenas = [map_arena(handle, descriptors, device_index) for handle in grant.arenas]
         finally:
             for fd in descriptors:
                 os.close(fd)  # the mappings keep the memory
-        tensors = TensorViews(grant.tensors, arenas)
+        tensors = TensorViews(table, arenas)
     except BaseException:
         call.cancel()  # give the lease back
         channel.close()
         raise
     where = torch.device("cpu") if device_index is None else torch.device("cuda", device_index)
-    return AttachedModel(channel, call, grant, tensors, where)
+    return AttachedModel(channel, call, grant, table, tensors, where)
 
 
 def _descriptor_socket(target: str, granted: str) -> str:

@@ -12,6 +12,7 @@ from typing import NamedTuple
 
 import grpc
 import torch
+from google.protobuf.message import DecodeError
 from weightd.client._errors import CorruptModelError, PreconditionFailedError, ResourceExhaustedError
 from weightd.v1 import weightd_pb2 as pb
 
@@ -41,11 +42,8 @@ def map_arena(handle: pb.MemoryHandle, descriptors: Sequence[int], device_index:
     Mappings outlive the descriptors (the caller closes them), the lease and, except legacy IPC, the daemon.
     """
     kind = handle.WhichOneof("kind")
-    if kind in ("host", "cuda_vmm") and handle.descriptor_slot >= len(descriptors):
-        raise CorruptModelError(f"the grant names descriptor {handle.descriptor_slot} of {len(descriptors)} sent; "
-                                "attach again", code=grpc.StatusCode.DATA_LOSS)
     if kind == "host":
-        return _map_host(handle, descriptors[handle.descriptor_slot])
+        return _map_host(handle, _descriptor(descriptors, handle.descriptor_slot))
     if kind in ("cuda_vmm", "cuda_ipc"):
         memory = handle.cuda_vmm if kind == "cuda_vmm" else handle.cuda_ipc
         from weightd.client import _cuda  # CUDA modules load only for GPU memory
@@ -56,12 +54,34 @@ def map_arena(handle: pb.MemoryHandle, descriptors: Sequence[int], device_index:
                 code=grpc.StatusCode.FAILED_PRECONDITION,
             )
         if kind == "cuda_vmm":
-            return _cuda.import_vmm(descriptors[handle.descriptor_slot], handle.size_bytes, device_index)
+            return _cuda.import_vmm(_descriptor(descriptors, handle.descriptor_slot), handle.size_bytes, device_index)
         return _cuda.open_ipc(handle.cuda_ipc.ipc_handle, handle.size_bytes, device_index)
     raise PreconditionFailedError(
         f"this client cannot map {kind or 'unknown'} memory; upgrade weightd on the client",
         code=grpc.StatusCode.FAILED_PRECONDITION,
     )
+
+
+def tensor_table(grant: pb.Grant, descriptors: Sequence[int]) -> pb.TensorTable:
+    """The grant's tensor table: inline, or read from the sealed descriptor it names (a large table)."""
+    if grant.WhichOneof("table") != "shared_tensors":
+        return grant.tensors
+    shared = grant.shared_tensors
+    try:
+        data = os.pread(_descriptor(descriptors, shared.descriptor_slot), shared.size_bytes, 0)
+        if len(data) < shared.size_bytes:
+            raise DecodeError(f"its descriptor holds {len(data)} bytes")
+        return pb.TensorTable.FromString(data)
+    except (OSError, DecodeError) as e:
+        raise CorruptModelError(f"cannot read the grant's {shared.size_bytes}-byte tensor table from its descriptor: "
+                                f"{e}; attach again", code=grpc.StatusCode.DATA_LOSS) from e
+
+
+def _descriptor(descriptors: Sequence[int], slot: int) -> int:
+    if slot >= len(descriptors):
+        raise CorruptModelError(f"the grant names descriptor {slot} of {len(descriptors)} sent; attach again",
+                                code=grpc.StatusCode.DATA_LOSS)
+    return descriptors[slot]
 
 
 def _map_host(handle: pb.MemoryHandle, descriptor: int) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""The descriptor channel: hands a lease's arenas to its client as file descriptors (SCM_RIGHTS).
+"""The descriptor channel: hands a lease's arenas (and a large grant's tensor table) to its client as file
+descriptors (SCM_RIGHTS).
 
 gRPC carries the grant but cannot carry descriptors, so the daemon also listens on a Unix SOCK_SEQPACKET
 socket beside its gRPC socket (its path is in every grant). Protocol, one packet each way per step:
@@ -9,22 +10,25 @@ socket beside its gRPC socket (its path is in every grant). Protocol, one packet
    most ``MAX_DESCRIPTORS_PER_PACKET``), until all N are sent; or, on refusal, one
    ``{"error": "...", "code": "<gRPC status name>"}`` packet. Then it closes the connection.
 
-Descriptors are the arenas' read-only exports (``Arena.export``); the daemon closes its copies once sent.
+Descriptors are the lease's arenas' read-only exports (``Arena.export``), then its grant's shared tensor
+table (``SealedBytes``) when it has one; the daemon closes its copies once sent.
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import logging
 import os
 import socket
 import struct
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
-from weightd.daemon.memory.base import Arena
 from weightd.daemon.metrics import Metrics
 
 logger = logging.getLogger(__name__)
@@ -65,6 +69,33 @@ class PeerPolicy:
                 "(--allowed-uids, --allowed-gids)")
 
 
+class Exportable(Protocol):
+    """What the channel hands over: an arena, or sealed bytes."""
+
+    def export(self) -> int:
+        """A new descriptor that the receiver may read and not write; the caller closes it."""
+        ...
+
+
+class SealedBytes:
+    """Bytes in a memfd sealed against every change, handed to clients as a descriptor instead of in a gRPC
+    message. The memfd closes when this object goes."""
+
+    def __init__(self, data: bytes, *, name: str) -> None:
+        fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        self._finalizer = weakref.finalize(self, os.close, fd)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS,
+                    fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL)
+        self._fd = fd
+        self.size = len(data)
+
+    def export(self) -> int:
+        return os.dup(self._fd)  # the seals make every descriptor of it read-only
+
+
 class Refusal(Exception):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
@@ -72,21 +103,22 @@ class Refusal(Exception):
 
 
 class DescriptorChannel:
-    """Serves the protocol above on ``path`` (created with ``mode``) from the running event loop."""
+    """Serves the protocol above on ``path`` (created with ``mode``) from the running event loop.
+    ``leased_descriptors`` gives what a live lease receives, in slot order, or None for no such lease."""
 
     def __init__(
         self,
         path: Path,
         *,
         mode: int,
-        leased_arenas: Callable[[str], Sequence[Arena] | None],
+        leased_descriptors: Callable[[str], Sequence[Exportable] | None],
         policy: PeerPolicy,
         metrics: Metrics,
     ) -> None:
         self.path = path
         self._metrics = metrics
         self._mode = mode
-        self._leased_arenas = leased_arenas
+        self._leased_descriptors = leased_descriptors
         self._policy = policy
         self._listener: socket.socket | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -134,8 +166,8 @@ class DescriptorChannel:
                 except TimeoutError as e:
                     raise Refusal("DEADLINE_EXCEEDED", f"no lease id within {REQUEST_TIMEOUT_S} s") from e
                 # Checked and exported in one step on the loop: the lease cannot end in between.
-                for arena in self._check(peer, _lease_id(request)):
-                    descriptors.append(arena.export())
+                for exportable in self._check(peer, _lease_id(request)):
+                    descriptors.append(exportable.export())
                 packets = _packets(descriptors)
             except Refusal as refusal:
                 self._metrics.refused(refusal.code)
@@ -152,20 +184,20 @@ class DescriptorChannel:
         # The worker owns the connection and the descriptors from here on, even if this task is cancelled.
         await loop.run_in_executor(None, _send_and_close, connection, packets, descriptors)
 
-    def _check(self, peer: Peer, lease_id: str) -> Sequence[Arena]:
+    def _check(self, peer: Peer, lease_id: str) -> Sequence[Exportable]:
         if not self._policy.allows(peer):
             raise Refusal(
                 "PERMISSION_DENIED",
                 f"peer uid {peer.uid} gid {peer.gid} (pid {peer.pid}) may not receive arena descriptors; "
                 f"allowed: {self._policy.describe()}",
             )
-        arenas = self._leased_arenas(lease_id)
-        if arenas is None:
+        exportables = self._leased_descriptors(lease_id)
+        if exportables is None:
             raise Refusal(
                 "NOT_FOUND",
                 f"lease {lease_id!r} is not live (it ended, or never existed); attach again for a new lease",
             )
-        return arenas
+        return exportables
 
 
 def _peer_of(connection: socket.socket) -> Peer:

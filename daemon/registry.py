@@ -287,12 +287,9 @@ class Registry:
             self._retired.remove(entry)
             self._free(entry)
 
-    def leased_arenas(self, lease_id: str) -> list[Arena] | None:
-        """The arenas a live lease may receive, in grant order; None when no such lease is live."""
-        entry = self._leases.get(lease_id)
-        if entry is None or entry.arena is None:
-            return None
-        return [entry.arena] if entry.arena.handle().by_descriptor else []
+    def leased_entry(self, lease_id: str) -> Entry | None:
+        """The entry a live lease holds; None when no such lease is live."""
+        return self._leases.get(lease_id)
 
     async def metadata(self, model_uri: str) -> source.Metadata:
         location = parse_model_uri(model_uri)

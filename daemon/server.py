@@ -82,17 +82,15 @@ async def serve(config: DaemonConfig) -> None:
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ]
     )
-    add_weight_service(
-        WeightService(
-            registry,
-            settings=settings,
-            revalidate_after=config.revalidate_after,
-            descriptor_socket=channel_path,
-            shutdown=leases_end,
-            metrics=metrics,
-        ),
-        server,
+    service = WeightService(
+        registry,
+        settings=settings,
+        revalidate_after=config.revalidate_after,
+        descriptor_socket=channel_path,
+        shutdown=leases_end,
+        metrics=metrics,
     )
+    add_weight_service(service, server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection([SERVICE_NAME, HEALTH_NAME, reflection.SERVICE_NAME], server)
@@ -114,7 +112,7 @@ async def serve(config: DaemonConfig) -> None:
     channel = DescriptorChannel(
         channel_path,
         mode=SOCKET_MODE,
-        leased_arenas=registry.leased_arenas,
+        leased_descriptors=service.leased_descriptors,
         policy=PeerPolicy(uids=config.allowed_uids, gids=config.allowed_gids),
         metrics=metrics,
     )
@@ -122,8 +120,8 @@ async def serve(config: DaemonConfig) -> None:
     await server.start()
     await probes.start()
     os.chmod(config.socket, SOCKET_MODE)
-    for service in ("", SERVICE_NAME):
-        await health.set(service, health_pb2.HealthCheckResponse.SERVING)
+    for served in ("", SERVICE_NAME):
+        await health.set(served, health_pb2.HealthCheckResponse.SERVING)
     where = ", ".join(
         [f"unix:{config.socket}"] + ([f"{config.listen_api} (API)"] if config.listen_api else [])
         + ([f"{config.listen} (health only)"] if config.listen else [])

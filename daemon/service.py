@@ -7,12 +7,14 @@ import logging
 import time
 import weakref
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn, TypeAlias
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 from weightd.daemon import errors
+from weightd.daemon.descriptors import Exportable, SealedBytes
 from weightd.daemon.loader import LoadSettings
 from weightd.daemon.memory.base import CUDA, HOST, ArenaHandle
 from weightd.daemon.metrics import Metrics
@@ -51,6 +53,9 @@ _STATE_TO_PB = {
 _MEMORY_KIND_TO_PB = {HOST: pb.MEMORY_KIND_HOST, CUDA: pb.MEMORY_KIND_CUDA}
 
 PROGRESS_INTERVAL_S = 0.25
+# A grant's tensor table of this many serialized bytes or more reaches the client as a descriptor
+# (SharedTensorTable). A new client waited 20-30 ms for gRPC to carry a 100k-tensor table (4.7 MB).
+SHARED_TABLE_MIN_BYTES = 64 << 10
 
 
 def status_for(error_type: type[errors.WeightdError]) -> grpc.StatusCode:
@@ -132,32 +137,49 @@ def _split_dim(dim: int | None) -> int:
     return -1 if dim is None else dim  # the wire's "replicated"
 
 
-def _grant_template(entry: Entry, descriptor_socket: Path) -> pb.Grant:
+@dataclass(frozen=True)
+class _GrantTemplate:
+    """An entry's grant, built once: the serialized AttachModelResponse without a lease id, and the shared
+    tensor table it names, if any."""
+
+    response: bytes
+    table: SealedBytes | None
+
+
+def _grant_template(entry: Entry, descriptor_socket: Path) -> _GrantTemplate:
     assert entry.arena is not None and entry.layout is not None
+    handle = entry.arena.handle()
     grant = pb.Grant(
         model_uri=entry.key.model_uri,
         revision=entry.revision,
         tp_size=entry.key.tp_size,
         rank=entry.key.rank,
         metadata_dir=str(entry.metadata_dir),
-        arenas=[_memory_handle(entry.arena.handle(), descriptor_slot=0)],
+        arenas=[_memory_handle(handle, descriptor_slot=0)],
         descriptor_socket=str(descriptor_socket),
     )
     slots = entry.layout.slots
     split = dict(entry.layout.shards)
-    grant.tensors.CopyFrom(
-        pb.TensorTable(
-            names=[slot.name for slot in slots],
-            dtypes=[f"DATA_TYPE_{slot.dtype}" for slot in slots],
-            ndims=[len(slot.shape) for slot in slots],
-            dims=[d for slot in slots for d in slot.shape],
-            arena_indices=[0] * len(slots),
-            byte_offsets=[slot.offset for slot in slots],
-            byte_lengths=[slot.nbytes for slot in slots],
-            split_dims=[_split_dim(split[slot.name]) for slot in slots] if split else [],
-        )
+    table = pb.TensorTable(
+        names=[slot.name for slot in slots],
+        dtypes=[f"DATA_TYPE_{slot.dtype}" for slot in slots],
+        ndims=[len(slot.shape) for slot in slots],
+        dims=[d for slot in slots for d in slot.shape],
+        arena_indices=[0] * len(slots),
+        byte_offsets=[slot.offset for slot in slots],
+        byte_lengths=[slot.nbytes for slot in slots],
+        split_dims=[_split_dim(split[slot.name]) for slot in slots] if split else [],
     )
-    return grant
+    serialized = table.SerializeToString()
+    shared = None
+    if len(serialized) < SHARED_TABLE_MIN_BYTES:
+        grant.tensors.CopyFrom(table)
+    else:
+        shared = SealedBytes(serialized, name="weightd-tensor-table")
+        # Its descriptor follows the arena's, as leased_descriptors sends them.
+        grant.shared_tensors.descriptor_slot = 1 if handle.by_descriptor else 0
+        grant.shared_tensors.size_bytes = shared.size
+    return _GrantTemplate(pb.AttachModelResponse(grant=grant).SerializeToString(), shared)
 
 
 def _timestamp(unix_seconds: float) -> Timestamp:
@@ -183,26 +205,37 @@ class WeightService(pb_grpc.WeightServiceServicer):
         self._revalidate_after = revalidate_after
         self._descriptor_socket = descriptor_socket
         self._shutdown = shutdown
-        # Each entry's grant lists every tensor: serialized once, dropped with the entry.
-        self._grants: weakref.WeakKeyDictionary[Entry, bytes] = weakref.WeakKeyDictionary()
+        # Each entry's grant lists every tensor: built once, dropped (with its shared table) with the entry.
+        self._grants: weakref.WeakKeyDictionary[Entry, _GrantTemplate] = weakref.WeakKeyDictionary()
+
+    def leased_descriptors(self, lease_id: str) -> list[Exportable] | None:
+        """What a live lease's client receives on the descriptor channel, in the grant's slot order: the arena
+        when it goes by descriptor, then the shared tensor table; None when no such lease is live."""
+        entry = self._registry.leased_entry(lease_id)
+        if entry is None or entry.arena is None:
+            return None
+        exportables: list[Exportable] = [entry.arena] if entry.arena.handle().by_descriptor else []
+        template = self._grants.get(entry)  # built before the lease's grant was sent
+        if template is not None and template.table is not None:
+            exportables.append(template.table)
+        return exportables
 
     async def _attach_response(self, entry: Entry, lease_id: str) -> bytes:
         """The serialized AttachModelResponse: the entry's grant plus this lease's id, appended as a second
         grant that protobuf merges into the first."""
         template = await self._grant_of(entry)
-        return template + pb.AttachModelResponse(grant=pb.Grant(lease_id=lease_id)).SerializeToString()
+        return template.response + pb.AttachModelResponse(grant=pb.Grant(lease_id=lease_id)).SerializeToString()
 
-    async def _grant_of(self, entry: Entry) -> bytes:
-        """The entry's serialized grant (without a lease), built once, off the event loop: 150-260 ms for 100k
-        tensors, which every other call would otherwise wait out."""
+    async def _grant_of(self, entry: Entry) -> _GrantTemplate:
+        """The entry's grant (without a lease), built once, off the event loop: 150-260 ms for 100k tensors,
+        which every other call would otherwise wait out."""
         template = self._grants.get(entry)
         if template is None:
-            template = await asyncio.get_running_loop().run_in_executor(None, self._serialized_grant, entry)
+            template = await asyncio.get_running_loop().run_in_executor(
+                None, _grant_template, entry, self._descriptor_socket
+            )
             self._grants[entry] = template
         return template
-
-    def _serialized_grant(self, entry: Entry) -> bytes:
-        return pb.AttachModelResponse(grant=_grant_template(entry, self._descriptor_socket)).SerializeToString()
 
     async def LoadModel(
         self, request: pb.LoadModelRequest, context: grpc.aio.ServicerContext[object, object]

@@ -4,6 +4,8 @@ peers; refusals are clear and the daemon keeps serving; nothing leaks in the dae
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import json
 import multiprocessing
 import os
@@ -14,15 +16,20 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
+import grpc
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from weightd import client
 from weightd.client._descriptors import receive_descriptors
 from weightd.daemon.descriptors import DescriptorChannel, PeerPolicy
 from weightd.daemon.memory.host import HostMemory
 from weightd.daemon.metrics import Metrics
 from weightd.daemon.service import status_name
+from weightd.v1 import weightd_pb2 as pb
+from weightd.v1 import weightd_pb2_grpc as pb_grpc
 
 from tests.conftest import ATTACH_AND_VERIFY, Daemon, Model, copy_model, run_client
 
@@ -124,7 +131,7 @@ def test_more_descriptors_than_one_packet_holds(tmp_path: Path) -> None:
         arena.tensor().fill_(i % 256)
     path = tmp_path / "fds.sock"
     loop = asyncio.new_event_loop()
-    channel = DescriptorChannel(path, mode=0o600, leased_arenas=lambda lease: arenas if lease == "many" else None,
+    channel = DescriptorChannel(path, mode=0o600, leased_descriptors=lambda lease: arenas if lease == "many" else None,
                                 policy=PeerPolicy(), metrics=Metrics(status_of=status_name))
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
@@ -189,3 +196,65 @@ def test_attach_and_sigkill_cycles_leak_nothing(daemon_factory, model_uri: str) 
         time.sleep(0.05)
     print(f"\n{cycles} attach/SIGKILL cycles: 0 leases left, daemon descriptors {baseline} -> "
           f"{len(list(fds.iterdir()))}")
+
+
+def _grant(daemon: Daemon, model_uri: str) -> tuple[Any, pb.Grant]:
+    """An AttachModel call (the lease: cancel it to end) and its grant, as any gRPC client sees them."""
+    channel = grpc.insecure_channel(daemon.target)
+    call = pb_grpc.WeightServiceStub(channel).AttachModel(
+        pb.AttachModelRequest(model=pb.ModelSelector(model_uri=model_uri)))
+    return call, next(call).grant
+
+
+def test_a_large_tensor_table_arrives_sealed_by_descriptor(daemon_factory, model_uri: str, tmp_path: Path) -> None:
+    """A table of 64 KiB and more goes as a sealed memfd after the arena's descriptor; a small one inline."""
+    tensors = {f"model.layers.{i // 64}.mlp.experts.{i % 64}.w": torch.full((2, 4), float(i)) for i in range(3000)}
+    (tmp_path / "large").mkdir()
+    save_file(tensors, str(tmp_path / "large" / "model.safetensors"))
+    large = str(tmp_path / "large")
+    daemon = daemon_factory()
+
+    call, grant = _grant(daemon, model_uri)
+    assert grant.WhichOneof("table") == "tensors" and len(grant.tensors.names) > 0
+    call.cancel()
+
+    call, grant = _grant(daemon, large)
+    try:
+        assert grant.WhichOneof("table") == "shared_tensors"
+        assert grant.shared_tensors.descriptor_slot == 1 and grant.shared_tensors.size_bytes >= 64 << 10
+        arena, table = receive_descriptors(descriptor_socket(daemon), grant.lease_id)
+        try:
+            seals = fcntl.fcntl(table, fcntl.F_GET_SEALS)
+            assert seals & fcntl.F_SEAL_WRITE and seals & fcntl.F_SEAL_SHRINK and seals & fcntl.F_SEAL_SEAL
+            with pytest.raises(PermissionError):
+                os.pwrite(table, b"x", 0)
+            with pytest.raises(PermissionError):
+                os.ftruncate(table, 0)
+            shared = pb.TensorTable.FromString(os.pread(table, grant.shared_tensors.size_bytes, 0))
+            assert list(shared.names) == list(load_file(tmp_path / "large" / "model.safetensors"))
+        finally:
+            os.close(arena)
+            os.close(table)
+    finally:
+        call.cancel()
+    with client.attach(large, target=daemon.target) as model:
+        for name, tensor in tensors.items():
+            assert torch.equal(model.tensors[name], tensor), name
+
+    assert daemon.process is not None
+    assert _open_tables(daemon.process.pid) == 1
+    deadline = time.monotonic() + 5
+    while any(row.leases for row in daemon.models()):
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    client.evict(large, target=daemon.target)
+    assert _open_tables(daemon.process.pid) == 0  # the table goes with its model
+
+
+def _open_tables(pid: int) -> int:
+    """How many shared tensor tables process ``pid`` holds open."""
+    opened = 0
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(FileNotFoundError):  # a descriptor closed while we looked
+            opened += os.readlink(fd).startswith("/memfd:weightd-tensor-table")
+    return opened

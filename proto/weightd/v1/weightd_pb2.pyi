@@ -187,14 +187,23 @@ class TensorTable(_message.Message):
     split_dims: _containers.RepeatedScalarFieldContainer[int]
     def __init__(self, names: _Optional[_Iterable[str]] = ..., dtypes: _Optional[_Iterable[_Union[DataType, str]]] = ..., ndims: _Optional[_Iterable[int]] = ..., dims: _Optional[_Iterable[int]] = ..., arena_indices: _Optional[_Iterable[int]] = ..., byte_offsets: _Optional[_Iterable[int]] = ..., byte_lengths: _Optional[_Iterable[int]] = ..., split_dims: _Optional[_Iterable[int]] = ...) -> None: ...
 
+class SharedTensorTable(_message.Message):
+    __slots__ = ("descriptor_slot", "size_bytes")
+    DESCRIPTOR_SLOT_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    descriptor_slot: int
+    size_bytes: int
+    def __init__(self, descriptor_slot: _Optional[int] = ..., size_bytes: _Optional[int] = ...) -> None: ...
+
 class Grant(_message.Message):
-    __slots__ = ("lease_id", "model_uri", "revision", "tp_size", "rank", "tensors", "metadata_dir", "arenas", "descriptor_socket")
+    __slots__ = ("lease_id", "model_uri", "revision", "tp_size", "rank", "tensors", "shared_tensors", "metadata_dir", "arenas", "descriptor_socket")
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_URI_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
     TP_SIZE_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
+    SHARED_TENSORS_FIELD_NUMBER: _ClassVar[int]
     METADATA_DIR_FIELD_NUMBER: _ClassVar[int]
     ARENAS_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTOR_SOCKET_FIELD_NUMBER: _ClassVar[int]
@@ -204,10 +213,11 @@ class Grant(_message.Message):
     tp_size: int
     rank: int
     tensors: TensorTable
+    shared_tensors: SharedTensorTable
     metadata_dir: str
     arenas: _containers.RepeatedCompositeFieldContainer[MemoryHandle]
     descriptor_socket: str
-    def __init__(self, lease_id: _Optional[str] = ..., model_uri: _Optional[str] = ..., revision: _Optional[str] = ..., tp_size: _Optional[int] = ..., rank: _Optional[int] = ..., tensors: _Optional[_Union[TensorTable, _Mapping]] = ..., metadata_dir: _Optional[str] = ..., arenas: _Optional[_Iterable[_Union[MemoryHandle, _Mapping]]] = ..., descriptor_socket: _Optional[str] = ...) -> None: ...
+    def __init__(self, lease_id: _Optional[str] = ..., model_uri: _Optional[str] = ..., revision: _Optional[str] = ..., tp_size: _Optional[int] = ..., rank: _Optional[int] = ..., tensors: _Optional[_Union[TensorTable, _Mapping]] = ..., shared_tensors: _Optional[_Union[SharedTensorTable, _Mapping]] = ..., metadata_dir: _Optional[str] = ..., arenas: _Optional[_Iterable[_Union[MemoryHandle, _Mapping]]] = ..., descriptor_socket: _Optional[str] = ...) -> None: ...
 
 class AttachModelRequest(_message.Message):
     __slots__ = ("model",)
