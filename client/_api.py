@@ -46,7 +46,8 @@ _STATE_NAMES = {
 
 @dataclass(frozen=True)
 class ShardRule:
-    """Tensors whose name matches ``pattern`` (``re.search``) split on ``split_dim``; None = replicate.
+    """Tensors whose name matches ``pattern`` (``re.search``) split on ``split_dim``; None = replicate. A tensor
+    of one element (a per-tensor scale) is replicated whatever the rule says.
 
     The split dimension is first padded with zeros to a multiple of ``pad_multiple``, as vLLM and SGLang pad a
     vocabulary to 64, so every rank's slice has the same size. ``heads`` > 0 says the dimension is that many

@@ -5,10 +5,15 @@ SGLang apply it to Llama-family checkpoints: column-parallel (dim 0) for q/k/v/g
 biases), the embedding and lm_head; row-parallel (dim 1) for o_proj/down_proj weights; everything else
 (norms, row-parallel biases, rotary buffers) replicated. As in both engines, the vocabulary is padded with zero
 rows to a multiple of 64 before it is split, so any vocabulary size splits and each rank's rows are the engine's.
+FP8 checkpoints' weight scales follow their weights as in vLLM: a per-channel ``weight_scale`` (one per output
+row) splits with a column-parallel weight and stays whole beside a row-parallel one; a block-wise
+``weight_scale_inv`` (one per 128 x 128 block) splits on the weight's dimension. A tensor of one element (a
+per-tensor scale) is never split.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -23,7 +28,8 @@ VOCAB_PAD_MULTIPLE = 64
 @dataclass(frozen=True)
 class ShardRule:
     """Tensors whose name matches ``pattern`` (``re.search``) are split on ``split_dim``, or replicated
-    when ``split_dim`` is None. A split dimension is first padded with zeros to a multiple of ``pad_multiple``.
+    when ``split_dim`` is None; one of a single element is replicated either way. A split dimension is first
+    padded with zeros to a multiple of ``pad_multiple``.
     ``heads`` > 0 says it is that many heads, never cut: beyond ``heads`` ranks, consecutive ranks share one."""
 
     pattern: str
@@ -47,9 +53,9 @@ class Architecture:
 def llama_family_plan(kv_heads: int | None) -> tuple[ShardRule, ...]:
     """The plan for checkpoints with Llama's tensor names; k/v keep their ``kv_heads`` heads whole."""
     return (
-        ShardRule(r"\.(q_proj|gate_proj|up_proj)\.(weight|bias)$", 0),
-        ShardRule(r"\.(k_proj|v_proj)\.(weight|bias)$", 0, heads=kv_heads or 0),
-        ShardRule(r"\.(o_proj|down_proj)\.weight$", 1),
+        ShardRule(r"\.(q_proj|gate_proj|up_proj)\.(weight|bias|weight_scale|weight_scale_inv)$", 0),
+        ShardRule(r"\.(k_proj|v_proj)\.(weight|bias|weight_scale|weight_scale_inv)$", 0, heads=kv_heads or 0),
+        ShardRule(r"\.(o_proj|down_proj)\.(weight|weight_scale_inv)$", 1),
         ShardRule(r"(^|\.)embed_tokens\.weight$", 0, VOCAB_PAD_MULTIPLE),
         ShardRule(r"(^|\.)lm_head\.weight$", 0, VOCAB_PAD_MULTIPLE),
     )
@@ -124,7 +130,7 @@ class Split:
 def split_for(name: str, shape: Sequence[int], rules: Sequence[ShardRule], *, tp_size: int) -> Split | None:
     """How ``name`` is split for ``tp_size`` ranks, or None if every rank gets it whole (unpadded)."""
     rule = next((rule for rule in rules if rule.regex.search(name)), None)
-    if rule is None or rule.split_dim is None or (tp_size == 1 and rule.pad_multiple == 1):
+    if rule is None or rule.split_dim is None or (tp_size == 1 and rule.pad_multiple == 1) or math.prod(shape) == 1:
         return None
     dim = rule.split_dim
     if dim >= len(shape):

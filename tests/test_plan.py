@@ -262,6 +262,40 @@ def test_qwen_moe_experts_split_on_their_intermediate_dimension_and_the_router_i
     assert split_for("model.layers.0.mlp.gate.weight", (128, 2048), rules, tp_size=4) is None
 
 
+def test_fp8_weight_scales_follow_their_weights_and_per_tensor_scales_stay_whole() -> None:
+    """As vLLM shards them: per-channel scales ([out, 1]) with column-parallel weights, block-wise scale_inv
+    ([out/128, in/128]) on the weight's split dimension; per-tensor scales (one element) on every rank."""
+    rules = llama_family_plan(8)
+    layer = "model.layers.0"
+    assert split_for(f"{layer}.self_attn.q_proj.weight_scale", (4096, 1), rules, tp_size=4) == Split(0, 1024, 4)
+    assert split_for(f"{layer}.self_attn.k_proj.weight_scale", (1024, 1), rules, tp_size=4) == Split(0, 256, 4)
+    assert split_for(f"{layer}.mlp.up_proj.weight_scale_inv", (112, 32), rules, tp_size=4) == Split(0, 28, 4)
+    assert split_for(f"{layer}.mlp.down_proj.weight_scale_inv", (32, 112), rules, tp_size=4) == Split(1, 28, 4)
+    assert split_for(f"{layer}.mlp.down_proj.weight_scale", (4096, 1), rules, tp_size=4) is None  # per output row
+    for shape in [(), (1,), (1, 1)]:
+        assert split_for(f"{layer}.mlp.gate_proj.weight_scale", shape, rules, tp_size=4) is None
+        assert split_for(f"{layer}.mlp.gate_proj.input_scale", shape, rules, tp_size=4) is None
+        assert split_for("x.scale", shape, (ShardRule(r"scale$", 0, pad_multiple=64),), tp_size=4) is None
+
+    g = torch.Generator().manual_seed(3)
+    tensors = {
+        f"{layer}.mlp.gate_proj.weight": torch.randn(8, 6, generator=g).to(torch.float8_e4m3fn),
+        f"{layer}.mlp.gate_proj.weight_scale": torch.rand(8, 1, generator=g),
+        f"{layer}.mlp.gate_proj.input_scale": torch.rand((), generator=g),
+        f"{layer}.mlp.down_proj.weight": torch.randn(6, 8, generator=g).to(torch.float8_e4m3fn),
+        f"{layer}.mlp.down_proj.weight_scale": torch.rand(6, 1, generator=g),
+    }
+    blob = save(tensors)
+    plan = build_plan([header_of(blob)], tp_size=2, ranks=range(2), rules=rules, max_range_bytes=1 << 20)
+    for layout, arena in zip(plan.layouts, execute(blob, plan), strict=True):
+        for slot in layout.slots:
+            full = tensors[slot.name]
+            dim = dict(layout.shards)[slot.name]
+            want = full if dim is None else full.chunk(2, dim)[layout.rank]
+            got = arena[slot.offset : slot.offset + slot.nbytes].view(full.dtype).view(slot.shape)
+            assert got.reshape(-1).view(torch.uint8).equal(want.reshape(-1).view(torch.uint8)), (slot.name, layout.rank)
+
+
 def test_fused_parts_lie_back_to_back_and_are_served_as_one_tensor() -> None:
     from weightd.daemon.placement import Fusion
 
