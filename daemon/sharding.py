@@ -53,21 +53,23 @@ class Architecture:
 def llama_family_plan(kv_heads: int | None) -> tuple[ShardRule, ...]:
     """The plan for checkpoints with Llama's tensor names; k/v keep their ``kv_heads`` heads whole."""
     return (
-        ShardRule(r"\.(q_proj|gate_proj|up_proj)\.(weight|bias|weight_scale|weight_scale_inv)$", 0),
+        ShardRule(r"\.(q_proj|gate_proj|up_proj|w1|w3)\.(weight|bias|weight_scale|weight_scale_inv)$", 0),
         ShardRule(r"\.(k_proj|v_proj)\.(weight|bias|weight_scale|weight_scale_inv)$", 0, heads=kv_heads or 0),
-        ShardRule(r"\.(o_proj|down_proj)\.(weight|weight_scale_inv)$", 1),
+        ShardRule(r"\.(o_proj|down_proj|w2)\.(weight|weight_scale_inv)$", 1),
         ShardRule(r"(^|\.)embed_tokens\.weight$", 0, VOCAB_PAD_MULTIPLE),
         ShardRule(r"(^|\.)lm_head\.weight$", 0, VOCAB_PAD_MULTIPLE),
     )
 
 
-# config.json model_type values with a default plan: families whose checkpoints use exactly Llama's names. The
-# Qwen MoE families name each expert's projections so too (mlp.experts.N.gate_proj, ...): the plan then splits
-# every expert's intermediate dimension, as vLLM and SGLang do under tensor parallelism without expert
-# parallelism, and replicates the router (mlp.gate).
-LLAMA_FAMILY = frozenset(
-    {"llama", "mistral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "gemma", "gemma2", "olmo", "olmo2", "granite"}
-)
+# config.json model_type values with a default plan: families whose checkpoints use Llama's names. The Qwen MoE
+# families name each expert's projections so too (mlp.experts.N.gate_proj, ...), Mixtral its own way
+# (block_sparse_moe.experts.N.w1/w3 like gate/up, w2 like down): the plan then splits every expert's intermediate
+# dimension, as vLLM and SGLang do under tensor parallelism without expert parallelism, and replicates the router
+# (mlp.gate, block_sparse_moe.gate).
+LLAMA_FAMILY = frozenset({
+    "llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "gemma", "gemma2", "olmo", "olmo2",
+    "granite",
+})
 
 
 def parse_rules(rules: Iterable[ShardRule]) -> tuple[ShardRule, ...]:

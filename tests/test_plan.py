@@ -262,6 +262,16 @@ def test_qwen_moe_experts_split_on_their_intermediate_dimension_and_the_router_i
     assert split_for("model.layers.0.mlp.gate.weight", (128, 2048), rules, tp_size=4) is None
 
 
+def test_mixtral_experts_split_like_gate_up_and_down() -> None:
+    rules = select_rules(Architecture("mixtral", 8), (), tp_size=2)
+    moe = "model.layers.0.block_sparse_moe"
+    shape = (14336, 4096)
+    assert split_for(f"{moe}.experts.3.w1.weight", shape, rules, tp_size=2) == Split(0, 7168, 2)
+    assert split_for(f"{moe}.experts.3.w3.weight", shape, rules, tp_size=2) == Split(0, 7168, 2)
+    assert split_for(f"{moe}.experts.3.w2.weight", shape[::-1], rules, tp_size=2) == Split(1, 7168, 2)
+    assert split_for(f"{moe}.gate.weight", (8, 4096), rules, tp_size=2) is None
+
+
 def test_fp8_weight_scales_follow_their_weights_and_per_tensor_scales_stay_whole() -> None:
     """As vLLM shards them: per-channel scales ([out, 1]) with column-parallel weights, block-wise scale_inv
     ([out/128, in/128]) on the weight's split dimension; per-tensor scales (one element) on every rank."""
