@@ -198,11 +198,9 @@ def test_attach_and_sigkill_cycles_leak_nothing(daemon_factory, model_uri: str) 
           f"{len(list(fds.iterdir()))}")
 
 
-def _grant(daemon: Daemon, model_uri: str) -> tuple[Any, pb.Grant]:
+def _grant(stub: pb_grpc.WeightServiceStub, model_uri: str) -> tuple[Any, pb.Grant]:
     """An AttachModel call (the lease: cancel it to end) and its grant, as any gRPC client sees them."""
-    channel = grpc.insecure_channel(daemon.target)
-    call = pb_grpc.WeightServiceStub(channel).AttachModel(
-        pb.AttachModelRequest(model=pb.ModelSelector(model_uri=model_uri)))
+    call = stub.AttachModel(pb.AttachModelRequest(model=pb.ModelSelector(model_uri=model_uri)))
     return call, next(call).grant
 
 
@@ -213,12 +211,14 @@ def test_a_large_tensor_table_arrives_sealed_by_descriptor(daemon_factory, model
     save_file(tensors, str(tmp_path / "large" / "model.safetensors"))
     large = str(tmp_path / "large")
     daemon = daemon_factory()
+    channel = grpc.insecure_channel(daemon.target)
+    stub = pb_grpc.WeightServiceStub(channel)
 
-    call, grant = _grant(daemon, model_uri)
+    call, grant = _grant(stub, model_uri)
     assert grant.WhichOneof("table") == "tensors" and len(grant.tensors.names) > 0
     call.cancel()
 
-    call, grant = _grant(daemon, large)
+    call, grant = _grant(stub, large)
     try:
         assert grant.WhichOneof("table") == "shared_tensors"
         assert grant.shared_tensors.descriptor_slot == 1 and grant.shared_tensors.size_bytes >= 64 << 10
@@ -237,6 +237,7 @@ def test_a_large_tensor_table_arrives_sealed_by_descriptor(daemon_factory, model
             os.close(table)
     finally:
         call.cancel()
+        channel.close()
     with client.attach(large, target=daemon.target) as model:
         for name, tensor in tensors.items():
             assert torch.equal(model.tensors[name], tensor), name
