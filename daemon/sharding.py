@@ -53,11 +53,12 @@ class Architecture:
 def llama_family_plan(kv_heads: int | None) -> tuple[ShardRule, ...]:
     """The plan for checkpoints with Llama's tensor names; k/v keep their ``kv_heads`` heads whole."""
     return (
-        ShardRule(r"\.(q_proj|gate_proj|up_proj|w1|w3)\.(weight|bias|weight_scale|weight_scale_inv)$", 0),
+        ShardRule(r"\.(q_proj|q_b_proj|kv_b_proj|gate_proj|up_proj|w1|w3)\.(weight|bias|weight_scale|weight_scale_inv)$",
+                  0),
         ShardRule(r"\.(k_proj|v_proj)\.(weight|bias|weight_scale|weight_scale_inv)$", 0, heads=kv_heads or 0),
         ShardRule(r"\.(o_proj|down_proj|w2)\.(weight|weight_scale_inv)$", 1),
         ShardRule(r"(^|\.)embed_tokens\.weight$", 0, VOCAB_PAD_MULTIPLE),
-        ShardRule(r"(^|\.)lm_head\.weight$", 0, VOCAB_PAD_MULTIPLE),
+        ShardRule(r"((^|\.)lm_head|\.shared_head\.head)\.weight$", 0, VOCAB_PAD_MULTIPLE),
     )
 
 
@@ -65,10 +66,12 @@ def llama_family_plan(kv_heads: int | None) -> tuple[ShardRule, ...]:
 # families name each expert's projections so too (mlp.experts.N.gate_proj, ...), Mixtral its own way
 # (block_sparse_moe.experts.N.w1/w3 like gate/up, w2 like down): the plan then splits every expert's intermediate
 # dimension, as vLLM and SGLang do under tensor parallelism without expert parallelism, and replicates the router
-# (mlp.gate, block_sparse_moe.gate).
+# (mlp.gate, block_sparse_moe.gate). DeepSeek-V2/V3's attention (MLA) adds the column-parallel q_b_proj and
+# kv_b_proj; its low-rank q_a_proj and kv_a_proj_with_mqa are replicated, and its multi-token-prediction layer's
+# shared_head.head is split like lm_head.
 LLAMA_FAMILY = frozenset({
-    "llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "gemma", "gemma2", "olmo", "olmo2",
-    "granite",
+    "llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "gemma",
+    "gemma2", "olmo", "olmo2", "granite",
 })
 
 

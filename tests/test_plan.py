@@ -272,6 +272,21 @@ def test_mixtral_experts_split_like_gate_up_and_down() -> None:
     assert split_for(f"{moe}.gate.weight", (8, 4096), rules, tp_size=2) is None
 
 
+def test_deepseek_mla_splits_its_up_projections_and_replicates_its_low_rank_ones() -> None:
+    """DeepSeek-V3's shapes (128 heads, FP8 block scales) at tp_size 8, as vLLM's Column/Row/ReplicatedLinear."""
+    rules = select_rules(Architecture("deepseek_v3", 128), (), tp_size=8)
+    attn = "model.layers.3.self_attn"
+    assert split_for(f"{attn}.q_b_proj.weight", (24576, 1536), rules, tp_size=8) == Split(0, 3072, 8)
+    assert split_for(f"{attn}.q_b_proj.weight_scale_inv", (192, 12), rules, tp_size=8) == Split(0, 24, 8)
+    assert split_for(f"{attn}.kv_b_proj.weight", (32768, 512), rules, tp_size=8) == Split(0, 4096, 8)
+    assert split_for(f"{attn}.o_proj.weight", (7168, 16384), rules, tp_size=8) == Split(1, 2048, 8)
+    for replicated in ("q_a_proj.weight", "kv_a_proj_with_mqa.weight", "q_a_layernorm.weight"):
+        assert split_for(f"{attn}.{replicated}", (1536, 7168), rules, tp_size=8) is None
+    assert split_for("model.layers.3.mlp.gate.e_score_correction_bias", (256,), rules, tp_size=8) is None
+    assert split_for("model.layers.61.shared_head.head.weight", (129280, 7168), rules, tp_size=8) == Split(
+        0, 16160, 8)
+
+
 def test_fp8_weight_scales_follow_their_weights_and_per_tensor_scales_stay_whole() -> None:
     """As vLLM shards them: per-channel scales ([out, 1]) with column-parallel weights, block-wise scale_inv
     ([out/128, in/128]) on the weight's split dimension; per-tensor scales (one element) on every rank."""
