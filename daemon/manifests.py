@@ -115,14 +115,15 @@ class ManifestStore:
         directory.mkdir(parents=True, exist_ok=True)
 
     def write(self, manifest: ArenaManifest) -> None:
-        """Atomically: a reader (or a crash) sees the whole manifest or none."""
+        """Atomically: a reader (or the daemon's crash) sees the whole manifest or none. Not fsynced, as the
+        arena it describes is not: the manifest serves restarts of the daemon, not of the machine, which takes a
+        shared-memory arena with it (``read_all`` drops what an OS crash leaves unreadable). A load waits for this
+        write; fsync added 0.4 ms for 1k tensors and 11 ms for 100k on this machine's disk."""
         fd, temporary = tempfile.mkstemp(dir=self.directory, prefix=".", suffix=".tmp")
         try:
             with os.fdopen(fd, "w") as f:
                 # dumps, not dump: dump encodes piecewise in Python (100k tensors' slots: 0.48 s against 0.11 s).
                 f.write(json.dumps(manifest.to_json()))
-                f.flush()
-                os.fsync(f.fileno())
             os.replace(temporary, self._path(manifest.arena_name))
         finally:
             Path(temporary).unlink(missing_ok=True)
