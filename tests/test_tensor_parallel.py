@@ -202,6 +202,45 @@ def test_custom_rules_on_a_model_without_a_plan(daemon_factory, tmp_path: Path) 
         assert torch.equal(whole.tensors["encoder.0.ffn.out.weight"], tensors["encoder.0.ffn.out.weight"])
 
 
+def test_an_fp8_checkpoint_with_per_channel_and_per_tensor_scales(daemon_factory, tmp_path: Path) -> None:
+    """FP8 weights come out as float8 tensors, bit for bit; under TP, per-channel scales follow column-parallel
+    weights, a row-parallel weight's per-channel scale and per-tensor scales stay whole on every rank."""
+    g = torch.Generator().manual_seed(4)
+    attn = "model.layers.0.self_attn"
+    tensors = {
+        f"{attn}.q_proj.weight": torch.randn(8, 6, generator=g).to(torch.float8_e4m3fn),
+        f"{attn}.q_proj.weight_scale": torch.rand(8, 1, generator=g),
+        f"{attn}.q_proj.input_scale": torch.rand((), generator=g),
+        f"{attn}.o_proj.weight": torch.randn(6, 8, generator=g).to(torch.float8_e4m3fn),
+        f"{attn}.o_proj.weight_scale": torch.rand(6, 1, generator=g),
+        f"{attn}.o_proj.input_scale": torch.rand((), generator=g),
+    }
+    directory = tmp_path / "fp8"
+    directory.mkdir()
+    save_file(tensors, str(directory / "model.safetensors"))
+    (directory / "config.json").write_text(json.dumps({"model_type": "llama", "num_key_value_heads": 2}))
+    daemon = daemon_factory()
+
+    def bits(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(-1).view(torch.uint8)
+
+    with client.attach(str(directory), target=daemon.target) as whole:
+        for name, tensor in tensors.items():
+            assert whole.tensors[name].dtype == tensor.dtype and torch.equal(bits(whole.tensors[name]), bits(tensor))
+    for rank in range(2):
+        with client.attach(str(directory), rank, tp_size=2, target=daemon.target) as model:
+            assert model.shards[f"{attn}.q_proj.weight_scale"] == 0 and model.shards[f"{attn}.o_proj.weight"] == 1
+            want = {
+                f"{attn}.q_proj.weight": tensors[f"{attn}.q_proj.weight"][rank * 4 : (rank + 1) * 4],
+                f"{attn}.q_proj.weight_scale": tensors[f"{attn}.q_proj.weight_scale"][rank * 4 : (rank + 1) * 4],
+                f"{attn}.o_proj.weight": tensors[f"{attn}.o_proj.weight"][:, rank * 4 : (rank + 1) * 4],
+            }
+            for name, tensor in tensors.items():
+                expected = want.get(name, tensor)  # the rest whole: a row-parallel per-channel scale, per-tensor ones
+                got = model.tensors[name]
+                assert got.shape == expected.shape and torch.equal(bits(got), bits(expected.contiguous())), name
+
+
 def test_fused_projections_are_served_as_one_tensor_per_module(daemon, tiny_llama) -> None:
     uri, full = tiny_llama
     fusions = [client.Fusion("qkv_proj", ("q_proj", "k_proj", "v_proj")),
