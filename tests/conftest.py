@@ -228,6 +228,16 @@ def in_own_tmpfs(directory: Path, options: str) -> tuple[str, ...]:
     return ("unshare", "-m", "sh", "-c", f'mount -t tmpfs -o {options} tmpfs {directory} && exec "$@"', "sh")
 
 
+def fp8_linear(name: str, out_features: int, in_features: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """A linear layer as FP8 checkpoints (llm-compressor, AutoFP8) store it: an F8_E4M3 weight, a per-channel
+    ``weight_scale`` ([out, 1]) and a per-tensor ``input_scale``."""
+    return {
+        f"{name}.weight": torch.randn(out_features, in_features, generator=generator).to(torch.float8_e4m3fn),
+        f"{name}.weight_scale": torch.rand(out_features, 1, generator=generator),
+        f"{name}.input_scale": torch.rand((), generator=generator),
+    }
+
+
 def copy_model(model: Model, destination: Path) -> Path:
     shutil.copytree(model.directory, destination)
     return destination

@@ -24,6 +24,8 @@ from weightd.daemon.streaming import (
     _staging_slots,
 )
 
+from tests.conftest import fp8_linear
+
 OBJECT_STORE_PIECE_MIN = PrefixedObjects.min_separate_read_bytes
 
 RULES = (ShardRule(r"vocab", 0, 8), ShardRule(r"padrow", 1, 4), ShardRule(r"col", 0), ShardRule(r"row", 1),
@@ -303,13 +305,7 @@ def test_fp8_weight_scales_follow_their_weights_and_per_tensor_scales_stay_whole
         assert split_for("x.scale", shape, (ShardRule(r"scale$", 0, pad_multiple=64),), tp_size=4) is None
 
     g = torch.Generator().manual_seed(3)
-    tensors = {
-        f"{layer}.mlp.gate_proj.weight": torch.randn(8, 6, generator=g).to(torch.float8_e4m3fn),
-        f"{layer}.mlp.gate_proj.weight_scale": torch.rand(8, 1, generator=g),
-        f"{layer}.mlp.gate_proj.input_scale": torch.rand((), generator=g),
-        f"{layer}.mlp.down_proj.weight": torch.randn(6, 8, generator=g).to(torch.float8_e4m3fn),
-        f"{layer}.mlp.down_proj.weight_scale": torch.rand(6, 1, generator=g),
-    }
+    tensors = fp8_linear(f"{layer}.mlp.gate_proj", 8, 6, g) | fp8_linear(f"{layer}.mlp.down_proj", 6, 8, g)
     blob = save(tensors)
     plan = build_plan([header_of(blob)], tp_size=2, ranks=range(2), rules=rules, max_range_bytes=1 << 20)
     for layout, arena in zip(plan.layouts, execute(blob, plan), strict=True):

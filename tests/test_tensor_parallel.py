@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from weightd import client
 
-from tests.conftest import S3Server, in_own_tmpfs, run_client
+from tests.conftest import S3Server, fp8_linear, in_own_tmpfs, run_client
 
 TP_SIZES = (2, 4)
 # Fewer KV heads than the largest tp_size: there the default plan gives consecutive ranks the same head.
@@ -207,14 +207,7 @@ def test_an_fp8_checkpoint_with_per_channel_and_per_tensor_scales(daemon_factory
     weights, a row-parallel weight's per-channel scale and per-tensor scales stay whole on every rank."""
     g = torch.Generator().manual_seed(4)
     attn = "model.layers.0.self_attn"
-    tensors = {
-        f"{attn}.q_proj.weight": torch.randn(8, 6, generator=g).to(torch.float8_e4m3fn),
-        f"{attn}.q_proj.weight_scale": torch.rand(8, 1, generator=g),
-        f"{attn}.q_proj.input_scale": torch.rand((), generator=g),
-        f"{attn}.o_proj.weight": torch.randn(6, 8, generator=g).to(torch.float8_e4m3fn),
-        f"{attn}.o_proj.weight_scale": torch.rand(6, 1, generator=g),
-        f"{attn}.o_proj.input_scale": torch.rand((), generator=g),
-    }
+    tensors = fp8_linear(f"{attn}.q_proj", 8, 6, g) | fp8_linear(f"{attn}.o_proj", 6, 8, g)
     directory = tmp_path / "fp8"
     directory.mkdir()
     save_file(tensors, str(directory / "model.safetensors"))
