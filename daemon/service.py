@@ -139,11 +139,12 @@ def _split_dim(dim: int | None) -> int:
 
 @dataclass(frozen=True)
 class _GrantTemplate:
-    """An entry's grant, built once: the serialized AttachModelResponse without a lease id, and the shared
-    tensor table it names, if any."""
+    """An entry's grant, built once: the serialized AttachModelResponse without a lease id, and what a lease's
+    client receives on the descriptor channel, in the grant's slot order (the arena if it goes by descriptor,
+    then the shared tensor table if the grant has one)."""
 
     response: bytes
-    table: SealedBytes | None
+    descriptors: tuple[Exportable, ...]
 
 
 def _grant_template(entry: Entry, descriptor_socket: Path) -> _GrantTemplate:
@@ -170,16 +171,16 @@ def _grant_template(entry: Entry, descriptor_socket: Path) -> _GrantTemplate:
         byte_lengths=[slot.nbytes for slot in slots],
         split_dims=[_split_dim(split[slot.name]) for slot in slots] if split else [],
     )
+    descriptors: list[Exportable] = [entry.arena] if handle.by_descriptor else []
     serialized = table.SerializeToString()
-    shared = None
     if len(serialized) < SHARED_TABLE_MIN_BYTES:
         grant.tensors.CopyFrom(table)
     else:
         shared = SealedBytes(serialized, name="weightd-tensor-table")
-        # Its descriptor follows the arena's, as leased_descriptors sends them.
-        grant.shared_tensors.descriptor_slot = 1 if handle.by_descriptor else 0
+        grant.shared_tensors.descriptor_slot = len(descriptors)
         grant.shared_tensors.size_bytes = shared.size
-    return _GrantTemplate(pb.AttachModelResponse(grant=grant).SerializeToString(), shared)
+        descriptors.append(shared)
+    return _GrantTemplate(pb.AttachModelResponse(grant=grant).SerializeToString(), tuple(descriptors))
 
 
 def _timestamp(unix_seconds: float) -> Timestamp:
@@ -208,17 +209,13 @@ class WeightService(pb_grpc.WeightServiceServicer):
         # Each entry's grant lists every tensor: built once, dropped (with its shared table) with the entry.
         self._grants: weakref.WeakKeyDictionary[Entry, _GrantTemplate] = weakref.WeakKeyDictionary()
 
-    def leased_descriptors(self, lease_id: str) -> list[Exportable] | None:
-        """What a live lease's client receives on the descriptor channel, in the grant's slot order: the arena
-        when it goes by descriptor, then the shared tensor table; None when no such lease is live."""
+    def leased_descriptors(self, lease_id: str) -> tuple[Exportable, ...] | None:
+        """What a live lease's client receives on the descriptor channel (its grant's descriptors); None when no
+        such lease is live, or its arena was released."""
         entry = self._registry.leased_entry(lease_id)
-        if entry is None or entry.arena is None:
-            return None
-        exportables: list[Exportable] = [entry.arena] if entry.arena.handle().by_descriptor else []
-        template = self._grants.get(entry)  # built before the lease's grant was sent
-        if template is not None and template.table is not None:
-            exportables.append(template.table)
-        return exportables
+        # The grant was built before its lease id was sent, so a live lease's template is there.
+        template = self._grants.get(entry) if entry is not None and entry.arena is not None else None
+        return None if template is None else template.descriptors
 
     async def _attach_response(self, entry: Entry, lease_id: str) -> bytes:
         """The serialized AttachModelResponse: the entry's grant plus this lease's id, appended as a second
