@@ -4,14 +4,15 @@ A load creates a few objects per tensor (header entries, plan blocks and targets
 it ends or as long as the model stays. The collector's young collections pass them on and its full
 collections walk all of them again each time: at 100k tensors that was 1.0-1.4 s of a 2.5-3 s plan, holding the
 GIL (docs/benchmarks.md). Reference counting still frees whatever a load drops while the collector is paused;
-only reference cycles wait, until the last running load ends.
+only reference cycles wait, until the last running load ends. Work that would walk a load's objects (the
+start-up's collect-and-freeze) waits for it too: ``when_no_load_runs``.
 """
 
 from __future__ import annotations
 
 import gc
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 
@@ -20,6 +21,7 @@ class _Pause:
         self.lock = threading.Lock()
         self.holders = 0
         self.resume = False  # whether the collector ran when the first holder paused it
+        self.deferred: list[Callable[[], None]] = []  # to run when the last holder leaves
 
     def enter(self) -> None:
         with self.lock:
@@ -31,8 +33,20 @@ class _Pause:
     def leave(self) -> None:
         with self.lock:
             self.holders -= 1
-            if self.holders == 0 and self.resume:
+            if self.holders:
+                return
+            if self.resume:
                 gc.enable()
+            deferred, self.deferred = self.deferred, []
+        for action in deferred:
+            action()
+
+    def when_idle(self, action: Callable[[], None]) -> None:
+        with self.lock:
+            if self.holders:
+                self.deferred.append(action)
+                return
+        action()
 
 
 _PAUSE = _Pause()
@@ -46,3 +60,8 @@ def collection_paused() -> Iterator[None]:
         yield
     finally:
         _PAUSE.leave()
+
+
+def when_no_load_runs(action: Callable[[], None]) -> None:
+    """Run ``action`` now if nothing holds the pause, else on the thread of the last holder to leave it."""
+    _PAUSE.when_idle(action)

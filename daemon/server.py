@@ -22,6 +22,7 @@ from grpc_reflection.v1alpha import reflection
 from weightd.daemon.config import DaemonConfig
 from weightd.daemon.descriptors import DescriptorChannel, PeerPolicy, descriptor_socket_path
 from weightd.daemon.errors import ConfigurationError, MemoryUnavailableError
+from weightd.daemon.gc_pause import when_no_load_runs
 from weightd.daemon.loader import LoadSettings
 from weightd.daemon.manifests import ManifestStore
 from weightd.daemon.memory import open_backend, open_gpus
@@ -131,7 +132,7 @@ async def serve(config: DaemonConfig) -> None:
                 where, channel_path, config.cache_dir, config.shm_dir, budget)
     _warn_small_pages(config.shm_dir)
     _notify_systemd("READY=1")
-    warming.add_done_callback(_freeze_start_up_heap)
+    warming.add_done_callback(lambda _: when_no_load_runs(_freeze_start_up_heap))
 
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -236,11 +237,14 @@ def _warn_small_pages(shm_dir: Path) -> None:
                        "(README, 'Huge pages for arenas')", shm_dir, policy)
 
 
-def _freeze_start_up_heap(_: object) -> None:
+def _freeze_start_up_heap() -> None:
     """Exempt the storage warm-up's objects (botocore's S3 model: about 30k) from garbage collection too, as the
     imports' already are. Each full collection walked them all: 140-180 ms holding the GIL on a busy 2-core
     node with the imports' objects, landing in the middle of loads and attaches every few loads. After the
-    freeze a full collection takes 0.1-6 ms."""
+    freeze a full collection takes 0.1-6 ms. Not while a load runs (a first load that came before the warm-up
+    ended): the collection would walk its objects mid-load and the freeze keep its cyclic garbage for good.
+    After such a load the resident model's entry is frozen with the start-up heap: it lives as long as the
+    model and leaves no cycles when evicted (tests/test_gc_pause.py)."""
     gc.collect()  # garbage of the warm-up is freed, not kept for good: 7 ms over the objects not yet frozen
     gc.freeze()
     logger.debug("start-up heap frozen: %d objects exempt from garbage collection", gc.get_freeze_count())
