@@ -11,9 +11,12 @@ start-up's collect-and-freeze) waits for it too: ``when_no_load_runs``.
 from __future__ import annotations
 
 import gc
+import logging
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+
+logger = logging.getLogger(__name__)
 
 
 class _Pause:
@@ -39,7 +42,10 @@ class _Pause:
                 gc.enable()
             deferred, self.deferred = self.deferred, []
         for action in deferred:
-            action()
+            try:
+                action()
+            except Exception:  # the load that left has succeeded or failed on its own; this is not its error
+                logger.exception("work deferred until no load ran failed")
 
     def when_idle(self, action: Callable[[], None]) -> None:
         with self.lock:

@@ -77,6 +77,16 @@ def test_work_waits_for_the_last_running_load() -> None:
     assert ran == ["idle", "deferred"]  # once only
 
 
+def test_deferred_work_that_fails_is_not_the_loads_error(caplog: pytest.LogCaptureFixture) -> None:
+    def fail() -> None:
+        raise RuntimeError("freeze failed")
+
+    with collection_paused():
+        when_no_load_runs(fail)
+    assert "work deferred until no load ran failed" in caplog.text
+    assert gc.isenabled()
+
+
 @pytest.mark.parametrize("tp_size", [1, 2])
 def test_a_load_and_its_eviction_leave_no_cycles(tmp_path: Path, tp_size: int) -> None:
     directory = tmp_path / "model"
