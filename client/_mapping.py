@@ -119,7 +119,7 @@ class TensorViews(Mapping[str, torch.Tensor]):
     """A grant's tensors by name. Each is made on first access (one ``as_strided`` of a per-(arena, dtype)
     view) and kept: attaching costs about the same for a thousand tensors or a hundred thousand (a large MoE),
     and a process pays per tensor only for those it reads. The name index and the table's columns as lists are
-    built on the first lookup (about 50 ms for 100k tensors), which makes each view after it 30% cheaper
+    built on the first lookup (about 45 ms for 100k tensors), which makes each view after it 30% cheaper
     (touching 100k: 0.53-0.55 s against 0.69-0.79 s). Dtypes and arenas are checked up front; a tensor's place
     in its arena when it is made."""
 
@@ -128,6 +128,9 @@ class TensorViews(Mapping[str, torch.Tensor]):
         self._arenas = arenas
         self._typed: dict[tuple[int, int], torch.Tensor] = {}
         self._views: dict[str, torch.Tensor] = {}
+        # Read out of protobuf once, for the check here and the views later (100k tensors: 4 ms a column).
+        self._dtypes: list[int] = list(table.dtypes)
+        self._arena_indices: list[int] = list(table.arena_indices)
         self._check()
 
     @functools.cached_property
@@ -142,20 +145,19 @@ class TensorViews(Mapping[str, torch.Tensor]):
     def _rows(self) -> _Rows:
         """The table's columns as lists: indexing a protobuf repeated field costs several times a list's."""
         table = self._table
-        return _Rows(list(table.dims), list(table.arena_indices), list(table.dtypes), list(table.byte_offsets),
+        return _Rows(list(table.dims), self._arena_indices, self._dtypes, list(table.byte_offsets),
                      list(table.byte_lengths), [arena.numel() for arena in self._arenas])
 
     def _check(self) -> None:
-        table = self._table
-        unknown = set(table.dtypes) - TORCH_DTYPES.keys()
+        unknown = set(self._dtypes) - TORCH_DTYPES.keys()
         if unknown:
             code = min(unknown)
-            name = table.names[list(table.dtypes).index(code)]
+            name = self._table.names[self._dtypes.index(code)]
             raise PreconditionFailedError(
                 f"tensor {name!r} has dtype {pb.DataType.Name(code)}, unknown to this client; upgrade it",
                 code=grpc.StatusCode.FAILED_PRECONDITION,
             )
-        if set(table.arena_indices) - set(range(len(self._arenas))):
+        if set(self._arena_indices) - set(range(len(self._arenas))):
             raise CorruptModelError("the grant places tensors in an arena it does not hand over",
                                     code=grpc.StatusCode.DATA_LOSS)
 
