@@ -165,10 +165,9 @@ def _reads_directly(block: Block, direct_piece_min: int) -> bool:
 COALESCE_MAX_BYTES = 1 << 20
 
 
-def _coalesce(direct: list[_Direct]) -> list[_Direct]:
-    """``direct`` with each run of ranges back to back in one file and one arena merged, up to
-    ``COALESCE_MAX_BYTES`` a range (a larger range stays as it is)."""
-    ordered = sorted(direct, key=attrgetter("file_index", "file_offset"))
+def _coalesce(ordered: list[_Direct]) -> list[_Direct]:
+    """``ordered`` (in file order, as ``_stage_broken_runs`` returns it) with each run of ranges back to back in
+    one file and one arena merged, up to ``COALESCE_MAX_BYTES`` a range (a larger range stays as it is)."""
     merged: list[_Direct] = []
     start = 0
     while start < len(ordered):
@@ -196,8 +195,9 @@ STAGED_RUN_PIECE_MAX = 64 << 10
 
 
 def _stage_broken_runs(direct: list[_Direct]) -> tuple[list[_Direct], list[_Staged]]:
-    """Split ``direct`` into the ranges that stay direct and staged blocks for runs of small ranges back to back
-    in one file that the arena breaks (see STAGED_RUN_PIECE_MAX); every byte is still fetched once."""
+    """Split ``direct`` into the ranges that stay direct (in file order) and staged blocks for runs of small
+    ranges back to back in one file that the arena breaks (see STAGED_RUN_PIECE_MAX); every byte is still
+    fetched once."""
     kept: list[_Direct] = []
     staged: list[_Staged] = []
     run: list[_Direct] = []

@@ -158,13 +158,15 @@ def test_ranges_back_to_back_in_file_and_arena_are_merged_up_to_the_limit() -> N
     tensors = {f"t{i:02d}": torch.randn(64) for i in range(6)} | {"u": torch.randn(10)} | {"v": torch.randn(64)}
     plan = build_plan([header_of(save(tensors))], tp_size=1, ranks=[0], rules=(), max_range_bytes=1 << 20)
     direct, _, _ = _route(plan, direct_piece_min=1)
-    merged = _coalesce(direct)
+    merged = _coalesce(sorted(direct, key=lambda d: (d.file_index, d.file_offset)))
     assert [d.length for d in merged] == [6 * 256 + 40, 256]  # "u" (40 B) ends the run: "v" starts aligned
     assert sum(d.length for d in merged) == sum(d.length for d in direct)
-    assert _coalesce([_Direct(0, 0, 256, 0, 0), _Direct(1, 256, 256, 0, 256), _Direct(0, 256, 256, 1, 256),
-                      _Direct(0, 512, 256, 0, 768)]) == sorted(
-        [_Direct(0, 0, 256, 0, 0), _Direct(1, 256, 256, 0, 256), _Direct(0, 256, 256, 1, 256),
-         _Direct(0, 512, 256, 0, 768)], key=lambda d: (d.file_index, d.file_offset))
+    first = _Direct(0, 0, 256, 0, 0)
+    assert _coalesce([first, _Direct(0, 256, 256, 0, 256)]) == [_Direct(0, 0, 512, 0, 0)]
+    for after in (_Direct(0, 256, 256, 0, 512),  # a gap in the arena
+                  _Direct(0, 256, 256, 1, 256),  # another arena
+                  _Direct(1, 256, 256, 0, 256)):  # another file
+        assert _coalesce([first, after]) == [first, after]
     big = COALESCE_MAX_BYTES // 2
     assert [d.length for d in _coalesce([_Direct(0, i * big, big, 0, i * big) for i in range(3)])] == [2 * big, big]
 
