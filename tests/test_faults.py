@@ -273,7 +273,9 @@ def test_storage_killed_mid_load(daemon_factory, tmp_path: Path, figure) -> None
     storage = start_seaweedfs(tmp_path / "seaweedfs")
     try:
         model = tmp_path / "model"
-        write_synthetic_model(model, total_bytes=384 * 2**20, shards=2, dtypes=("bf16", "fp32"))
+        # Large enough that storage dies with ranges still to send: progress comes every 0.25 s, and at 384 MiB
+        # the first report of landed bytes sometimes came with the whole model landed (the kill too late).
+        write_synthetic_model(model, total_bytes=1 << 30, shards=2, dtypes=("bf16", "fp32"))
         expected = expected_tensors(model)
         storage.upload(model, "models", "killed/")
         uri = "s3://models/killed/"
