@@ -53,6 +53,11 @@ def assert_equal(model: client.AttachedModel, expected: dict[str, torch.Tensor])
         assert torch.equal(model.tensors[name], tensor), name
 
 
+# A model that streaming_load catches with ranges still to come from storage: progress comes every 0.25 s, and
+# at 384 MiB the first report of landed bytes sometimes came with the whole model landed (1 of 4 fresh loads).
+MID_LOAD_MODEL_BYTES = 1 << 30
+
+
 def streaming_load(pool: ThreadPoolExecutor, uri: str, target: str) -> Future[client.LoadProgress]:
     """Start loading ``uri``; return once it has landed some weight bytes (it is streaming, not listing)."""
     landed = threading.Event()
@@ -215,7 +220,7 @@ def test_sigterm_with_two_loads_running_and_a_client_attached(
     daemon_factory, s3_server: S3Server, s3_llama: str, tmp_path: Path, llama_model: Model, figure
 ) -> None:
     big = tmp_path / "big"
-    write_synthetic_model(big, total_bytes=384 * 2**20, shards=2, dtypes=("bf16", "fp32"))
+    write_synthetic_model(big, total_bytes=MID_LOAD_MODEL_BYTES, shards=2, dtypes=("bf16", "fp32"))
     s3_server.upload(big, "models", "big-sigterm/")
     big_uri = "s3://models/big-sigterm/"
     held = str(copy_model(llama_model, tmp_path / "held"))
@@ -273,9 +278,7 @@ def test_storage_killed_mid_load(daemon_factory, tmp_path: Path, figure) -> None
     storage = start_seaweedfs(tmp_path / "seaweedfs")
     try:
         model = tmp_path / "model"
-        # Large enough that storage dies with ranges still to send: progress comes every 0.25 s, and at 384 MiB
-        # the first report of landed bytes sometimes came with the whole model landed (the kill too late).
-        write_synthetic_model(model, total_bytes=1 << 30, shards=2, dtypes=("bf16", "fp32"))
+        write_synthetic_model(model, total_bytes=MID_LOAD_MODEL_BYTES, shards=2, dtypes=("bf16", "fp32"))
         expected = expected_tensors(model)
         storage.upload(model, "models", "killed/")
         uri = "s3://models/killed/"
