@@ -50,12 +50,15 @@ class Architecture:
     kv_heads: int | None  # num_key_value_heads (num_attention_heads without grouped-query attention)
 
 
+# A column-parallel projection's tensors: all split on dim 0, FP8 scales (per-channel, block-wise) with the weight.
+_COLUMN_PARALLEL_PARAMS = r"\.(weight|bias|weight_scale|weight_scale_inv)$"
+
+
 def llama_family_plan(kv_heads: int | None) -> tuple[ShardRule, ...]:
     """The plan for checkpoints with Llama's tensor names; k/v keep their ``kv_heads`` heads whole."""
     return (
-        ShardRule(r"\.(q_proj|q_b_proj|kv_b_proj|gate_proj|up_proj|w1|w3)\.(weight|bias|weight_scale|weight_scale_inv)$",
-                  0),
-        ShardRule(r"\.(k_proj|v_proj)\.(weight|bias|weight_scale|weight_scale_inv)$", 0, heads=kv_heads or 0),
+        ShardRule(r"\.(q_proj|q_b_proj|kv_b_proj|gate_proj|up_proj|w1|w3)" + _COLUMN_PARALLEL_PARAMS, 0),
+        ShardRule(r"\.(k_proj|v_proj)" + _COLUMN_PARALLEL_PARAMS, 0, heads=kv_heads or 0),
         ShardRule(r"\.(o_proj|down_proj|w2)\.(weight|weight_scale_inv)$", 1),
         ShardRule(r"(^|\.)embed_tokens\.weight$", 0, VOCAB_PAD_MULTIPLE),
         ShardRule(r"((^|\.)lm_head|\.shared_head\.head)\.weight$", 0, VOCAB_PAD_MULTIPLE),
