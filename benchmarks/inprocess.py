@@ -1,0 +1,189 @@
+"""The daemon's load against the Run:ai streamer alone, alternated in one process.
+
+    .venv/bin/python benchmarks/inprocess.py [--geometries small,qwen2.5-0.5b,llama3-8b] [--storage fake-gcs]
+        [--repetitions 5] [--shm-dir /dev/shm] [--json out.json]
+
+benchmarks/run.py measures each scenario in a fresh process, as a user meets them. On a VM that hands freed
+memory back to its host (free page reporting), a fresh process's first touch of memory costs what the host
+charges for it, and that depends on what ran and freed memory before; the fresh-process ratios then move by
+more than the targets' margins from run to run (docs/benchmarks.md). Here every step runs in this one process,
+in an order rotated per repetition, after one unmeasured pass of each has warmed the store:
+
+  a    the streamer alone: SafetensorsStreamer over the shards (run.py's a)
+  c    weightd's load phases: prepare (listing, metadata, headers, plan), then stream into a host arena, as the
+       daemon's load thread runs them (collector paused); tp_size 1
+  all  the same for all ranks of TP=4
+  lone the same for rank 1 of 4 alone
+
+It reports each step's median time, this process's CPU and the storage server's CPU (medians), every sample,
+and the bytes each load fetched. No daemon, gRPC or client is involved: the difference is what the load's own
+code costs against the streamer's on this machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from runai_model_streamer import SafetensorsStreamer  # noqa: E402
+from weightd.daemon import loader  # noqa: E402
+from weightd.daemon.config import SETTINGS  # noqa: E402
+from weightd.daemon.gc_pause import collection_paused  # noqa: E402
+from weightd.daemon.memory.host import HostMemory, huge_page_policy  # noqa: E402
+from weightd.daemon.storage.base import parse_model_uri  # noqa: E402
+
+from benchmarks.geometries import GEOMETRIES  # noqa: E402
+from benchmarks.run import STORES, Bench, machine, start_store  # noqa: E402
+from tests.storage_servers import stop_process  # noqa: E402
+
+# step -> (tp_size, ranks); "a" is the streamer alone.
+LOADS = {"c": (1, [0]), "all": (4, [0, 1, 2, 3]), "lone": (4, [1])}
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU of ``pid`` and its descendants (a store may run as a launcher and its server)."""
+    total, pending = 0.0, [pid]
+    while pending:
+        current = pending.pop()
+        try:
+            fields = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
+            children = Path(f"/proc/{current}/task/{current}/children").read_text().split()
+        except FileNotFoundError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        pending += [int(child) for child in children]
+    return total
+
+
+class InProcess:
+    def __init__(self, bench: Bench, shm_dir: Path) -> None:
+        self.bench = bench
+        self.memory = HostMemory(directory=shm_dir, namespace=f"bench-inprocess-{os.getpid()}")
+        self.settings = loader.LoadSettings(memory_limit=next(s.default for s in SETTINGS if s.name == "memory_limit"))
+        self.loads = 0
+
+    def streamer_alone(self, model: dict[str, Any]) -> int:
+        tensors = {}
+        with SafetensorsStreamer() as streamer:
+            streamer.stream_files(self.bench.shard_uris(model))
+            for name, tensor in streamer.get_tensors():
+                tensors[name] = tensor
+        return int(sum(t.nbytes for t in tensors.values()))
+
+    def weightd_load(self, model: dict[str, Any], tp_size: int, ranks: list[int]) -> int:
+        self.loads += 1
+        with collection_paused():
+            prepared = loader.prepare(parse_model_uri(model["uri"]), cache_dir=self.bench.work / f"cache{self.loads}",
+                                      tp_size=tp_size, ranks=ranks, rules=(), settings=self.settings)
+            loaded = loader.stream(prepared, self.memory, settings=self.settings, on_progress=lambda n: None)
+        for rank in loaded:
+            rank.arena.release()
+        return prepared.plan.fetched_bytes
+
+    def measure(self, model: dict[str, Any], repetitions: int) -> dict[str, Any]:
+        steps: dict[str, Callable[[], int]] = {"a": functools.partial(self.streamer_alone, model)}
+        for name, (tp_size, ranks) in LOADS.items():
+            steps[name] = functools.partial(self.weightd_load, model, tp_size, ranks)
+        for step in steps.values():  # the store's first reads of new objects are slow for every reader
+            step()
+        server = self.bench.store.process.pid
+        samples: dict[str, dict[str, list[float]]] = {n: {"seconds": [], "cpu": [], "server_cpu": []} for n in steps}
+        fetched: dict[str, int] = {}
+        names = list(steps)
+        for repetition in range(repetitions):
+            for name in names[repetition % len(names) :] + names[: repetition % len(names)]:
+                own, served, started = os.times(), cpu_seconds(server), time.perf_counter()
+                fetched[name] = steps[name]()
+                seconds, after = time.perf_counter() - started, os.times()
+                samples[name]["seconds"].append(seconds)
+                samples[name]["cpu"].append(after.user + after.system - own.user - own.system)
+                samples[name]["server_cpu"].append(cpu_seconds(server) - served)
+            print(f"  rep {repetition + 1} done", file=sys.stderr)
+        med = {name: {k: statistics.median(v) for k, v in s.items()} for name, s in samples.items()}
+        return {
+            "samples": samples, "medians": med, "fetched_bytes": fetched,
+            "ratios": {
+                "c/a": med["c"]["seconds"] / med["a"]["seconds"],
+                "all ranks/c": med["all"]["seconds"] / med["c"]["seconds"],
+                "lone rank/c": med["lone"]["seconds"] / med["c"]["seconds"],
+                "lone rank bytes/c": fetched["lone"] / fetched["c"],
+            },
+        }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--geometries", default="small,qwen2.5-0.5b,llama3-8b",
+                        help=f"comma-separated, of: small, {', '.join(GEOMETRIES)}")
+    parser.add_argument("--size-gb", type=float, default=1.0, help="size of the synthetic 'small' geometry")
+    parser.add_argument("--storage", choices=sorted(STORES), default="seaweedfs")
+    parser.add_argument("--repetitions", type=int, default=5)
+    parser.add_argument("--shm-dir", type=Path, default=Path("/dev/shm"), help="where the arenas go")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    names = args.geometries.split(",")
+    unknown = set(names) - {"small", *GEOMETRIES}
+    if unknown:
+        raise SystemExit(f"unknown geometries {sorted(unknown)}")
+    work = Path(tempfile.mkdtemp(prefix="weightd-inprocess-"))
+    store = start_store(args.storage, work)
+    results: dict[str, Any] = {
+        "machine": machine(), "storage": STORES[args.storage], "repetitions": args.repetitions,
+        "arena_dir": {"path": str(args.shm_dir), "tmpfs_huge": huge_page_policy(args.shm_dir) or "not a tmpfs"},
+        "geometries": {},
+    }
+    try:
+        bench = Bench(store, work, args.repetitions, [args.shm_dir])
+        # This process is the streamer and the loader: it gets the settings run.py gives their processes.
+        os.environ.update(bench.env)
+        in_process = InProcess(bench, args.shm_dir)
+        for name in names:
+            model = bench.geometry(name, args.size_gb)
+            print(f"{name}: {model['bytes'] / 1e9:.2f} GB, {model['tensors']} tensors", file=sys.stderr)
+            results["geometries"][name] = {
+                **{k: v for k, v in model.items() if k not in ("uri", "prefix", "shards")},
+                **in_process.measure(model, args.repetitions),
+            }
+            if args.json:
+                args.json.write_text(json.dumps(results, indent=2))
+    finally:
+        stop_process(store.process)
+        shutil.rmtree(work, ignore_errors=True)
+    print(render(results))
+    return 0
+
+
+def render(results: dict[str, Any]) -> str:
+    lines = [f"weightd in one process: {results['storage']}; {results['machine']}; arenas in "
+             f"{results['arena_dir']}; medians of {results['repetitions']} (time, then CPU: this process + the "
+             "store's)", "",
+             "| geometry | size | tensors | a. streamer | c. weightd | c/a | TP=4 all ranks | all / c | "
+             "lone rank | lone / c: time, bytes |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+
+    def cell(step: dict[str, float]) -> str:
+        return f"{step['seconds']:.3f} s ({step['cpu']:.2f} + {step['server_cpu']:.2f})"
+
+    for name, g in results["geometries"].items():
+        m, r = g["medians"], g["ratios"]
+        lines.append(f"| {name} | {g['bytes'] / 1e9:.2f} GB | {g['tensors']} | {cell(m['a'])} | {cell(m['c'])} "
+                     f"| {r['c/a']:.3f} | {cell(m['all'])} | {r['all ranks/c']:.2f} | {cell(m['lone'])} "
+                     f"| {r['lone rank/c']:.2f}, {r['lone rank bytes/c']:.2f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
