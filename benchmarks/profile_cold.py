@@ -1,10 +1,11 @@
 """Where the cold path spends its time beyond the streamer: cProfile over one cold load, in-process.
 
     .venv/bin/python benchmarks/profile_cold.py [--geometry small|qwen2.5-0.5b|llama3-8b|llama3-8b-fp8|qwen3-moe]
-        [--size-gb 1.0 (small only)] [--tp-size 4 [--rank 1]]
+        [--size-gb 1.0 (small only)] [--tp-size 4 [--rank 1]] [--storage seaweedfs|fake-gcs] [--shm-dir DIR]
 
-Runs the daemon's own phases (resolve: list + metadata + headers; plan; stream into a host arena) against a
-local SeaweedFS server, on one thread, and prints the functions with the most own time.
+Runs the daemon's own phases (resolve: list + metadata + headers; plan; stream into host arenas) against a
+local object store (as benchmarks/run.py serves it), on one thread, after one unprofiled load; prints each
+phase's time, the load's steps (STEPS below) and the functions with the most own time.
 """
 
 from __future__ import annotations
@@ -17,19 +18,20 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from weightd.daemon import loader  # noqa: E402
+from weightd.daemon import loader, plan, source, streaming  # noqa: E402
 from weightd.daemon.config import SETTINGS  # noqa: E402
 from weightd.daemon.memory.host import HostMemory  # noqa: E402
 from weightd.daemon.storage.base import parse_model_uri  # noqa: E402
-from weightd.daemon.synthetic import write_synthetic_model  # noqa: E402
 
-from benchmarks.geometries import GEOMETRIES, write_geometry  # noqa: E402
-from tests.storage_servers import start_seaweedfs, stop_process  # noqa: E402
+from benchmarks.geometries import GEOMETRIES  # noqa: E402
+from benchmarks.run import STORES, Bench, start_store  # noqa: E402
+from tests.storage_servers import stop_process  # noqa: E402
 
 
 def main() -> int:
@@ -38,21 +40,16 @@ def main() -> int:
     parser.add_argument("--size-gb", type=float, default=1.0)
     parser.add_argument("--tp-size", type=int, default=1)
     parser.add_argument("--rank", type=int, default=None, help="one rank alone (default: all ranks)")
+    parser.add_argument("--storage", choices=sorted(STORES), default="seaweedfs")
+    parser.add_argument("--shm-dir", type=Path, default=Path("/dev/shm"), help="where the arenas go")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="weightd-profile-"))
-    s3 = start_seaweedfs(work / "seaweedfs")
+    bench = Bench(start_store(args.storage, work), work, 1, [args.shm_dir])
     arenas = []
     try:
-        os.environ.update(s3.env() | {"RUNAI_STREAMER_S3_USE_VIRTUAL_ADDRESSING": "0"})
-        s3.client().create_bucket(Bucket="prof")
-        if args.geometry == "small":
-            write_synthetic_model(work / "m", total_bytes=int(args.size_gb * 1e9), shards=4,
-                                  dtypes=("bf16", "fp16", "fp32"))
-        else:
-            write_geometry(work / "m", GEOMETRIES[args.geometry])
-        s3.upload(work / "m", "prof", "m/")
-        location = parse_model_uri("s3://prof/m/")
-        memory = HostMemory(directory=Path("/dev/shm"), namespace=f"profile-{os.getpid()}")
+        os.environ.update(bench.env)  # the settings run.py gives the streamer and the daemon
+        location = parse_model_uri(bench.geometry(args.geometry, args.size_gb)["uri"])
+        memory = HostMemory(directory=args.shm_dir, namespace=f"profile-{os.getpid()}")
         settings = loader.LoadSettings(memory_limit=next(s.default for s in SETTINGS if s.name == "memory_limit"))
         # One unprofiled load first: the server's first read after an upload is slow for every reader.
         warm = loader.prepare(location, cache_dir=work / "warm-cache", tp_size=1, ranks=[0], rules=(),
@@ -73,14 +70,38 @@ def main() -> int:
         phases = {"prepare (list, metadata, headers, plan)": t1 - t0, "stream into arena": t2 - t1}
         for name, seconds in phases.items():
             print(f"{name:40s} {seconds:7.3f} s")
-        stats = pstats.Stats(profiler).sort_stats("tottime")
-        stats.print_stats(15)
+        stats = pstats.Stats(profiler)
+        for name, seconds in steps(stats).items():
+            print(f"  {name:38s} {seconds:7.3f} s")
+        stats.sort_stats("tottime").print_stats(15)
     finally:
         for rank in arenas:
             rank.arena.release()
-        stop_process(s3.process)
+        stop_process(bench.store.process)
         shutil.rmtree(work, ignore_errors=True)
     return 0
+
+
+# The load's steps, by the function that runs each on the loading thread: the profiler sees only this thread,
+# so work on other threads (faulting in the arena, the scatter's copies) shows as the wait of the step that
+# started it.
+STEPS: dict[str, Callable[..., object]] = {
+    "resolve: listing, metadata, headers": source.resolve,
+    "plan": plan.build_plan,
+    "reserve the arenas": loader._allocate,
+    "wait for the streamer's ranges": streaming._RangeReader.wait,
+    "wait for the scatter's copies": streaming._Scatters.wait,
+    "replicated copies": streaming._copy_duplicates,
+}
+
+
+def steps(stats: pstats.Stats) -> dict[str, float]:
+    """Cumulative seconds of each of STEPS in a profile (0 for a step that did not run)."""
+    profiled = stats.stats  # type: ignore[attr-defined]  # {(file, line, name): (cc, nc, tottime, cumtime, callers)}
+    return {
+        name: profiled.get((f.__code__.co_filename, f.__code__.co_firstlineno, f.__code__.co_name), (0, 0, 0, 0.0))[3]
+        for name, f in STEPS.items()
+    }
 
 
 if __name__ == "__main__":
