@@ -57,7 +57,6 @@ def main() -> int:
         for rank in loader.stream(warm, memory, settings=settings, on_progress=lambda n: None):
             rank.arena.release()
         profiler = cProfile.Profile()
-        phases = {}
         profiler.enable()
         t0 = time.perf_counter()
         ranks = [args.rank] if args.rank is not None else list(range(args.tp_size))
