@@ -60,22 +60,29 @@ class RankLayout:
 
 @dataclass(frozen=True)
 class Target:
-    """Copy ``width`` bytes per row from column ``column`` of a block into a rank's arena."""
+    """Copy ``width`` bytes per row from column ``column`` of a block into a rank's arena, the first row at
+    ``dst_from_base`` bytes past the block's ``dst_base``."""
 
     layout_index: int
     column: int
     width: int
-    dst_offset: int
+    dst_from_base: int
     dst_row_stride: int
 
 
 @dataclass(frozen=True)
 class Block:
-    """``rows`` x ``width`` bytes, contiguous in the file from ``file_offset``, and where they go."""
+    """``rows`` x ``width`` bytes, contiguous in the file from ``file_offset``, and where they go.
+
+    A tensor's slices lie at one offset in every rank's arena, so the plan's blocks give it as ``dst_base`` and
+    their targets only what differs by rank: blocks of tensors of one shape share their targets (a large MoE's
+    thousands of experts, at TP=8 eight targets each).
+    """
 
     file_offset: int
     rows: int
     width: int
+    dst_base: int
     targets: tuple[Target, ...]
 
     @property
@@ -182,22 +189,33 @@ def _place(
     served: list[Slot] = []
     shards: list[tuple[str, int | None]] = []
     cursor = 0
+    # Runs once per tensor of the model (100k for a large MoE): the unfused case stays a few steps.
     for tensor in tensors:
-        if tensor.name in offsets:
+        name = tensor.name
+        group = group_of.get(name) if group_of else None
+        if group is None:
+            offsets[name] = start = -(-cursor // ALIGNMENT) * ALIGNMENT
+            cursor = start + nbytes[name]
+            served.append(Slot(name, tensor.dtype, shapes[name], start, cursor - start))
+            if tp_size > 1:
+                shards.append((name, dims[name]))
             continue
-        group = group_of.get(tensor.name)
-        members = fused[group] if group is not None else [tensor]
+        if name in offsets:
+            continue
+        members = fused[group]
         start = cursor = align(cursor)
         for member in members:  # back to back: the fused tensor is their concatenation
             offsets[member.name] = cursor
             cursor += nbytes[member.name]
-        shape = shapes[tensor.name]
-        if group is not None:
-            shape = (sum(shapes[m.name][0] for m in members), *shape[1:])
-        served.append(Slot(group or tensor.name, tensor.dtype, shape, start, cursor - start))
+        shape = (sum(shapes[m.name][0] for m in members), *shapes[name][1:])
+        served.append(Slot(group, tensor.dtype, shape, start, cursor - start))
         if tp_size > 1:
-            shards.append((group or tensor.name, dims[tensor.name]))
+            shards.append((group, dims[name]))
     return _Placement(offsets, tuple(served), tuple(shards), align(cursor))
+
+
+# A block's targets and the fetched bytes each layout is credited with: (layout index, bytes).
+_Pattern = tuple[tuple[Target, ...], tuple[tuple[int, int], ...]]
 
 
 class _PlanBuilder:
@@ -211,35 +229,35 @@ class _PlanBuilder:
         self.placement = placement
         self.padding: list[list[tuple[int, int]]] = [[] for _ in ranks]
         self.fetched = [0] * len(ranks)
+        self._window_sets: dict[tuple[int, int], tuple[list[int], int, int]] = {}
+        # Blocks of one shape have one pattern: computed once, it makes a tensor's blocks a lookup each.
+        self._patterns: dict[tuple[int, int, int, int, int], _Pattern] = {}
 
     def add_tensor(self, tensor: TensorEntry, split: Split | None) -> list[Block]:
         """Add ``tensor``'s padding to every rank's layout; return the blocks that fetch its slices."""
         if split is None:
             return self._whole(tensor)
-        outer = math.prod(tensor.shape[: split.dim])
+        shape = tensor.shape
+        outer = math.prod(shape[: split.dim])
         row_bytes = tensor.nbytes // max(outer, 1)
-        piece = row_bytes // tensor.shape[split.dim] * split.part if tensor.shape[split.dim] else 0
+        piece = row_bytes // shape[split.dim] * split.part if shape[split.dim] else 0
         offset = self.placement.offsets[tensor.name]
-        windows = []
-        for i, rank in enumerate(self.ranks):
-            window = split.index(rank, self.tp_size) * piece
-            windows.append(window)
-            if window + piece > row_bytes:
-                start = max(window, row_bytes) - window
-                self.padding[i].extend((offset + row * piece + start, piece - start) for row in range(outer))
+        windows, first, last = self._windows(split, piece)
+        if last + piece > row_bytes:
+            for i, window in enumerate(windows):
+                if window + piece > row_bytes:
+                    start = max(window, row_bytes) - window
+                    self.padding[i].extend((offset + row * piece + start, piece - start) for row in range(outer))
 
         def block_at(row: int, rows: int, column: int, width: int) -> Block:
-            targets = []
-            for i, window in enumerate(windows):
-                lo, hi = max(column, window), min(column + width, window + piece)
-                if lo < hi:
-                    dst = offset + row * piece + (lo - window)
-                    targets.append(Target(i, lo - column, hi - lo, dst, piece))
-            self._attribute(rows * width, targets, rows)
-            return Block(tensor.begin + row * row_bytes + column, rows, width, tuple(targets))
+            key = (split.parts, piece, column, width, rows)
+            pattern = self._patterns.get(key)
+            if pattern is None:
+                pattern = self._patterns[key] = self._pattern(windows, piece, column, width, rows)
+            return self._block(tensor.begin + row * row_bytes + column, rows, width, offset + row * piece, pattern)
 
         # Padding (columns past row_bytes) is never fetched: a rank holding only padding reads nothing.
-        lo, hi = min(windows), min(max(windows) + piece, row_bytes)
+        lo, hi = first, min(last + piece, row_bytes)
         if lo >= hi:
             return []
         if outer == 1:
@@ -253,31 +271,52 @@ class _PlanBuilder:
         ]
 
     def _whole(self, tensor: TensorEntry) -> list[Block]:
-        """The blocks of a tensor every rank holds whole: what ``add_tensor``'s general case gives for one row of
-        one window, without its per-rank arithmetic (a large MoE has 100k tensors)."""
+        """The blocks of a tensor every rank holds whole: one row of one window (``add_tensor``'s general case,
+        without its per-rank arithmetic)."""
         offset, size = self.placement.offsets[tensor.name], tensor.nbytes
-        if 0 < size <= self.max_range and len(self.ranks) == 1:
-            self.fetched[0] += size
-            return [Block(tensor.begin, 1, size, (Target(0, 0, size, offset, size),))]
         blocks = []
         for column in range(0, size, self.max_range):
             width = min(self.max_range, size - column)
-            targets = tuple(Target(i, 0, width, offset + column, size) for i in range(len(self.ranks)))
-            self._attribute(width, targets, 1)
-            blocks.append(Block(tensor.begin + column, 1, width, targets))
+            key = (0, size, column, width, 1)  # 0 parts: a whole tensor's
+            pattern = self._patterns.get(key)
+            if pattern is None:
+                pattern = self._patterns[key] = self._pattern([0] * len(self.ranks), size, column, width, 1)
+            blocks.append(self._block(tensor.begin + column, 1, width, offset, pattern))
         return blocks
 
-    def _attribute(self, length: int, targets: Sequence[Target], rows: int) -> None:
-        """Split a block's fetched bytes between its targets by what each received (remainder to the first)."""
-        if len(targets) == 1:
-            self.fetched[targets[0].layout_index] += length
-            return
+    def _block(self, file_offset: int, rows: int, width: int, dst_base: int, pattern: _Pattern) -> Block:
+        targets, credits = pattern
+        fetched = self.fetched
+        for layout_index, credit in credits:
+            fetched[layout_index] += credit
+        return Block(file_offset, rows, width, dst_base, targets)
+
+    @staticmethod
+    def _pattern(windows: Sequence[int], piece: int, column: int, width: int, rows: int) -> _Pattern:
+        """The targets of a block of ``rows`` x [column, column + width) of rows that rank i holds
+        [windows[i], windows[i] + piece) of, and how its fetched bytes are split between them: by what each
+        received, the remainder to the first."""
+        targets = []
+        for i, window in enumerate(windows):
+            lo, hi = max(column, window), min(column + width, window + piece)
+            if lo < hi:
+                targets.append(Target(i, lo - column, hi - lo, lo - window, piece))
+        length = rows * width
         received = [t.width * rows for t in targets]
         total = sum(received)
         shares = [length * r // total for r in received]
         shares[0] += length - sum(shares)
-        for target, share in zip(targets, shares, strict=True):
-            self.fetched[target.layout_index] += share
+        return tuple(targets), tuple((t.layout_index, share) for t, share in zip(targets, shares, strict=True))
+
+    def _windows(self, split: Split, piece: int) -> tuple[list[int], int, int]:
+        """Where each loaded rank's slice starts in a row split into ``split.parts`` pieces of ``piece`` bytes,
+        and the first and last of those starts (once per geometry: a model has few)."""
+        key = (split.parts, piece)
+        found = self._window_sets.get(key)
+        if found is None:
+            windows = [split.index(rank, self.tp_size) * piece for rank in self.ranks]
+            found = self._window_sets[key] = (windows, min(windows), max(windows))
+        return found
 
     def finish(self, files: tuple[FilePlan, ...]) -> LoadPlan:
         placement = self.placement

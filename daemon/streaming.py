@@ -118,13 +118,12 @@ def _route(plan: LoadPlan, *, direct_piece_min: int) -> tuple[list[_Direct], lis
             for t in block.targets:  # one row (or whole rows for one rank: one target of the block's full width)
                 if (t.column, t.width) in fetched:
                     src = fetched[(t.column, t.width)]
-                    duplicates.append(
-                        _Duplicate(src.layout_index, src.dst_offset, t.layout_index, t.dst_offset, t.width)
-                    )
+                    duplicates.append(_Duplicate(src.layout_index, block.dst_base + src.dst_from_base,
+                                                 t.layout_index, block.dst_base + t.dst_from_base, t.width))
                 else:
                     fetched[(t.column, t.width)] = t
                     direct.append(_Direct(file_index, block.file_offset + t.column, block.rows * t.width,
-                                          t.layout_index, t.dst_offset))
+                                          t.layout_index, block.dst_base + t.dst_from_base))
     return direct, staged, duplicates
 
 
@@ -226,7 +225,7 @@ def _end_run(run: list[_Direct], kept: list[_Direct], staged: list[_Staged]) -> 
         return
     start = run[0].file_offset
     targets = tuple(Target(d.layout_index, d.file_offset - start, d.length, d.dst_offset, d.length) for d in run)
-    staged.append(_Staged(run[0].file_index, Block(start, 1, run[-1].file_offset + run[-1].length - start, targets)))
+    staged.append(_Staged(run[0].file_index, Block(start, 1, run[-1].file_offset + run[-1].length - start, 0, targets)))
 
 
 def _requests(plan: LoadPlan, *, direct_piece_min: int) -> tuple[list[_Direct], list[_Staged], list[_Duplicate]]:
@@ -336,7 +335,7 @@ def _staged_range(
         on_progress(block.length)
         for t in block.targets:
             # A target's rows lie dst_row_stride apart; the plan makes that its width, or gives it one row.
-            on_filled(t.layout_index, t.dst_offset, (block.rows - 1) * t.dst_row_stride + t.width)
+            on_filled(t.layout_index, block.dst_base + t.dst_from_base, (block.rows - 1) * t.dst_row_stride + t.width)
 
     def landed() -> None:
         scatters.start(batch, functools.partial(_scatter_block, view, block, destinations), scattered)
@@ -494,17 +493,19 @@ def _scatter_block(data: torch.Tensor, block: Block, destinations: list[torch.Te
         source = raw.data_ptr()
         for t in block.targets:
             dst = destinations[t.layout_index]
-            if t.column + t.width > block.width or t.dst_offset + t.width > dst.numel():
+            dst_offset = block.dst_base + t.dst_from_base
+            if t.column + t.width > block.width or dst_offset + t.width > dst.numel():
                 raise ValueError(f"a staged piece of {t.width} bytes lies outside its block or arena")
-            ctypes.memmove(dst.data_ptr() + t.dst_offset, source + t.column, t.width)
+            ctypes.memmove(dst.data_ptr() + dst_offset, source + t.column, t.width)
         return
     for t in block.targets:
         dst = destinations[t.layout_index]
-        geometry = (block.width, t.column, t.width, t.dst_row_stride, t.dst_offset, raw.data_ptr(), dst.data_ptr())
+        dst_offset = block.dst_base + t.dst_from_base
+        geometry = (block.width, t.column, t.width, t.dst_row_stride, dst_offset, raw.data_ptr(), dst.data_ptr())
         word = next(w for w in _WORDS if all(v % w == 0 for v in geometry))
         rows = raw.view(_WORDS[word]).view(block.rows, block.width // word)
         target = dst.view(_WORDS[word]).as_strided(
-            (block.rows, t.width // word), (t.dst_row_stride // word, 1), t.dst_offset // word
+            (block.rows, t.width // word), (t.dst_row_stride // word, 1), dst_offset // word
         )
         numpy.copyto(target.numpy(), rows[:, t.column // word : (t.column + t.width) // word].numpy())
 

@@ -40,6 +40,10 @@ def model(seed: int = 0) -> dict[str, torch.Tensor]:
         "col.weight": torch.randn(8, 12, generator=g).to(torch.bfloat16),
         "col.bias": torch.randn(8, generator=g),
         "row.weight": torch.randn(12, 16, generator=g).to(torch.float16),
+        # Tensors shaped like earlier ones (an MoE's experts): their blocks reuse the earlier ones' targets.
+        "col.expert.weight": torch.randn(8, 12, generator=g).to(torch.bfloat16),
+        "row.expert.weight": torch.randn(12, 16, generator=g).to(torch.float16),
+        "norm.expert.weight": torch.randn(12, generator=g),
         "row3d.weight": torch.randn(4, 8, 3, generator=g),  # "row" matches: split dim 1 of 3-D
         "deep.weight": torch.randn(2, 3, 8, generator=g).to(torch.float64),
         "whole.weight": torch.randn(5, 7, generator=g),
