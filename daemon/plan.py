@@ -230,6 +230,7 @@ class _PlanBuilder:
         self.padding: list[list[tuple[int, int]]] = [[] for _ in ranks]
         self.fetched = [0] * len(ranks)
         self._window_sets: dict[tuple[int, int], tuple[list[int], int, int]] = {}
+        self._whole_windows = [0] * len(ranks)
         # Blocks of one shape have one pattern: computed once, it makes a tensor's blocks a lookup each.
         self._patterns: dict[tuple[int, int, int, int, int], _Pattern] = {}
 
@@ -250,10 +251,7 @@ class _PlanBuilder:
                     self.padding[i].extend((offset + row * piece + start, piece - start) for row in range(outer))
 
         def block_at(row: int, rows: int, column: int, width: int) -> Block:
-            key = (split.parts, piece, column, width, rows)
-            pattern = self._patterns.get(key)
-            if pattern is None:
-                pattern = self._patterns[key] = self._pattern(windows, piece, column, width, rows)
+            pattern = self._pattern(split.parts, windows, piece, column, width, rows)
             return self._block(tensor.begin + row * row_bytes + column, rows, width, offset + row * piece, pattern)
 
         # Padding (columns past row_bytes) is never fetched: a rank holding only padding reads nothing.
@@ -277,10 +275,7 @@ class _PlanBuilder:
         blocks = []
         for column in range(0, size, self.max_range):
             width = min(self.max_range, size - column)
-            key = (0, size, column, width, 1)  # 0 parts: a whole tensor's
-            pattern = self._patterns.get(key)
-            if pattern is None:
-                pattern = self._patterns[key] = self._pattern([0] * len(self.ranks), size, column, width, 1)
+            pattern = self._pattern(0, self._whole_windows, size, column, width, 1)  # 0 parts: held whole
             blocks.append(self._block(tensor.begin + column, 1, width, offset, pattern))
         return blocks
 
@@ -291,11 +286,16 @@ class _PlanBuilder:
             fetched[layout_index] += credit
         return Block(file_offset, rows, width, dst_base, targets)
 
-    @staticmethod
-    def _pattern(windows: Sequence[int], piece: int, column: int, width: int, rows: int) -> _Pattern:
-        """The targets of a block of ``rows`` x [column, column + width) of rows that rank i holds
-        [windows[i], windows[i] + piece) of, and how its fetched bytes are split between them: by what each
-        received, the remainder to the first."""
+    def _pattern(
+        self, parts: int, windows: Sequence[int], piece: int, column: int, width: int, rows: int
+    ) -> _Pattern:
+        """The targets of a block of ``rows`` x [column, column + width) of rows split into ``parts`` slices,
+        of which rank i holds [windows[i], windows[i] + piece), and how its fetched bytes are split between
+        them: by what each received, the remainder to the first. Computed once per shape."""
+        key = (parts, piece, column, width, rows)
+        found = self._patterns.get(key)
+        if found is not None:
+            return found
         targets = []
         for i, window in enumerate(windows):
             lo, hi = max(column, window), min(column + width, window + piece)
@@ -306,11 +306,14 @@ class _PlanBuilder:
         total = sum(received)
         shares = [length * r // total for r in received]
         shares[0] += length - sum(shares)
-        return tuple(targets), tuple((t.layout_index, share) for t, share in zip(targets, shares, strict=True))
+        found = self._patterns[key] = (
+            tuple(targets), tuple((t.layout_index, share) for t, share in zip(targets, shares, strict=True))
+        )
+        return found
 
     def _windows(self, split: Split, piece: int) -> tuple[list[int], int, int]:
         """Where each loaded rank's slice starts in a row split into ``split.parts`` pieces of ``piece`` bytes,
-        and the first and last of those starts (once per geometry: a model has few)."""
+        and the first and last of those starts (once per split and piece size: a model has few)."""
         key = (split.parts, piece)
         found = self._window_sets.get(key)
         if found is None:
