@@ -148,6 +148,19 @@ def test_lone_rank_reads_whole_rows_below_the_row_range_threshold() -> None:
     assert plan.layouts[0].size == tensors["row.weight"].nbytes // 4
 
 
+def test_tensors_of_one_shape_share_their_blocks_targets() -> None:
+    """A large MoE's experts cost one rank's planning at any tp_size: each block names where its tensor lies
+    (the same offset in every rank's arena) and shares the targets of every block of its shape."""
+    experts = {f"experts.{e}.col.weight": torch.randn(8, 12) for e in range(16)}
+    experts |= {f"experts.{e}.norm.weight": torch.randn(12) for e in range(16)}
+    plan = build_plan([header_of(save(experts))], tp_size=4, ranks=[0, 1, 2, 3], rules=RULES,
+                      max_range_bytes=1 << 20)
+    blocks = plan.files[0].blocks
+    assert len(blocks) == 32 and len({id(b.targets) for b in blocks}) == 2
+    offsets = {slot.offset for slot in plan.layouts[0].slots}
+    assert {b.dst_base for b in blocks} == offsets and len(offsets) == 32
+
+
 def test_a_whole_model_is_written_directly_and_large_reads_split() -> None:
     tensors = {f"norm{i}": torch.randn(16) for i in range(10)} | {"whole": torch.randn(1000)}
     plan = build_plan([header_of(save(tensors))], tp_size=1, ranks=[0], rules=(), max_range_bytes=1024)
