@@ -89,6 +89,10 @@ class Block:
     def length(self) -> int:
         return self.rows * self.width
 
+    def dst_offset(self, target: Target) -> int:
+        """Where ``target``'s first row goes in its arena."""
+        return self.dst_base + target.dst_from_base
+
 
 @dataclass(frozen=True)
 class FilePlan:
@@ -194,7 +198,7 @@ def _place(
         name = tensor.name
         group = group_of.get(name) if group_of else None
         if group is None:
-            offsets[name] = start = -(-cursor // ALIGNMENT) * ALIGNMENT
+            offsets[name] = start = align(cursor)
             cursor = start + nbytes[name]
             served.append(Slot(name, tensor.dtype, shapes[name], start, cursor - start))
             if tp_size > 1:

@@ -118,12 +118,12 @@ def _route(plan: LoadPlan, *, direct_piece_min: int) -> tuple[list[_Direct], lis
             for t in block.targets:  # one row (or whole rows for one rank: one target of the block's full width)
                 if (t.column, t.width) in fetched:
                     src = fetched[(t.column, t.width)]
-                    duplicates.append(_Duplicate(src.layout_index, block.dst_base + src.dst_from_base,
-                                                 t.layout_index, block.dst_base + t.dst_from_base, t.width))
+                    duplicates.append(_Duplicate(src.layout_index, block.dst_offset(src),
+                                                 t.layout_index, block.dst_offset(t), t.width))
                 else:
                     fetched[(t.column, t.width)] = t
                     direct.append(_Direct(file_index, block.file_offset + t.column, block.rows * t.width,
-                                          t.layout_index, block.dst_base + t.dst_from_base))
+                                          t.layout_index, block.dst_offset(t)))
     return direct, staged, duplicates
 
 
@@ -335,7 +335,7 @@ def _staged_range(
         on_progress(block.length)
         for t in block.targets:
             # A target's rows lie dst_row_stride apart; the plan makes that its width, or gives it one row.
-            on_filled(t.layout_index, block.dst_base + t.dst_from_base, (block.rows - 1) * t.dst_row_stride + t.width)
+            on_filled(t.layout_index, block.dst_offset(t), (block.rows - 1) * t.dst_row_stride + t.width)
 
     def landed() -> None:
         scatters.start(batch, functools.partial(_scatter_block, view, block, destinations), scattered)
@@ -493,14 +493,14 @@ def _scatter_block(data: torch.Tensor, block: Block, destinations: list[torch.Te
         source = raw.data_ptr()
         for t in block.targets:
             dst = destinations[t.layout_index]
-            dst_offset = block.dst_base + t.dst_from_base
+            dst_offset = block.dst_offset(t)
             if t.column + t.width > block.width or dst_offset + t.width > dst.numel():
                 raise ValueError(f"a staged piece of {t.width} bytes lies outside its block or arena")
             ctypes.memmove(dst.data_ptr() + dst_offset, source + t.column, t.width)
         return
     for t in block.targets:
         dst = destinations[t.layout_index]
-        dst_offset = block.dst_base + t.dst_from_base
+        dst_offset = block.dst_offset(t)
         geometry = (block.width, t.column, t.width, t.dst_row_stride, dst_offset, raw.data_ptr(), dst.data_ptr())
         word = next(w for w in _WORDS if all(v % w == 0 for v in geometry))
         rows = raw.view(_WORDS[word]).view(block.rows, block.width // word)
