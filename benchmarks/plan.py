@@ -40,16 +40,16 @@ from benchmarks.geometries import GEOMETRIES  # noqa: E402
 
 SAFETENSORS_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32",
                       torch.float8_e4m3fn: "F8_E4M3"}
+# The published checkpoints' layer counts, where benchmarks/geometries.py cuts them.
+PUBLISHED_LAYERS = {"qwen3-moe": 48, "llama3-8b": 32, "llama3-8b-fp8": 32}
 # What the daemon's loader gives build_plan with its default streaming memory limit (weightd.daemon.loader).
 MAX_RANGE_BYTES = max(1 << 20, next(s.default for s in SETTINGS if s.name == "memory_limit") // 4)
 
 
-def header_bytes(geometry: str, layers: int | None) -> tuple[bytes, int, Architecture]:
+def header_bytes(geometry: str, layers: int) -> tuple[bytes, int, Architecture]:
     """One safetensors header for every tensor of the geometry (one shard: the plan's cost is per tensor)."""
     chosen = GEOMETRIES[geometry]
-    config = dict(chosen.config)
-    if layers is not None:
-        config["num_hidden_layers"] = layers
+    config = {**chosen.config, "num_hidden_layers": layers}
     entries: dict[str, object] = {}
     offset = 0
     for name, (shape, dtype) in chosen.specs(config).items():
@@ -79,7 +79,8 @@ def main() -> None:
     parser.add_argument("--repetitions", type=int, default=5)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    layers = args.layers or {"qwen3-moe": 48, "llama3-8b": 32, "llama3-8b-fp8": 32}.get(args.geometry)
+    cut_to = GEOMETRIES[args.geometry].config["num_hidden_layers"]
+    layers = args.layers or PUBLISHED_LAYERS.get(args.geometry) or int(cut_to)  # type: ignore[call-overload]
     raw, file_size, architecture = header_bytes(args.geometry, layers)
 
     def parse() -> SafetensorsHeader:
