@@ -5,8 +5,10 @@ staging buffer. Blocking; runs in the daemon's load threads or in a streaming he
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import functools
+import sys
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -251,8 +253,9 @@ def fetch_into(
     that scattered blocks pass through; a block whose per-rank pieces are under ``direct_piece_min`` bytes
     passes through it too, read once (the storage's ``min_separate_read_bytes``). ``on_progress`` gets the
     bytes of each fetched range as it lands; ``on_filled`` each destination region (layout index, offset,
-    length) once its final bytes are in place. Both are called from this thread. A storage failure raises
-    StreamingError.
+    length) once its final bytes are in place. Both are called from this thread. A replicated tensor read into
+    one rank's arena is copied to the others' as its range lands, beside the ranges still to come. A storage
+    failure raises StreamingError.
     """
     filled = on_filled or _ignore_filled
     direct, staged, duplicates = _requests(plan, direct_piece_min=direct_piece_min)
@@ -269,8 +272,12 @@ def fetch_into(
             with FileStreamer() as session:
                 session.handle_object_store(paths[0], session.streamer)
                 reader = _RangeReader(session.streamer, paths)
-                reader.submit([_Range(d.file_index, d.file_offset, d.length, bases[d.layout_index] + d.dst_offset,
-                                      functools.partial(_direct_landed, d, on_progress, filled)) for d in direct])
+                copied_on_landing, copied_at_end = _duplicates_by_source(direct, duplicates)
+                reader.submit([
+                    _Range(d.file_index, d.file_offset, d.length, bases[d.layout_index] + d.dst_offset,
+                           functools.partial(_direct_landed, d, copies, destinations, scatters, on_progress, filled))
+                    for d, copies in zip(direct, copied_on_landing, strict=True)
+                ])
                 in_flight: list[tuple[int, list[int]]] = []  # each slot's batch and its submissions, oldest first
                 for index, batch in enumerate(_batches(staged, slots[0])):
                     if len(in_flight) == len(slots):
@@ -292,9 +299,8 @@ def fetch_into(
         except BaseException:
             _return_freed_heap()  # the streamer ended with the failure and freed its buffers
             raise
-    _copy_duplicates(duplicates, destinations)
-    for d in duplicates:
-        filled(d.dst_layout, d.dst_offset, d.length)
+    _copy_duplicates(copied_at_end, destinations)
+    _duplicates_filled(copied_at_end, filled)
 
 
 # (layout index, offset, length) of a destination region whose bytes are final.
@@ -305,9 +311,45 @@ def _ignore_filled(layout_index: int, offset: int, length: int) -> None:
     pass
 
 
-def _direct_landed(d: _Direct, on_progress: Callable[[int], None], on_filled: FillCallback) -> None:
+def _direct_landed(
+    d: _Direct,
+    copies: list[_Duplicate],
+    destinations: list[torch.Tensor],
+    scatters: _Scatters,
+    on_progress: Callable[[int], None],
+    on_filled: FillCallback,
+) -> None:
     on_progress(d.length)
     on_filled(d.layout_index, d.dst_offset, d.length)
+    if copies:  # the replicas of what just landed, copied beside the ranges still to come
+        scatters.start(_Scatters.UNBATCHED, functools.partial(_copy_duplicates, copies, destinations),
+                       functools.partial(_duplicates_filled, copies, on_filled))
+        scatters.finish_done()
+
+
+def _duplicates_by_source(
+    direct: list[_Direct], duplicates: list[_Duplicate]
+) -> tuple[list[list[_Duplicate]], list[_Duplicate]]:
+    """For each direct range, the duplicates whose source it writes whole (copied once it lands); and the
+    rest, whose source a staged run fills (copied after the stream)."""
+    starts = sorted((d.layout_index, d.dst_offset, i) for i, d in enumerate(direct))
+    keys = [(layout, offset) for layout, offset, _ in starts]
+    on_landing: list[list[_Duplicate]] = [[] for _ in direct]
+    at_end: list[_Duplicate] = []
+    for dup in duplicates:
+        k = bisect.bisect_right(keys, (dup.src_layout, dup.src_offset)) - 1
+        source = direct[starts[k][2]] if k >= 0 else None
+        if (source is not None and source.layout_index == dup.src_layout
+                and dup.src_offset + dup.length <= source.dst_offset + source.length):
+            on_landing[starts[k][2]].append(dup)
+        else:
+            at_end.append(dup)
+    return on_landing, at_end
+
+
+def _duplicates_filled(duplicates: list[_Duplicate], on_filled: FillCallback) -> None:
+    for d in duplicates:
+        on_filled(d.dst_layout, d.dst_offset, d.length)
 
 
 @dataclass(frozen=True)
@@ -351,11 +393,15 @@ SCATTER_THREADS = 4
 
 
 class _Scatters:
-    """Staged blocks' scatters, run on a pool's threads beside the one collecting the streamer's responses.
+    """Staged blocks' scatters and the copies of replicated ranges, run on a pool's threads beside the one
+    collecting the streamer's responses.
 
     Each block's completion (progress, filled regions) runs on the fetching thread, as ``fetch_into``
     promises: in ``finish_done`` or ``wait``.
     """
+
+    # The batch of copies that no staging slot waits for (a replicated tensor's): only ``wait(None)`` does.
+    UNBATCHED = sys.maxsize
 
     def __init__(self, pool: ThreadPoolExecutor) -> None:
         self.pool = pool

@@ -43,7 +43,9 @@ from weightd.daemon.metrics import Metrics
 from weightd.daemon.mirror import CopyCoalescer, DeviceMirror
 from weightd.daemon.registry import Registry
 from weightd.daemon.service import status_name
+from weightd.daemon.sharding import ShardRule
 from weightd.daemon.storage.base import parse_model_uri
+from weightd.daemon.streaming import _duplicates_by_source, _requests
 from weightd.daemon.synthetic import write_synthetic_model
 from weightd.v1 import weightd_pb2 as pb
 from weightd.v1 import weightd_pb2_grpc as pb_grpc
@@ -222,18 +224,27 @@ def test_populate_faults_in_a_fresh_arena_before_it_is_pinned(shm: Path) -> None
         arena.release()
 
 
+# Only the MLP is split: attention and embeddings are replicated, each read once and copied as it lands.
+MLP_ONLY = (ShardRule(r"mlp\.down_proj", 1), ShardRule(r"mlp\.(gate|up)_proj", 0))
+
+
 @pytest.mark.parametrize("concurrency", [None, 3], ids=["in-process", "helper-process"])
 @pytest.mark.parametrize("min_copy_bytes", [1, 8 << 20], ids=["every-region", "merged"])
+@pytest.mark.parametrize("rules", [(), MLP_ONLY], ids=["default-plan", "mlp-only"])
 def test_a_mirrored_load_leaves_every_tensor_on_the_device(
     small_model: tuple[Path, dict[str, torch.Tensor]], shm: Path, tmp_path: Path, concurrency: int | None,
-    min_copy_bytes: int,
+    min_copy_bytes: int, rules: tuple[ShardRule, ...],
 ) -> None:
     """An all-ranks TP=2 load (direct ranges, scattered dim-1 slices, replicated tensors copied in memory),
     ranges capped at 1 MiB so large tensors land in pieces: every slot's bytes reach its rank's device arena."""
     directory, full = small_model
     settings = LoadSettings(memory_limit=4 << 20, concurrency=concurrency)
     prepared = loader.prepare(parse_model_uri(str(directory)), cache_dir=tmp_path, tp_size=2, ranks=[0, 1],
-                              rules=(), settings=settings)
+                              rules=rules, settings=settings)
+    if rules:  # the replicas are copied beside the stream, as their source ranges land
+        direct, _, duplicates = _requests(prepared.plan, direct_piece_min=prepared.store.min_separate_read_bytes)
+        copied_on_landing, copied_at_end = _duplicates_by_source(direct, duplicates)
+        assert sum(map(len, copied_on_landing)) == len(duplicates) > 0 and not copied_at_end
     pinned: set[str] = set()
     gpus = [HostBackedGpu(GPU0, shm, pinned), HostBackedGpu(GPU1, shm, pinned)]
     targets = [gpu.allocate(layout.size, label=f"r{layout.rank}") for gpu, layout in

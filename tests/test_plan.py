@@ -18,6 +18,8 @@ from weightd.daemon.streaming import (
     _coalesce,
     _copy_duplicates,
     _Direct,
+    _Duplicate,
+    _duplicates_by_source,
     _requests,
     _route,
     _scatter_block,
@@ -239,6 +241,14 @@ def test_small_direct_ranges_back_to_back_with_staged_blocks_are_staged_with_the
     # A load that stages nothing keeps its small ranges direct.
     whole = build_plan([header_of(blob)], tp_size=1, ranks=[0], rules=RULES, max_range_bytes=1 << 20)
     assert _route(whole, direct_piece_min=4097)[1] == []
+
+
+def test_a_replica_is_copied_when_the_range_holding_its_whole_source_lands() -> None:
+    direct = [_Direct(0, 0, 100, 0, 0), _Direct(0, 100, 50, 1, 256)]
+    inside, whole = _Duplicate(0, 10, 2, 0, 20), _Duplicate(1, 256, 3, 0, 50)
+    across_the_end, in_no_range = _Duplicate(0, 90, 2, 0, 20), _Duplicate(1, 0, 2, 0, 8)  # staged sources
+    on_landing, at_end = _duplicates_by_source(direct, [inside, whole, across_the_end, in_no_range])
+    assert on_landing == [[inside], [whole]] and at_end == [across_the_end, in_no_range]
 
 
 def test_staging_takes_two_slots_only_when_the_staged_blocks_exceed_the_limit_and_two_largest_fit() -> None:
