@@ -89,8 +89,8 @@ def main() -> None:
     header = parse()
     count = len(header.tensors)
     results: dict[str, list[float]] = {"parse": timed(parse, args.repetitions)}
-    geometries = [(1, [0]), (4, [0, 1, 2, 3]), (4, [1]), (8, list(range(8))), (8, [1])]
-    for tp_size, ranks in geometries:
+    loads = [(1, [0]), (4, [0, 1, 2, 3]), (4, [1]), (8, list(range(8))), (8, [1])]
+    for tp_size, ranks in loads:
         rules = select_rules(architecture, (), tp_size=tp_size)
         label = f"tp{tp_size} " + ("all ranks" if len(ranks) == tp_size else f"rank {ranks[0]}")
 
