@@ -89,9 +89,9 @@ STEPS: dict[str, Callable[..., object]] = {
     "plan": plan.build_plan,
     "reserve the arenas": loader._allocate,
     "wait for the streamer's ranges": streaming._RangeReader.wait,
-    "wait for the scatter's and replicas' copies": streaming._Scatters.wait,
+    "wait for scatters and replicas' copies": streaming._Scatters.wait,
     # Replicas whose source a staged run fills; the others are copied on the scatter's threads as they land.
-    "replicated copies after the stream": streaming._copy_duplicates,
+    "replicas copied after the stream": streaming._copy_duplicates,
 }
 
 
