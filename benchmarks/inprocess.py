@@ -42,11 +42,11 @@ from runai_model_streamer import SafetensorsStreamer  # noqa: E402
 from weightd.daemon import loader  # noqa: E402
 from weightd.daemon.config import SETTINGS  # noqa: E402
 from weightd.daemon.gc_pause import collection_paused  # noqa: E402
-from weightd.daemon.memory.host import HostMemory, huge_page_policy  # noqa: E402
+from weightd.daemon.memory.host import HostMemory  # noqa: E402
 from weightd.daemon.storage.base import parse_model_uri  # noqa: E402
 
 from benchmarks.geometries import GEOMETRIES  # noqa: E402
-from benchmarks.run import STORES, Bench, machine, start_store  # noqa: E402
+from benchmarks.run import STORES, Bench, arena_dir, machine, start_store  # noqa: E402
 from tests.storage_servers import stop_process  # noqa: E402
 
 # step -> (tp_size, ranks); "a" is the streamer alone.
@@ -133,7 +133,7 @@ def main() -> int:
     store = start_store(args.storage, work)
     results: dict[str, Any] = {
         "machine": machine(), "storage": STORES[args.storage], "repetitions": args.repetitions,
-        "arena_dir": {"path": str(args.shm_dir), "tmpfs_huge": huge_page_policy(args.shm_dir) or "not a tmpfs"},
+        "arena_dir": arena_dir(args.shm_dir),
         "geometries": {},
     }
     try:

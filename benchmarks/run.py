@@ -53,7 +53,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from weightd import client  # noqa: E402
-from weightd.daemon.memory.host import huge_page_policy  # noqa: E402
+from weightd.daemon.memory.host import HugePagePool, huge_page_policy  # noqa: E402
 from weightd.daemon.synthetic import write_synthetic_model  # noqa: E402
 
 from benchmarks.daemon import Daemon  # noqa: E402
@@ -430,8 +430,15 @@ def cold_ratios(med: dict[str, float]) -> dict[str, float]:
     return {f"{key}/a": value / med["a"] for key, value in med.items() if key.startswith("c@")}
 
 
-def arena_dirs(shm_dirs: list[Path]) -> list[dict[str, str]]:
-    return [{"path": str(d), "tmpfs_huge": huge_page_policy(d) or "not a tmpfs"} for d in shm_dirs]
+def arena_dirs(shm_dirs: list[Path]) -> list[dict[str, Any]]:
+    return [arena_dir(d) for d in shm_dirs]
+
+
+def arena_dir(directory: Path) -> dict[str, Any]:
+    """Where arenas go and which pages they get: a tmpfs's huge= policy, or a hugetlbfs's page size."""
+    pool = HugePagePool.of(directory)
+    pages = {"hugetlbfs_page_bytes": pool.page_size} if pool else {}
+    return {"path": str(directory), "tmpfs_huge": huge_page_policy(directory) or "not a tmpfs", **pages}
 
 
 def tp_ratios(tp: dict[str, Any], model_bytes: int) -> dict[str, float]:

@@ -130,7 +130,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("tls_key", "", str, "PEM private key for --listen-api."),
     Setting("tls_client_ca", "", str, "PEM CA bundle: --listen-api then requires client certificates it signed."),
     Setting("cache_dir", Path("/var/cache/weightd"), Path, "Local cache of metadata files (config, tokenizer)."),
-    Setting("shm_dir", Path("/dev/shm"), Path, "tmpfs directory holding host shared-memory arenas."),
+    Setting("shm_dir", Path("/dev/shm"), Path, "tmpfs or hugetlbfs directory holding host shared-memory arenas."),
     Setting("concurrency", 0, _non_negative_int,
             "Storage clients (threads) per load (RUNAI_STREAMER_CONCURRENCY); 0: the streamer's own default, "
             "8 for object storage and 16 for file systems."),

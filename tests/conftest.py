@@ -219,13 +219,45 @@ def run_client(script: str, *args: str, env: Mapping[str, str] | None = None, ti
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def in_own_tmpfs(directory: Path, options: str) -> tuple[str, ...]:
-    """A wrapper (``daemon_factory(wrapper=...)``) that starts the daemon in its own mount namespace, on a tmpfs
-    mounted at ``directory`` with ``options``; skips the test where that is not allowed."""
+def in_own_mount(directory: Path, options: str, *, filesystem: str = "tmpfs") -> tuple[str, ...]:
+    """A wrapper (``daemon_factory(wrapper=...)``) that starts the daemon in its own mount namespace, on a
+    ``filesystem`` mounted at ``directory`` with ``options``; skips the test where that is not allowed."""
     if subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode != 0:
         pytest.skip("needs unshare -m (root or CAP_SYS_ADMIN)")
     directory.mkdir()
-    return ("unshare", "-m", "sh", "-c", f'mount -t tmpfs -o {options} tmpfs {directory} && exec "$@"', "sh")
+    return ("unshare", "-m", "sh", "-c", f'mount -t {filesystem} -o {options} none {directory} && exec "$@"', "sh")
+
+
+HUGE_PAGE_POOL = Path("/sys/kernel/mm/hugepages/hugepages-2048kB")
+
+
+def unclaimed_huge_pages() -> int:
+    """2 MiB pages of the kernel's pool that no mapping holds or has reserved."""
+    return int((HUGE_PAGE_POOL / "free_hugepages").read_text()) - int((HUGE_PAGE_POOL / "resv_hugepages").read_text())
+
+
+@pytest.fixture
+def huge_pages() -> Iterator[int]:
+    """At least 64 unclaimed 2 MiB pages in the kernel's pool (what a hugetlbfs's files take): added to the pool
+    for the test where there are fewer and root may (vm.nr_hugepages), and taken out again after it."""
+    wanted = 64
+    total = HUGE_PAGE_POOL / "nr_hugepages"
+    if not total.exists():
+        pytest.skip("this kernel has no pool of 2 MiB huge pages")
+    before = int(total.read_text())
+    missing = wanted - unclaimed_huge_pages()
+    if missing > 0:
+        try:
+            total.write_text(str(before + missing))
+        except OSError:
+            pytest.skip(f"needs {wanted} free 2 MiB huge pages (vm.nr_hugepages) or root to add them")
+    try:
+        if unclaimed_huge_pages() < wanted:
+            pytest.skip(f"the kernel found no {wanted} free 2 MiB pages (memory too fragmented)")
+        yield unclaimed_huge_pages()
+    finally:
+        if missing > 0:
+            total.write_text(str(before))  # pages still mapped leave the pool once they are freed
 
 
 def fp8_linear(name: str, out_features: int, in_features: int, generator: torch.Generator) -> dict[str, torch.Tensor]:

@@ -14,7 +14,7 @@ import grpc
 import pytest
 from weightd import client
 
-from tests.conftest import Model, S3Server, copy_model, free_port, in_own_tmpfs
+from tests.conftest import Model, S3Server, copy_model, free_port, in_own_mount
 
 
 def write_raw_safetensors(path: Path, header: object, data: bytes = b"", *, length: int | None = None) -> None:
@@ -170,7 +170,7 @@ def test_a_model_larger_than_the_shared_memory_is_resource_exhausted(daemon_fact
                                                                        good_uri: str) -> None:
     shm = tmp_path / "small-shm"
     # A 1 MiB tmpfs in the daemon's own mount namespace stands in for a full /dev/shm.
-    wrapper = in_own_tmpfs(shm, "size=1m")
+    wrapper = in_own_mount(shm, "size=1m")
     # A budget beyond the tmpfs itself: the filesystem, not the budget, runs out.
     daemon = daemon_factory(extra_args=("--shm-dir", str(shm), "--host-memory-limit", "1GiB"), wrapper=wrapper)
     with pytest.raises(client.ResourceExhaustedError, match="evict models") as raised:

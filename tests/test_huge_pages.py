@@ -1,6 +1,7 @@
 """Which pages an arena gets: the daemon reads its --shm-dir's tmpfs ``huge=`` policy, warns when arenas would be
 filled one 4 KiB page at a time, and on a ``huge=within_size`` or ``huge=advise`` tmpfs its arenas are mapped in
-2 MiB pages (by the daemon and by the engines that attach)."""
+2 MiB pages (by the daemon and by the engines that attach); on a hugetlbfs they are whole pages of the kernel's
+pool."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 from weightd.daemon.memory.host import huge_page_policy
 
-from tests.conftest import Model, in_own_tmpfs, run_client
+from tests.conftest import Model, in_own_mount, run_client
 
 MOUNTINFO = """\
 21 1 0:20 / / rw,relatime - overlay overlay rw,lowerdir=/l,upperdir=/u
@@ -97,7 +98,7 @@ def test_arenas_on_a_huge_tmpfs_are_mapped_in_2_mib_pages(daemon_factory, tmp_pa
     if not SHMEM_ENABLED.exists() or "[deny]" in SHMEM_ENABLED.read_text():
         pytest.skip("this kernel gives tmpfs no huge pages")
     shm = tmp_path / "huge-shm"
-    wrapper = in_own_tmpfs(shm, f"size=256m,huge={policy}")
+    wrapper = in_own_mount(shm, f"size=256m,huge={policy}")
     daemon = daemon_factory(extra_args=("--shm-dir", str(shm), "--free-on-stop", "true"), wrapper=wrapper)
     seen = run_client(ATTACH_AND_COUNT_HUGE, str(llama_model.directory), daemon.target, str(llama_model.directory))
     assert seen["mismatched"] == [] and seen["tensors"] == len(llama_model.tensors)
@@ -110,7 +111,7 @@ def test_the_daemon_warns_when_arenas_get_4_kib_pages(daemon_factory, tmp_path: 
     if SHMEM_ENABLED.exists() and re.search(r"\[(force|deny)\]", SHMEM_ENABLED.read_text()):
         pytest.skip("this kernel's shmem_enabled overrides every tmpfs's huge= option")
     shm = tmp_path / "small-pages"
-    daemon = daemon_factory(extra_args=("--shm-dir", str(shm)), wrapper=in_own_tmpfs(shm, "size=16m,huge=never"))
+    daemon = daemon_factory(extra_args=("--shm-dir", str(shm)), wrapper=in_own_mount(shm, "size=16m,huge=never"))
     log = daemon.log.read_text()
     assert f"arenas in {shm} get 4 KiB pages (tmpfs huge=never)" in log
     assert "README, 'Huge pages for arenas'" in log
@@ -147,7 +148,7 @@ for name in ("small", "huge", "advise"):
     arena.release()
 full = Path(sys.argv[1]) / "full"
 (full / "other").write_bytes(b"x" * (10 << 20))  # another writer's 10 MiB of the 16
-host._free_bytes = lambda directory: 1 << 40  # as if that writer came after the free-space check
+host._free_bytes = lambda directory, pool: 1 << 40  # as if that writer came after the free-space check
 for reservation in (Reservation.FAULT_IN, Reservation.FALLOCATE):
     try:
         HostArena(full / "arena", 8 << 20, create=True, reservation=reservation)
@@ -186,8 +187,132 @@ def test_each_tmpfs_gets_the_cheaper_reservation_and_a_full_one_is_an_error_not_
     assert report["advise"]["mapped"] == report["advise"]["allocated"] == size and report["advise"]["zero"]
     assert report["advise"]["huge_mapped"] >= size // 2, report["advise"]
     assert report["full, FAULT_IN"] == [
-        "OutOfMemoryError", f"faulting in {8 << 20} bytes of host memory failed: its tmpfs is full; evict models "
-        "(weightd evict URI) or enlarge the tmpfs", ["other"]]
+        "OutOfMemoryError", f"faulting in {8 << 20} bytes of host memory failed: its tmpfs is full or its huge "
+        "page limit was reached; evict models (weightd evict URI) or give the arenas more room", ["other"]]
     assert report["full, FALLOCATE"][0] == "OSError" and "No space left" in report["full, FALLOCATE"][1]
     assert report["full, FALLOCATE"][2] == ["other"]
     assert report["full, allocate"].startswith(f"arena for late in {tmp_path}/full: faulting in")
+
+
+# Attach; compare with safetensors; report the page size and hugetlb pages of the mapping the tensors lie in.
+ATTACH_AND_READ_HUGETLB = r"""
+import glob, json, sys
+import torch
+from safetensors.torch import load_file
+from weightd import client
+
+model = client.attach(sys.argv[1], target=sys.argv[2], timeout=120)
+expected = {}
+for f in glob.glob(sys.argv[3] + "/*.safetensors"):
+    expected.update(load_file(f))
+mismatched = [n for n, t in expected.items() if not torch.equal(model.tensors[n], t)]
+pointer = next(iter(model.tensors.values())).data_ptr()
+mapping = {}
+inside = False
+for line in open("/proc/self/smaps"):
+    field = line.split()
+    if "-" in field[0]:
+        low, high = (int(x, 16) for x in field[0].split("-"))
+        inside = low <= pointer < high
+        if inside:
+            mapping["size"] = high - low
+    elif inside and field[0] in ("KernelPageSize:", "Shared_Hugetlb:", "Private_Hugetlb:"):
+        mapping[field[0].rstrip(":")] = int(field[1]) * 1024
+print(json.dumps({"mismatched": mismatched, "tensors": len(model.tensors), "mapping": mapping}))
+"""
+
+
+def test_arenas_on_a_hugetlbfs_take_the_pool_s_2_mib_pages_and_engines_map_them(
+    daemon_factory, tmp_path: Path, llama_model: Model, huge_pages: int
+) -> None:
+    """A hugetlbfs (systemd's /dev/hugepages, Kubernetes' ``medium: HugePages``) gives arenas 2 MiB pages from
+    the kernel's pool without a tmpfs mounted huge=: each arena is whole pages, and an engine's read-only
+    mapping of it is a hugetlb one."""
+    shm = tmp_path / "hugetlbfs"
+    wrapper = in_own_mount(shm, "pagesize=2M,size=64M", filesystem="hugetlbfs")
+    daemon = daemon_factory(extra_args=("--shm-dir", str(shm), "--free-on-stop", "true"), wrapper=wrapper)
+    seen = run_client(ATTACH_AND_READ_HUGETLB, str(llama_model.directory), daemon.target, str(llama_model.directory))
+    assert seen["mismatched"] == [] and seen["tensors"] == len(llama_model.tensors)
+    mapping = seen["mapping"]
+    assert mapping["KernelPageSize"] == 2 << 20 and mapping["size"] % (2 << 20) == 0, mapping
+    assert mapping["size"] >= llama_model.nbytes
+    assert mapping["Shared_Hugetlb"] + mapping["Private_Hugetlb"] >= llama_model.nbytes // (2 << 20) * (2 << 20)
+    assert "4 KiB pages" not in daemon.log.read_text()
+
+
+# In its own mount namespace: arenas on a hugetlbfs with a size limit and on one without (the pool is the limit).
+RESERVE_HUGETLB = r"""
+import json, os, sys
+from pathlib import Path
+from weightd.daemon.errors import OutOfMemoryError
+from weightd.daemon.memory import host
+from weightd.daemon.memory.host import HostMemory
+
+PAGE = 2 << 20
+
+def page_size(address):
+    inside = False
+    for line in open("/proc/self/smaps"):
+        field = line.split()
+        if "-" in field[0]:
+            low, high = (int(x, 16) for x in field[0].split("-"))
+            inside = low <= address < high
+        elif inside and field[0] == "KernelPageSize:":
+            return int(field[1]) * 1024
+
+def refused(memory, size):
+    try:
+        memory.allocate(size, label="big")
+    except OutOfMemoryError as e:
+        return str(e)
+
+report = {}
+sized = HostMemory(directory=Path(sys.argv[1]) / "sized", namespace="t")
+arena = sized.allocate(3 << 20, label="three-mib")
+adopted = sized.adopt(arena.name, arena.size)
+report["sized"] = {
+    "capacity": sized.capacity(), "size": arena.size, "allocated": os.stat(arena.path).st_blocks * 512,
+    "zero": not bool(arena.tensor().any()), "page": page_size(arena.tensor().data_ptr()),
+    "adopted": adopted.size, "empty": sized.allocate(0, label="empty").size, "refused": refused(sized, 3 << 20),
+}
+adopted.detach()
+pool = HostMemory(directory=Path(sys.argv[1]) / "pool", namespace="t")
+pages = lambda counter: int((host._HUGE_PAGE_POOLS / "hugepages-2048kB" / counter).read_text())
+unclaimed = pages("free_hugepages") - pages("resv_hugepages")
+report["pool"] = {"capacity": pool.capacity(), "total": pages("nr_hugepages") * PAGE, "unclaimed": unclaimed * PAGE,
+                  "refused": refused(pool, (unclaimed + 1) * PAGE)}
+host._free_bytes = lambda directory, pool: 1 << 50  # as if another process took the pages after the check
+report["pool"]["taken"] = refused(pool, (unclaimed + 1) * PAGE)
+report["pool"]["left"] = sorted(p.name for p in (Path(sys.argv[1]) / "pool").iterdir())
+print(json.dumps(report))
+"""
+
+
+def test_a_hugetlbfs_arena_is_whole_pages_and_a_pool_too_small_is_an_error(tmp_path: Path, huge_pages: int) -> None:
+    """An arena's file is whole 2 MiB pages (even an empty one: its mapping takes one), faulted in and zero, and
+    it is adopted after a restart as a tmpfs one is. The room is the mount's size= limit or, without one, the
+    pool's unclaimed pages; an arena that does not fit is OutOfMemoryError saying to reserve more pages, also
+    when another process takes them between the check and the mapping."""
+    if subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode != 0:
+        pytest.skip("needs unshare -m (root or CAP_SYS_ADMIN)")
+    mounts = " && ".join(f"mkdir {tmp_path}/{name} && mount -t hugetlbfs -o {options} none {tmp_path}/{name}"
+                         for name, options in (("sized", "pagesize=2M,size=8M"), ("pool", "pagesize=2M")))
+    done = subprocess.run(["unshare", "-m", "sh", "-c", f'{mounts} && exec "$@"', "sh", sys.executable, "-c",
+                           RESERVE_HUGETLB, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    page = 2 << 20
+    remedy = "evict models (weightd evict URI) or reserve more huge pages (vm.nr_hugepages)"
+    assert report["sized"] == {
+        "capacity": 8 << 20, "size": 4 << 20, "allocated": 4 << 20, "zero": True, "page": page, "adopted": 4 << 20,
+        "empty": page,
+        "refused": f"arena for big needs {4 << 20} bytes but {tmp_path}/sized has {page} free; {remedy}",
+    }
+    pool = report["pool"]
+    assert pool["capacity"] == pool["total"] and pool["unclaimed"] >= (huge_pages - 3) * page  # 3 taken above
+    size = pool["unclaimed"] + page
+    assert pool["refused"] == (f"arena for big needs {size} bytes but {tmp_path}/pool has {pool['unclaimed']} free; "
+                               f"{remedy}")
+    assert pool["taken"] == (f"arena for big needs {size} bytes but {tmp_path}/pool is full (another writer took the "
+                             f"space first); {remedy}")
+    assert pool["left"] == []

@@ -4,7 +4,8 @@ Each backend in ``weightd.daemon.memory.BACKENDS`` must: allocate an arena the l
 as a descriptor that another process maps read-only (and cannot write through); release it; say its
 capacity (the base of a percentage budget); let a restarted daemon adopt a completed arena (and refuse one
 that is not intact, or another daemon's); remove unrecorded ones; and refuse what does not fit with
-OutOfMemoryError. Backends that need hardware this machine lacks are skipped with the reason.
+OutOfMemoryError. Backends that need hardware this machine lacks are skipped with the reason. Host memory
+is tested on /dev/shm and on a hugetlbfs (where root may mount one), whose arenas are whole 2 MiB pages.
 """
 
 from __future__ import annotations
@@ -38,14 +39,26 @@ if sys.argv[3] == "write":
 """
 
 
-@pytest.fixture
-def arena_dir() -> Iterator[Path]:
+@pytest.fixture(params=["tmpfs", "hugetlbfs"])
+def arena_dir(request: pytest.FixtureRequest) -> Iterator[Path]:
+    """A directory of /dev/shm, or a hugetlbfs of 32 MiB (2 MiB pages from the kernel's pool) mounted for the test
+    where root may."""
     directory = Path(tempfile.mkdtemp(prefix="weightd-conformance-", dir="/dev/shm"))
+    mounted = False
     try:
+        if request.param == "hugetlbfs":
+            request.getfixturevalue("huge_pages")
+            mount = subprocess.run(["mount", "-t", "hugetlbfs", "-o", "pagesize=2M,size=32M,mode=700", "none",
+                                    str(directory)], capture_output=True, text=True)
+            if mount.returncode != 0:
+                pytest.skip(f"cannot mount a hugetlbfs: {mount.stderr.strip()}")
+            mounted = True
         yield directory
     finally:
         for path in directory.iterdir():
             path.unlink()
+        if mounted:
+            subprocess.run(["umount", str(directory)], check=True)
         directory.rmdir()
 
 
@@ -56,6 +69,11 @@ def kind(request: pytest.FixtureRequest) -> str:
 
 def backend(kind: str, directory: Path, namespace: str = "conformance") -> MemoryBackend:
     return open_backend(kind, directory=directory, namespace=namespace)
+
+
+def _whole_pages(directory: Path, size: int) -> int:
+    page = os.statvfs(directory).f_bsize
+    return -(-size // page) * page
 
 
 def fill(arena_tensor: torch.Tensor) -> int:
@@ -72,7 +90,8 @@ def map_elsewhere(fd: int, size: int, mode: str = "read") -> subprocess.Complete
 def test_hand_over_and_map_read_only_in_another_process(kind: str, arena_dir: Path) -> None:
     memory = backend(kind, arena_dir)
     arena = memory.allocate(3 << 20, label="handover")
-    assert arena.kind == memory.kind == kind and arena.size == 3 << 20
+    # On a hugetlbfs an arena is whole pages (2 MiB): its size is all it takes.
+    assert arena.kind == memory.kind == kind and arena.size == _whole_pages(arena_dir, 3 << 20)
     assert arena.handle().by_descriptor and arena.handle().size == arena.size and memory.device_uuid == ""
     checksum = fill(arena.tensor())
     fd = arena.export()

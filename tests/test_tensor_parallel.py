@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from weightd import client
 
-from tests.conftest import S3Server, fp8_linear, in_own_tmpfs, run_client
+from tests.conftest import S3Server, fp8_linear, in_own_mount, run_client
 
 TP_SIZES = (2, 4)
 # Fewer KV heads than the largest tp_size: there the default plan gives consecutive ranks the same head.
@@ -311,7 +311,7 @@ def test_ranks_that_do_not_all_fit_release_every_arena(daemon_factory, s3_server
     model_bytes = sum(t.nbytes for t in full.values())
     shm = tmp_path / "shm"
     # Room for one of two ranks (about half the model each), not for both.
-    wrapper = in_own_tmpfs(shm, f"size={model_bytes * 7 // 10}")
+    wrapper = in_own_mount(shm, f"size={model_bytes * 7 // 10}")
     # A budget beyond the tmpfs itself: the filesystem, not the budget, runs out.
     daemon = daemon_factory(s3_server.env(), extra_args=("--shm-dir", str(shm), "--host-memory-limit", "1GiB"),
                             wrapper=wrapper)
