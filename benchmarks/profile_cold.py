@@ -4,8 +4,9 @@
         [--size-gb 1.0 (small only)] [--tp-size 4 [--rank 1]] [--storage seaweedfs|fake-gcs] [--shm-dir DIR]
 
 Runs the daemon's own phases (resolve: list + metadata + headers; plan; stream into host arenas) against a
-local object store (as benchmarks/run.py serves it), on one thread, after one unprofiled load; prints each
-phase's time, the load's steps (STEPS below) and the functions with the most own time.
+local object store (as benchmarks/run.py serves it), on one thread with the collector paused as in the daemon,
+after one unprofiled load; prints each phase's time, the load's steps (STEPS below) and the functions with the
+most own time.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from weightd.daemon import loader, plan, source, streaming  # noqa: E402
 from weightd.daemon.config import SETTINGS  # noqa: E402
+from weightd.daemon.gc_pause import collection_paused  # noqa: E402
 from weightd.daemon.memory.host import HostMemory  # noqa: E402
 from weightd.daemon.storage.base import parse_model_uri  # noqa: E402
 
@@ -57,15 +59,16 @@ def main() -> int:
         for rank in loader.stream(warm, memory, settings=settings, on_progress=lambda n: None):
             rank.arena.release()
         profiler = cProfile.Profile()
-        profiler.enable()
-        t0 = time.perf_counter()
         ranks = [args.rank] if args.rank is not None else list(range(args.tp_size))
-        prepared = loader.prepare(location, cache_dir=work / "cache", tp_size=args.tp_size, ranks=ranks, rules=(),
-                                  settings=settings)
-        t1 = time.perf_counter()
-        arenas = loader.stream(prepared, memory, settings=settings, on_progress=lambda n: None)
-        t2 = time.perf_counter()
-        profiler.disable()
+        with collection_paused():  # as the daemon's load runs: a full collection would land in whatever runs then
+            profiler.enable()
+            t0 = time.perf_counter()
+            prepared = loader.prepare(location, cache_dir=work / "cache", tp_size=args.tp_size, ranks=ranks,
+                                      rules=(), settings=settings)
+            t1 = time.perf_counter()
+            arenas = loader.stream(prepared, memory, settings=settings, on_progress=lambda n: None)
+            t2 = time.perf_counter()
+            profiler.disable()
         phases = {"prepare (list, metadata, headers, plan)": t1 - t0, "stream into arena": t2 - t1}
         for name, seconds in phases.items():
             print(f"{name:40s} {seconds:7.3f} s")
