@@ -27,7 +27,7 @@ from weightd.daemon.loader import LoadSettings
 from weightd.daemon.manifests import ManifestStore
 from weightd.daemon.memory import open_backend, open_gpus
 from weightd.daemon.memory.base import DeviceBackend
-from weightd.daemon.memory.host import SMALL_PAGE_POLICIES, huge_page_policy
+from weightd.daemon.memory.host import SMALL_PAGE_POLICIES, HugePagePool, huge_page_policy
 from weightd.daemon.metrics import Metrics
 from weightd.daemon.registry import Registry
 from weightd.daemon.service import SERVICE_NAME, WeightService, add_weight_service, status_name
@@ -130,7 +130,7 @@ async def serve(config: DaemonConfig) -> None:
     )
     logger.info("weightd serving on %s (descriptors on %s, cache %s, arenas in %s, host memory budget %d bytes)",
                 where, channel_path, config.cache_dir, config.shm_dir, budget)
-    _warn_small_pages(config.shm_dir)
+    _warn_about_pages(config.shm_dir, memory.capacity())
     _notify_systemd("READY=1")
     warming.add_done_callback(lambda _: when_no_load_runs(_freeze_start_up_heap))
 
@@ -228,7 +228,14 @@ def _claim_socket(path: Path, kind: socket.SocketKind) -> None:
     raise ConfigurationError(f"another process is serving on {path}; stop it or choose another --socket")
 
 
-def _warn_small_pages(shm_dir: Path) -> None:
+def _warn_about_pages(shm_dir: Path, capacity: int) -> None:
+    """Warn when arenas would be filled one 4 KiB page at a time, or would find no page at all."""
+    if HugePagePool.of(shm_dir) is not None:
+        if capacity == 0:
+            logger.warning("arenas in %s take huge pages from the kernel's pool, which holds none of that size: "
+                           "every load fails until some are reserved (vm.nr_hugepages) and the daemon is "
+                           "restarted (README, 'Huge pages for arenas')", shm_dir)
+        return
     policy = huge_page_policy(shm_dir)
     if policy in SMALL_PAGE_POLICIES:
         # Measured here: 0.6-0.7 s of CPU per GB to reserve and fault 4 KiB pages, 0.06 s with 2 MiB pages.

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from weightd import client
 from weightd.daemon.memory.host import huge_page_policy
 
 from tests.conftest import Model, in_own_mount, run_client
@@ -115,6 +116,22 @@ def test_the_daemon_warns_when_arenas_get_4_kib_pages(daemon_factory, tmp_path: 
     log = daemon.log.read_text()
     assert f"arenas in {shm} get 4 KiB pages (tmpfs huge=never)" in log
     assert "README, 'Huge pages for arenas'" in log
+
+
+def test_the_daemon_warns_when_its_hugetlbfs_has_no_pages(daemon_factory, tmp_path: Path, llama_model: Model) -> None:
+    """A hugetlbfs of 1 GiB pages where none are reserved: the daemon serves, says why no load can fit, and an
+    attach (with a budget that is not what stops it) is RESOURCE_EXHAUSTED saying to reserve pages."""
+    pool = Path("/sys/kernel/mm/hugepages/hugepages-1048576kB/nr_hugepages")
+    if not pool.exists() or int(pool.read_text()) != 0:
+        pytest.skip("needs a kernel with 1 GiB huge pages and none reserved")
+    shm = tmp_path / "no-pages"
+    daemon = daemon_factory(extra_args=("--shm-dir", str(shm), "--host-memory-limit", "1GiB"),
+                            wrapper=in_own_mount(shm, "pagesize=1G", filesystem="hugetlbfs"))
+    assert (f"arenas in {shm} take huge pages from the kernel's pool, which holds none of that size"
+            in daemon.log.read_text())
+    with pytest.raises(client.ResourceExhaustedError, match=r"has 0 free; .* reserve more huge pages"):
+        client.attach(str(llama_model.directory), target=daemon.target)
+    assert daemon.models() == []
 
 
 # In its own mount namespace: allocate on a 4 KiB-page and a huge-page tmpfs; report what each arena's creation
