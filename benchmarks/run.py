@@ -322,7 +322,7 @@ class Bench:
             for _ in range(cycles):
                 client.load(model["uri"], target=daemon.target)
                 client.evict(model["uri"], target=daemon.target)
-                after.append(daemon.private_bytes())
+                after.append(daemon.settled_private_bytes())
         finally:
             daemon.stop()
         return {"cycles": cycles, "daemon_private_bytes_after_each": after}
@@ -349,7 +349,7 @@ class Bench:
             client.load(model["uri"], target=daemon.target)
             procs, client_growth = hold(["attach", model["uri"], daemon.target])
             shared = sum(m.resident_bytes for m in client.list_models(target=daemon.target))
-            daemon_growth = daemon.private_bytes() - idle
+            daemon_growth = daemon.settled_private_bytes() - idle
             release(procs)
         finally:
             daemon.stop()

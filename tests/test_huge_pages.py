@@ -66,8 +66,9 @@ def test_this_machine_s_dev_shm_is_a_tmpfs_with_a_known_policy() -> None:
     assert huge_page_policy(Path("/dev/shm")) in {"never", "always", "within_size", "advise"}
 
 
-# Attach; compare with safetensors; report how much of the arena mappings the kernel maps in 2 MiB pages.
-ATTACH_AND_COUNT_HUGE = r"""
+# Attach; compare with safetensors; report, over the mappings the tensors lie in, their size and how the kernel maps
+# them: ShmemPmdMapped (a tmpfs's 2 MiB pages), Shared_Hugetlb and Private_Hugetlb (a hugetlbfs's), KernelPageSize.
+ATTACH_AND_READ_MAPPINGS = r"""
 import glob, json, sys
 import torch
 from safetensors.torch import load_file
@@ -79,15 +80,18 @@ for f in glob.glob(sys.argv[3] + "/*.safetensors"):
     expected.update(load_file(f))
 mismatched = [n for n, t in expected.items() if not torch.equal(model.tensors[n], t)]
 pointers = [t.data_ptr() for t in model.tensors.values()]
-huge = inside = 0
+mapping = {"size": 0, "ShmemPmdMapped": 0, "Shared_Hugetlb": 0, "Private_Hugetlb": 0, "KernelPageSize": 0}
+inside = False
 for line in open("/proc/self/smaps"):
     field = line.split()
     if "-" in field[0]:
         low, high = (int(x, 16) for x in field[0].split("-"))
         inside = any(low <= p < high for p in pointers)
-    elif inside and field[0] == "ShmemPmdMapped:":
-        huge += int(field[1]) * 1024
-print(json.dumps({"mismatched": mismatched, "tensors": len(model.tensors), "huge_mapped": huge}))
+        mapping["size"] += high - low if inside else 0
+    elif inside and field[0].rstrip(":") in mapping:
+        name, value = field[0].rstrip(":"), int(field[1]) * 1024
+        mapping[name] = max(mapping[name], value) if name == "KernelPageSize" else mapping[name] + value
+print(json.dumps({"mismatched": mismatched, "tensors": len(model.tensors), "mapping": mapping}))
 """
 
 
@@ -101,10 +105,10 @@ def test_arenas_on_a_huge_tmpfs_are_mapped_in_2_mib_pages(daemon_factory, tmp_pa
     shm = tmp_path / "huge-shm"
     wrapper = in_own_mount(shm, f"size=256m,huge={policy}")
     daemon = daemon_factory(extra_args=("--shm-dir", str(shm), "--free-on-stop", "true"), wrapper=wrapper)
-    seen = run_client(ATTACH_AND_COUNT_HUGE, str(llama_model.directory), daemon.target, str(llama_model.directory))
+    seen = run_client(ATTACH_AND_READ_MAPPINGS, str(llama_model.directory), daemon.target, str(llama_model.directory))
     assert seen["mismatched"] == [] and seen["tensors"] == len(llama_model.tensors)
     # The arena's whole 2 MiB-aligned part (a within_size tail smaller than a huge page stays in 4 KiB pages).
-    assert seen["huge_mapped"] >= (llama_model.nbytes // 2**21 - 1) * 2**21, seen
+    assert seen["mapping"]["ShmemPmdMapped"] >= (llama_model.nbytes // 2**21 - 1) * 2**21, seen
     assert "4 KiB pages" not in daemon.log.read_text()
 
 
@@ -134,9 +138,22 @@ def test_the_daemon_warns_when_its_hugetlbfs_has_no_pages(daemon_factory, tmp_pa
     assert daemon.models() == []
 
 
+# For the scripts below: one field of /proc/self/smaps, in bytes, for the mapping that holds ``address``.
+SMAPS_FIELD = r"""
+def smaps_field(address, name):
+    inside = False
+    for line in open("/proc/self/smaps"):
+        field = line.split()
+        if "-" in field[0]:
+            low, high = (int(x, 16) for x in field[0].split("-"))
+            inside = low <= address < high
+        elif inside and field[0] == name + ":":
+            return int(field[1]) * 1024
+"""
+
 # In its own mount namespace: allocate on a 4 KiB-page and a huge-page tmpfs; report what each arena's creation
 # left mapped and allocated; then fill a 16 MiB tmpfs past its end both ways.
-RESERVE = r"""
+RESERVE = SMAPS_FIELD + r"""
 import json, os, sys
 from pathlib import Path
 from weightd.daemon.errors import OutOfMemoryError
@@ -146,22 +163,13 @@ from weightd.daemon.memory.host import HostArena, HostMemory, Reservation
 def resident_shared():
     return int(next(l.split()[1] for l in open("/proc/self/status") if l.startswith("RssShmem:"))) * 1024
 
-def huge_mapped(address):
-    inside = False
-    for line in open("/proc/self/smaps"):
-        field = line.split()
-        if "-" in field[0]:
-            low, high = (int(x, 16) for x in field[0].split("-"))
-            inside = low <= address < high
-        elif inside and field[0] == "ShmemPmdMapped:":
-            return int(field[1]) * 1024
-
 report = {}
 for name in ("small", "huge", "advise"):
     before = resident_shared()
     arena = HostMemory(directory=Path(sys.argv[1]) / name, namespace="t").allocate(24 << 20, label=name)
     report[name] = {"mapped": resident_shared() - before, "allocated": os.stat(arena.path).st_blocks * 512,
-                    "zero": not bool(arena.tensor().any()), "huge_mapped": huge_mapped(arena.tensor().data_ptr())}
+                    "zero": not bool(arena.tensor().any()),
+                    "huge_mapped": smaps_field(arena.tensor().data_ptr(), "ShmemPmdMapped")}
     arena.release()
 full = Path(sys.argv[1]) / "full"
 (full / "other").write_bytes(b"x" * (10 << 20))  # another writer's 10 MiB of the 16
@@ -211,34 +219,6 @@ def test_each_tmpfs_gets_the_cheaper_reservation_and_a_full_one_is_an_error_not_
     assert report["full, allocate"].startswith(f"arena for late in {tmp_path}/full: faulting in")
 
 
-# Attach; compare with safetensors; report the page size and hugetlb pages of the mapping the tensors lie in.
-ATTACH_AND_READ_HUGETLB = r"""
-import glob, json, sys
-import torch
-from safetensors.torch import load_file
-from weightd import client
-
-model = client.attach(sys.argv[1], target=sys.argv[2], timeout=120)
-expected = {}
-for f in glob.glob(sys.argv[3] + "/*.safetensors"):
-    expected.update(load_file(f))
-mismatched = [n for n, t in expected.items() if not torch.equal(model.tensors[n], t)]
-pointer = next(iter(model.tensors.values())).data_ptr()
-mapping = {}
-inside = False
-for line in open("/proc/self/smaps"):
-    field = line.split()
-    if "-" in field[0]:
-        low, high = (int(x, 16) for x in field[0].split("-"))
-        inside = low <= pointer < high
-        if inside:
-            mapping["size"] = high - low
-    elif inside and field[0] in ("KernelPageSize:", "Shared_Hugetlb:", "Private_Hugetlb:"):
-        mapping[field[0].rstrip(":")] = int(field[1]) * 1024
-print(json.dumps({"mismatched": mismatched, "tensors": len(model.tensors), "mapping": mapping}))
-"""
-
-
 def test_arenas_on_a_hugetlbfs_take_the_pool_s_2_mib_pages_and_engines_map_them(
     daemon_factory, tmp_path: Path, llama_model: Model, huge_pages: int
 ) -> None:
@@ -248,7 +228,7 @@ def test_arenas_on_a_hugetlbfs_take_the_pool_s_2_mib_pages_and_engines_map_them(
     shm = tmp_path / "hugetlbfs"
     wrapper = in_own_mount(shm, "pagesize=2M,size=64M", filesystem="hugetlbfs")
     daemon = daemon_factory(extra_args=("--shm-dir", str(shm), "--free-on-stop", "true"), wrapper=wrapper)
-    seen = run_client(ATTACH_AND_READ_HUGETLB, str(llama_model.directory), daemon.target, str(llama_model.directory))
+    seen = run_client(ATTACH_AND_READ_MAPPINGS, str(llama_model.directory), daemon.target, str(llama_model.directory))
     assert seen["mismatched"] == [] and seen["tensors"] == len(llama_model.tensors)
     mapping = seen["mapping"]
     assert mapping["KernelPageSize"] == 2 << 20 and mapping["size"] % (2 << 20) == 0, mapping
@@ -258,7 +238,7 @@ def test_arenas_on_a_hugetlbfs_take_the_pool_s_2_mib_pages_and_engines_map_them(
 
 
 # In its own mount namespace: arenas on a hugetlbfs with a size limit and on one without (the pool is the limit).
-RESERVE_HUGETLB = r"""
+RESERVE_HUGETLB = SMAPS_FIELD + r"""
 import json, os, sys
 from pathlib import Path
 from weightd.daemon.errors import OutOfMemoryError
@@ -266,16 +246,6 @@ from weightd.daemon.memory import host
 from weightd.daemon.memory.host import HostMemory
 
 PAGE = 2 << 20
-
-def page_size(address):
-    inside = False
-    for line in open("/proc/self/smaps"):
-        field = line.split()
-        if "-" in field[0]:
-            low, high = (int(x, 16) for x in field[0].split("-"))
-            inside = low <= address < high
-        elif inside and field[0] == "KernelPageSize:":
-            return int(field[1]) * 1024
 
 def refused(memory, size):
     try:
@@ -289,7 +259,7 @@ arena = sized.allocate(3 << 20, label="three-mib")
 adopted = sized.adopt(arena.name, arena.size)
 report["sized"] = {
     "capacity": sized.capacity(), "size": arena.size, "allocated": os.stat(arena.path).st_blocks * 512,
-    "zero": not bool(arena.tensor().any()), "page": page_size(arena.tensor().data_ptr()),
+    "zero": not bool(arena.tensor().any()), "page": smaps_field(arena.tensor().data_ptr(), "KernelPageSize"),
     "adopted": adopted.size, "empty": sized.allocate(0, label="empty").size, "refused": refused(sized, 3 << 20),
 }
 adopted.detach()
