@@ -59,7 +59,8 @@ async def serve(config: DaemonConfig) -> None:
     lock = _lock_cache_dir(config.cache_dir)
     memory = open_backend("host", directory=config.shm_dir, namespace=arena_namespace(config.cache_dir))
     settings = LoadSettings(memory_limit=config.memory_limit, distributed=config.distributed)
-    budget = config.host_memory_limit.of(memory.capacity())
+    capacity = memory.capacity()
+    budget = config.host_memory_limit.of(capacity)
     gpus, gpus_unavailable = _open_gpus(config)
     metrics = Metrics(status_of=status_name)
     registry = Registry(
@@ -130,7 +131,7 @@ async def serve(config: DaemonConfig) -> None:
     )
     logger.info("weightd serving on %s (descriptors on %s, cache %s, arenas in %s, host memory budget %d bytes)",
                 where, channel_path, config.cache_dir, config.shm_dir, budget)
-    _warn_about_pages(config.shm_dir, memory.capacity())
+    _warn_about_pages(config.shm_dir, capacity)
     _notify_systemd("READY=1")
     warming.add_done_callback(lambda _: when_no_load_runs(_freeze_start_up_heap))
 

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import torch
 from weightd import client
+from weightd.daemon.memory.host import HugePagePool
 from weightd.daemon.server import arena_namespace
 from weightd.daemon.synthetic import write_synthetic_model
 
@@ -231,11 +232,6 @@ def in_own_mount(directory: Path, options: str, *, filesystem: str = "tmpfs") ->
 HUGE_PAGE_POOL = Path("/sys/kernel/mm/hugepages/hugepages-2048kB")
 
 
-def unclaimed_huge_pages() -> int:
-    """2 MiB pages of the kernel's pool that no mapping holds or has reserved."""
-    return int((HUGE_PAGE_POOL / "free_hugepages").read_text()) - int((HUGE_PAGE_POOL / "resv_hugepages").read_text())
-
-
 @pytest.fixture
 def huge_pages() -> Iterator[int]:
     """At least 64 unclaimed 2 MiB pages in the kernel's pool (what a hugetlbfs's files take): added to the pool
@@ -245,16 +241,17 @@ def huge_pages() -> Iterator[int]:
     if not total.exists():
         pytest.skip("this kernel has no pool of 2 MiB huge pages")
     before = int(total.read_text())
-    missing = wanted - unclaimed_huge_pages()
+    pool = HugePagePool(2 << 20)
+    missing = wanted - pool.unclaimed()
     if missing > 0:
         try:
             total.write_text(str(before + missing))
         except OSError:
             pytest.skip(f"needs {wanted} free 2 MiB huge pages (vm.nr_hugepages) or root to add them")
     try:
-        if unclaimed_huge_pages() < wanted:
+        if pool.unclaimed() < wanted:
             pytest.skip(f"the kernel found no {wanted} free 2 MiB pages (memory too fragmented)")
-        yield unclaimed_huge_pages()
+        yield pool.unclaimed()
     finally:
         if missing > 0:
             total.write_text(str(before))  # pages still mapped leave the pool once they are freed

@@ -264,10 +264,10 @@ report["sized"] = {
 }
 adopted.detach()
 pool = HostMemory(directory=Path(sys.argv[1]) / "pool", namespace="t")
-pages = lambda counter: int((host._HUGE_PAGE_POOLS / "hugepages-2048kB" / counter).read_text())
-unclaimed = pages("free_hugepages") - pages("resv_hugepages")
-report["pool"] = {"capacity": pool.capacity(), "total": pages("nr_hugepages") * PAGE, "unclaimed": unclaimed * PAGE,
-                  "refused": refused(pool, (unclaimed + 1) * PAGE)}
+pages = host.HugePagePool(PAGE)
+unclaimed = pages.unclaimed()
+report["pool"] = {"capacity": pool.capacity(), "total": pages.pages("nr_hugepages") * PAGE,
+                  "unclaimed": unclaimed * PAGE, "refused": refused(pool, (unclaimed + 1) * PAGE)}
 host._free_bytes = lambda directory, pool: 1 << 50  # as if another process took the pages after the check
 report["pool"]["taken"] = refused(pool, (unclaimed + 1) * PAGE)
 report["pool"]["left"] = sorted(p.name for p in (Path(sys.argv[1]) / "pool").iterdir())

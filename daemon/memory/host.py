@@ -276,8 +276,7 @@ def _free_bytes(directory: Path, pool: HugePagePool | None) -> int:
     st = os.statvfs(directory)
     if pool is None:
         return st.f_bavail * st.f_frsize
-    # Pages other mappings have reserved but not yet faulted in are counted free by the pool, not by them.
-    unclaimed = (pool.pages("free_hugepages") - pool.pages("resv_hugepages")) * pool.page_size
+    unclaimed = pool.unclaimed() * pool.page_size
     return min(st.f_bavail * st.f_frsize, unclaimed) if st.f_blocks else unclaimed
 
 
@@ -298,6 +297,11 @@ class HugePagePool:
     def pages(self, counter: str) -> int:
         """One of the pool's counters: ``nr_hugepages``, ``free_hugepages`` or ``resv_hugepages``."""
         return int((_HUGE_PAGE_POOLS / f"hugepages-{self.page_size >> 10}kB" / counter).read_text())
+
+    def unclaimed(self) -> int:
+        """Pages that no mapping holds or has reserved: the pool counts pages that mappings have reserved but
+        not yet faulted in as free."""
+        return self.pages("free_hugepages") - self.pages("resv_hugepages")
 
     def round_up(self, size: int) -> int:
         """The file size an arena of ``size`` bytes takes: whole pages (ftruncate refuses anything else), and
