@@ -47,13 +47,13 @@ class PreparedLoad:
 
     @property
     def arena_bytes(self) -> int:
-        return sum(layout.size for layout in self.plan.layouts)
+        return sum(self.plan.arena_sizes)
 
 
 @dataclass(frozen=True)
 class LoadedRank:
     layout: RankLayout
-    arena: FillableArena
+    arena: FillableArena  # the rank's own, or the group arena every rank of the load shares
     fetched_bytes: int
 
 
@@ -61,7 +61,8 @@ class FillListener(Protocol):
     """Follows a load's host arenas as they fill (weightd.daemon.mirror.DeviceMirror copies them to GPUs)."""
 
     def started(self, arenas: Sequence[FillableArena]) -> None:
-        """The arenas exist, one per layout of the plan, and nothing is in them yet."""
+        """The arenas exist, one per layout of the plan (a plan without a group arena), and nothing is in them
+        yet."""
         ...
 
     def filled(self, layout_index: int, offset: int, length: int) -> None:
@@ -82,7 +83,10 @@ def prepare(
     rules: Sequence[ShardRule],
     fusions: Sequence[Fusion] = (),
     settings: LoadSettings,
+    group_arena: bool = False,
 ) -> PreparedLoad:
+    """Resolve the model and plan the load; ``group_arena``: one arena the ranks share (build_plan's), which
+    ``ranks`` must then be all of."""
     store = open_store(location)
     source = resolve(store, cache_dir)
     if settings.distributed:
@@ -94,6 +98,7 @@ def prepare(
         rules=select_rules(source.architecture, rules, tp_size=tp_size),
         max_range_bytes=max(1 << 20, settings.memory_limit // 4),
         fusions=fusions,
+        group_arena=group_arena,
     )
     return PreparedLoad(store, source, plan)
 
@@ -106,7 +111,8 @@ def stream(
     on_progress: Callable[[int], None],
     listener: FillListener | None = None,
 ) -> list[LoadedRank]:
-    """Allocate one arena per layout of the plan and fill it. On any failure every arena is released.
+    """Allocate the plan's arenas (one per layout, or the group's) and fill them. On any failure every arena is
+    released. A ``listener`` needs an arena per layout.
 
     A ``settings.concurrency`` of None, or what this process's streamer settings give anyway, streams in this
     process; another number streams in a helper process started with that concurrency.
@@ -120,8 +126,10 @@ def stream(
     arenas: list[FillableArena] = []
     started = time.monotonic()
     on_filled = listener.filled if listener is not None else None
+    if listener is not None and plan.grouped:
+        raise ValueError("a fill listener follows one arena per layout; plan the load without a group arena")
     try:
-        arenas = _allocate(memory, plan.layouts, label)
+        arenas = _allocate(memory, plan, label)
         reserved = time.monotonic()
         if listener is not None:
             listener.started(arenas)
@@ -142,7 +150,7 @@ def stream(
         if listener is not None:
             listener.stopped(completed=True)
     except BaseException:
-        if listener is not None and len(arenas) == len(plan.layouts):
+        if listener is not None and len(arenas) == len(plan.arena_sizes):
             listener.stopped(completed=False)
         for arena in arenas:
             arena.release()
@@ -158,18 +166,21 @@ def stream(
         "daemon-wide concurrency" if helper_concurrency is None else f"concurrency {helper_concurrency} in a helper",
     )
     return [
-        LoadedRank(layout, arena, fetched)
-        for layout, arena, fetched in zip(plan.layouts, arenas, plan.fetched_bytes_by_layout, strict=True)
+        LoadedRank(layout, arenas[plan.arena_of(index)], fetched)
+        for index, (layout, fetched) in enumerate(zip(plan.layouts, plan.fetched_bytes_by_layout, strict=True))
     ]
 
 
-def _allocate(memory: HostBackend, layouts: Sequence[RankLayout], label: str) -> list[FillableArena]:
-    """One arena per layout, reserved side by side; if any fails, the others are released.
+def _allocate(memory: HostBackend, plan: LoadPlan, label: str) -> list[FillableArena]:
+    """The plan's arenas, reserved side by side; if any fails, the others are released.
 
     Side by side for arenas that ``posix_fallocate`` zeroes on one thread under their file's lock (4 KiB pages on
     kernels before 5.14): a TP=4 load's four then took 0.14-0.17 s against 0.28-0.30 s one after another (1 GB,
     two cores). Arenas faulted in from every core gain nothing from it (0.51 s against 0.46 s).
     """
+    if plan.grouped:
+        return [memory.allocate(plan.arena_sizes[0], label=f"{label}-group")]
+    layouts = plan.layouts
     if len(layouts) == 1:
         return [memory.allocate(layouts[0].size, label=f"{label}-r{layouts[0].rank}")]
     with ThreadPoolExecutor(max_workers=min(len(layouts), 8), thread_name_prefix="weightd-allocate") as pool:

@@ -1,10 +1,11 @@
-"""Manifests: one JSON file per completed arena, so that a restarted daemon adopts what is resident.
+"""Manifests: one JSON file per entry in a completed arena, so that a restarted daemon adopts what is resident.
 
-``<cache-dir>/arenas/<arena name>.json`` says which entry an arena holds (model, tensor-parallel rank, rules),
-at which revision (and the object versions behind it), how its tensors are laid out, and what the load cost.
-A manifest is written to a temporary name, flushed and renamed only once the arena is full, and removed
-before its arena is freed: an arena without a manifest is an interrupted load, and a manifest without its
-arena is stale. Pure file handling; the registry decides what to adopt.
+``<cache-dir>/arenas/<arena name>.<rank>.json`` says which entry an arena holds (model, tensor-parallel rank,
+rules), at which revision (and the object versions behind it), how its tensors are laid out, and what the load
+cost; a group arena, which every rank of a tensor-parallel group shares, has one per rank. A manifest is
+written to a temporary name, flushed and renamed only once the arena is full, and removed when its entry goes
+(before the arena is freed): an arena without a manifest is an interrupted load or a freed one, and a manifest
+without its arena is stale. Pure file handling; the registry decides what to adopt.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ logger = logging.getLogger(__name__)
 # 2: rules carry pad_multiple and default plans pad vocabularies (a version-1 layout differs); fusions.
 # 3: rules carry heads, and default plans keep KV heads whole (a version-2 layout of k/v at tp_size > KV heads
 #    differs).
-FORMAT_VERSION = 3
+# 4: one manifest per entry, named by arena and rank: the ranks of a group arena share it.
+FORMAT_VERSION = 4
 SUFFIX = ".json"
 
 
@@ -124,7 +126,7 @@ class ManifestStore:
             with os.fdopen(fd, "w") as f:
                 # dumps, not dump: dump encodes piecewise in Python (100k tensors' slots: 0.48 s against 0.11 s).
                 f.write(json.dumps(manifest.to_json()))
-            os.replace(temporary, self._path(manifest.arena_name))
+            os.replace(temporary, self._path(manifest.arena_name, manifest.rank))
         finally:
             Path(temporary).unlink(missing_ok=True)
 
@@ -132,8 +134,8 @@ class ManifestStore:
         for manifest in manifests:
             self.write(manifest)
 
-    def remove(self, arena_name: str) -> None:
-        self._path(arena_name).unlink(missing_ok=True)
+    def remove(self, arena_name: str, rank: int) -> None:
+        self._path(arena_name, rank).unlink(missing_ok=True)
 
     def read_all(self) -> list[ArenaManifest]:
         """Every complete manifest; unreadable ones and leftover temporary files are removed."""
@@ -144,8 +146,8 @@ class ManifestStore:
                 continue
             try:
                 manifest = ArenaManifest.from_json(json.loads(path.read_text()))
-                if path.name != manifest.arena_name + SUFFIX:
-                    raise ValueError(f"it describes arena {manifest.arena_name!r}")
+                if path != self._path(manifest.arena_name, manifest.rank):
+                    raise ValueError(f"it describes rank {manifest.rank} of arena {manifest.arena_name!r}")
             except (OSError, KeyError, TypeError, ValueError) as e:
                 logger.warning("removing unreadable manifest %s: %s", path, e)
                 path.unlink(missing_ok=True)
@@ -153,5 +155,5 @@ class ManifestStore:
             manifests.append(manifest)
         return manifests
 
-    def _path(self, arena_name: str) -> Path:
-        return self.directory / f"{arena_name}{SUFFIX}"
+    def _path(self, arena_name: str, rank: int) -> Path:
+        return self.directory / f"{arena_name}.{rank}{SUFFIX}"

@@ -16,7 +16,7 @@ import threading
 from collections.abc import Callable, Sequence
 
 from weightd.daemon.memory.base import DeviceArena, DeviceBackend, FillableArena
-from weightd.daemon.plan import ALIGNMENT, align
+from weightd.daemon.plan import ALIGNMENT, RankLayout, align
 
 # A queued copy costs a few microseconds; at tens of GB/s, 8 MiB takes well over a hundred.
 MIN_COPY_BYTES = 8 << 20
@@ -150,6 +150,52 @@ class DeviceMirror:
 
     def _issue(self, layout_index: int, offset: int, length: int) -> None:
         self._targets[layout_index].copy_from(self._sources[layout_index], offset, length)
+
+
+def copy_rearranged(
+    sources: Sequence[FillableArena],
+    source_layouts: Sequence[RankLayout],
+    targets: Sequence[DeviceArena],
+    target_layouts: Sequence[RankLayout],
+    backends: Sequence[DeviceBackend],
+) -> None:
+    """Fill ``targets`` from full host arenas that lay the same tensors out elsewhere (a group arena, which the
+    ranks share): one copy per run of slots that lie back to back in both (gaps under ALIGNMENT copied along).
+    Leaves the sources pinned, as a mirror does, unless a copy fails."""
+    completed = False
+    try:
+        for source, backend in zip(sources, backends, strict=True):
+            backend.pin(source)
+        for source, source_layout, target, target_layout in zip(
+            sources, source_layouts, targets, target_layouts, strict=True
+        ):
+            for source_offset, offset, length in _runs(source_layout, target_layout):
+                target.copy_from(source, offset, length, source_offset=source_offset)
+        completed = True
+    finally:
+        try:
+            for target in targets:
+                target.finish_copies()
+        finally:
+            if not completed:
+                for source, backend in zip(sources, backends, strict=True):
+                    backend.unpin(source)
+
+
+def _runs(source: RankLayout, target: RankLayout) -> list[tuple[int, int, int]]:
+    """(source offset, target offset, length) of each run of ``target``'s slots back to back in both layouts."""
+    where = {slot.name: slot.offset for slot in source.slots}
+    runs: list[tuple[int, int, int]] = []
+    for slot in target.slots:
+        start = where[slot.name]
+        if runs:
+            last_start, last_offset, last_length = runs[-1]
+            gap = slot.offset - (last_offset + last_length)
+            if 0 <= gap < ALIGNMENT and start - (last_start + last_length) == gap:
+                runs[-1] = (last_start, last_offset, last_length + gap + slot.nbytes)
+                continue
+        runs.append((start, slot.offset, slot.nbytes))
+    return runs
 
 
 def copy_whole(sources: Sequence[FillableArena], mirror: DeviceMirror) -> None:

@@ -8,6 +8,11 @@ the dim), stored contiguously in its arena. Columns past the end of a row are ne
 Every rank's slice of a tensor has the same size, so one placement serves all ranks; the parts of a fusion
 (weightd.daemon.placement) are placed back to back and served as one tensor.
 
+All ranks of a group loaded together into host memory may share one arena (a group arena): what every rank
+holds whole, and tensors whose dim-0 slices tile them, lie there once, as in the file, each rank served its
+slice in place; the rest lies in a section per rank. Those tensors are then read straight into memory, as a
+full load reads them, instead of going to N arenas (through the staging buffer, when their slices are small).
+
 What is fetched:
 - a tensor split on dim 0 (or replicated) is a single row, so any rank's share is one contiguous range;
 - a tensor split on a later dim, for all ranks, is read whole (each byte once) and scattered;
@@ -38,7 +43,7 @@ ROW_RANGE_MIN_BYTES = 1 << 20
 
 @dataclass(frozen=True)
 class Slot:
-    """Where one tensor (or one rank's slice of it) lives in a rank's arena."""
+    """Where one tensor (or one rank's slice of it) lives in the arena its rank is served from."""
 
     name: str
     dtype: str
@@ -51,7 +56,7 @@ class Slot:
 class RankLayout:
     rank: int
     slots: tuple[Slot, ...]
-    size: int
+    size: int  # of the arena the slots lie in: the rank's own, or the group's that every rank shares
     # (tensor name, split dim or None for replicated), in slot order; empty when tp_size is 1.
     shards: tuple[tuple[str, int | None], ...]
     # (offset, length) of the zeros that pad split dimensions: no block fills them, a fresh arena holds them.
@@ -60,10 +65,10 @@ class RankLayout:
 
 @dataclass(frozen=True)
 class Target:
-    """Copy ``width`` bytes per row from column ``column`` of a block into a rank's arena, the first row at
-    ``dst_from_base`` bytes past the block's ``dst_base``."""
+    """Copy ``width`` bytes per row from column ``column`` of a block into arena ``arena_index`` of the plan
+    (a rank's, or the group's), the first row at ``dst_from_base`` bytes past the block's ``dst_base``."""
 
-    layout_index: int
+    arena_index: int
     column: int
     width: int
     dst_from_base: int
@@ -107,14 +112,50 @@ class LoadPlan:
     files: tuple[FilePlan, ...]
     # Fetched bytes attributed to each layout; they add up to the total fetched.
     fetched_bytes_by_layout: tuple[int, ...]
+    # Every layout lies in one arena, the group's (see build_plan's ``group_arena``); else one arena each.
+    grouped: bool = False
 
     @property
     def fetched_bytes(self) -> int:
         return sum(self.fetched_bytes_by_layout)
 
+    @property
+    def arena_sizes(self) -> tuple[int, ...]:
+        """The arenas the plan fills, by the index its targets name."""
+        return (self.layouts[0].size,) if self.grouped else tuple(layout.size for layout in self.layouts)
+
+    def arena_of(self, layout_index: int) -> int:
+        return 0 if self.grouped else layout_index
+
+    def held_bytes_by_layout(self) -> tuple[int, ...]:
+        """What each layout's entry holds of the arenas: its own, or an even share of the group's (the remainder
+        to the first), so that the shares add up to the arenas."""
+        if not self.grouped:
+            return self.arena_sizes
+        return even_shares(self.arena_sizes[0], len(self.layouts))
+
+
+def even_shares(total: int, parts: int) -> tuple[int, ...]:
+    """``total`` split into ``parts`` integers, the remainder to the first."""
+    share = total // parts
+    return (total - share * (parts - 1), *(share,) * (parts - 1))
+
 
 def align(offset: int) -> int:
     return -(-offset // ALIGNMENT) * ALIGNMENT
+
+
+def own_arena_layout(layout: RankLayout) -> RankLayout:
+    """``layout``'s tensors as an arena of the rank's own holds them (a GPU's: each slot aligned, back to back in
+    order), wherever ``layout`` puts them (a group arena). A layout of an arena of its own comes back the same,
+    but for its padding list."""
+    slots = []
+    cursor = 0
+    for slot in layout.slots:
+        start = align(cursor)
+        cursor = start + slot.nbytes
+        slots.append(Slot(slot.name, slot.dtype, slot.shape, start, slot.nbytes))
+    return RankLayout(layout.rank, tuple(slots), align(cursor), layout.shards)
 
 
 def build_plan(
@@ -126,10 +167,15 @@ def build_plan(
     max_range_bytes: int,
     row_range_min_bytes: int = ROW_RANGE_MIN_BYTES,
     fusions: Sequence[Fusion] = (),
+    group_arena: bool = False,
 ) -> LoadPlan:
+    """Plan loading ``ranks`` of ``tp_size``: an arena each, or with ``group_arena`` (every rank, in order) one
+    arena for the group, which the ranks share (see ``_place``)."""
+    if group_arena and (tp_size == 1 or list(ranks) != list(range(tp_size))):
+        raise ValueError("a group arena holds every rank of a tensor-parallel group, in rank order")
     tensors = [tensor for header in headers for tensor in header.tensors]
     splits = {t.name: split_for(t.name, t.shape, rules, tp_size=tp_size) for t in tensors}
-    placement = _place(tensors, splits, fusions, tp_size=tp_size)
+    placement = _place(tensors, splits, fusions, tp_size=tp_size, ranks=tuple(ranks), group_arena=group_arena)
     builder = _PlanBuilder(tp_size, tuple(ranks), max_range_bytes, row_range_min_bytes, placement)
     files = [
         FilePlan(file=h.file, blocks=tuple(b for t in h.tensors for b in builder.add_tensor(t, splits[t.name])))
@@ -140,13 +186,22 @@ def build_plan(
 
 @dataclass(frozen=True)
 class _Placement:
-    """Where each tensor's slice starts in every rank's arena (all ranks' slices have one size), and what the
-    arenas serve: each tensor, or in its place the fused tensor it is part of."""
+    """Where each tensor's bytes start in the arenas (all ranks' slices have one size), and what each loaded
+    rank is served: each tensor, or in its place the fused tensor it is part of.
+
+    Without a group arena every rank has an arena of its own and each tensor's slice lies at one offset in all
+    of them (``offsets``). A group arena begins with a shared section, where a tensor in ``shared`` lies whole
+    from its offset, as in the file, each rank's slice inside it; then one section per rank,
+    ``rank_stride`` bytes apart, for the rest, whose offset is that of the first rank's slice.
+    """
 
     offsets: dict[str, int]
-    served: tuple[Slot, ...]
+    served: tuple[tuple[Slot, ...], ...]  # per loaded rank
     shards: tuple[tuple[str, int | None], ...]
     size: int
+    grouped: bool = False
+    shared: frozenset[str] = frozenset()
+    rank_stride: int = 0
 
 
 def _slot_shape(tensor: TensorEntry, split: Split | None) -> tuple[int, ...]:
@@ -156,9 +211,23 @@ def _slot_shape(tensor: TensorEntry, split: Split | None) -> tuple[int, ...]:
     return tuple(shape)
 
 
+def _lies_whole(tensor: TensorEntry, split: Split | None) -> bool:
+    """Whether a group arena holds ``tensor`` once, as the file does, every rank's slice inside it: a tensor every
+    rank holds whole, or one whose dim-0 slices tile it (no padding)."""
+    return split is None or (split.dim == 0 and split.part * split.parts == tensor.shape[0])
+
+
 def _place(
-    tensors: Sequence[TensorEntry], splits: dict[str, Split | None], fusions: Sequence[Fusion], *, tp_size: int
+    tensors: Sequence[TensorEntry], splits: dict[str, Split | None], fusions: Sequence[Fusion], *, tp_size: int,
+    ranks: tuple[int, ...], group_arena: bool,
 ) -> _Placement:
+    """Lay the arenas out in file order, so that tensors back to back in a file are back to back in memory.
+
+    In a group arena the tensors that lie whole (``_lies_whole``) go to the shared section: the streamer writes
+    them straight in, a run of them one request, where in ranks' own arenas their slices go to N places
+    (read through the staging buffer when small). A replicated tensor is held once, not once per rank. A group
+    arena is host memory only, so its shared section's slots are aligned to their elements, not to ALIGNMENT.
+    """
     shapes: dict[str, tuple[int, ...]] = {}
     nbytes: dict[str, int] = {}
     for t in tensors:
@@ -189,18 +258,29 @@ def _place(
 
     fused = {name: [p for p in parts if p is not None] for name, parts in groups.items() if fusable(parts)}
     group_of = {p.name: name for name, parts in fused.items() for p in parts}
+    shared = frozenset(
+        t.name for t in tensors if t.name not in group_of and _lies_whole(t, splits[t.name])
+    ) if group_arena else frozenset()
     offsets: dict[str, int] = {}
     served: list[Slot] = []
     shards: list[tuple[str, int | None]] = []
-    cursor = 0
+    cursor = 0  # of the rank sections (the whole arena, without a group arena)
+    shared_cursor = 0
     # Runs once per tensor of the model (100k for a large MoE): the unfused case stays a few steps.
     for tensor in tensors:
         name = tensor.name
         group = group_of.get(name) if group_of else None
         if group is None:
-            offsets[name] = start = align(cursor)
-            cursor = start + nbytes[name]
-            served.append(Slot(name, tensor.dtype, shapes[name], start, cursor - start))
+            if shared and name in shared:
+                # Packed as in the file, where tensors lie back to back: aligned to their elements only (a host
+                # arena's views need no more), so that a run of them stays one range whatever their sizes.
+                itemsize = tensor.nbytes // max(math.prod(tensor.shape), 1) or 1
+                offsets[name] = start = -(-shared_cursor // itemsize) * itemsize
+                shared_cursor = start + tensor.nbytes
+            else:
+                offsets[name] = start = align(cursor)
+                cursor = start + nbytes[name]
+            served.append(Slot(name, tensor.dtype, shapes[name], start, nbytes[name]))
             if tp_size > 1:
                 shards.append((name, dims[name]))
             continue
@@ -215,7 +295,31 @@ def _place(
         served.append(Slot(group, tensor.dtype, shape, start, cursor - start))
         if tp_size > 1:
             shards.append((group, dims[name]))
-    return _Placement(offsets, tuple(served), tuple(shards), align(cursor))
+    if not group_arena:
+        return _Placement(offsets, (tuple(served),) * len(ranks), tuple(shards), align(cursor))
+    base, stride = align(shared_cursor), align(cursor)
+    for name in offsets.keys() - shared:
+        offsets[name] += base
+    return _Placement(offsets, tuple(_group_slots(served, splits, shared, tp_size, rank, base + rank * stride)
+                                     for rank in ranks),
+                      tuple(shards), base + tp_size * stride, True, shared, stride)
+
+
+def _group_slots(
+    slots: Sequence[Slot], splits: dict[str, Split | None], shared: frozenset[str], tp_size: int, rank: int,
+    section: int,
+) -> tuple[Slot, ...]:
+    """``rank``'s slots in a group arena, from ``slots`` placed as the shared section and one rank section
+    (at 0) hold them; ``section`` is where ``rank``'s section starts."""
+    placed = []
+    for slot in slots:
+        if slot.name not in shared:
+            placed.append(Slot(slot.name, slot.dtype, slot.shape, section + slot.offset, slot.nbytes))
+            continue
+        split = splits[slot.name]
+        shift = 0 if split is None else split.index(rank, tp_size) * slot.nbytes
+        placed.append(slot if not shift else Slot(slot.name, slot.dtype, slot.shape, slot.offset + shift, slot.nbytes))
+    return tuple(placed)
 
 
 # A block's targets and the fetched bytes each layout is credited with: (layout index, bytes).
@@ -231,31 +335,35 @@ class _PlanBuilder:
         self.max_range = max(1, max_range)
         self.row_range_min = row_range_min
         self.placement = placement
+        self.grouped = placement.grouped
         self.padding: list[list[tuple[int, int]]] = [[] for _ in ranks]
         self.fetched = [0] * len(ranks)
         self._window_sets: dict[tuple[int, int], tuple[list[int], int, int]] = {}
         self._whole_windows = [0] * len(ranks)
         # Blocks of one shape have one pattern: computed once, it makes a tensor's blocks a lookup each.
-        self._patterns: dict[tuple[int, int, int, int, int], _Pattern] = {}
+        self._patterns: dict[tuple[int, int, int, int, int, bool], _Pattern] = {}
 
     def add_tensor(self, tensor: TensorEntry, split: Split | None) -> list[Block]:
         """Add ``tensor``'s padding to every rank's layout; return the blocks that fetch its slices."""
+        whole = tensor.name in self.placement.shared
         if split is None:
-            return self._whole(tensor)
+            return self._whole(tensor, shared=whole)
         shape = tensor.shape
         outer = math.prod(shape[: split.dim])
         row_bytes = tensor.nbytes // max(outer, 1)
         piece = row_bytes // shape[split.dim] * split.part if shape[split.dim] else 0
         offset = self.placement.offsets[tensor.name]
+        stride = self.placement.rank_stride
         windows, first, last = self._windows(split, piece)
         if last + piece > row_bytes:
             for i, window in enumerate(windows):
                 if window + piece > row_bytes:
                     start = max(window, row_bytes) - window
-                    self.padding[i].extend((offset + row * piece + start, piece - start) for row in range(outer))
+                    self.padding[i].extend((offset + i * stride + row * piece + start, piece - start)
+                                           for row in range(outer))
 
         def block_at(row: int, rows: int, column: int, width: int) -> Block:
-            pattern = self._pattern(split.parts, windows, piece, column, width, rows)
+            pattern = self._pattern(split.parts, windows, piece, column, width, rows, shared=whole)
             return self._block(tensor.begin + row * row_bytes + column, rows, width, offset + row * piece, pattern)
 
         # Padding (columns past row_bytes) is never fetched: a rank holding only padding reads nothing.
@@ -272,14 +380,14 @@ class _PlanBuilder:
             for row in range(0, outer, rows_per_range)
         ]
 
-    def _whole(self, tensor: TensorEntry) -> list[Block]:
+    def _whole(self, tensor: TensorEntry, *, shared: bool) -> list[Block]:
         """The blocks of a tensor every rank holds whole: one row of one window (``add_tensor``'s general case,
         without its per-rank arithmetic)."""
         offset, size = self.placement.offsets[tensor.name], tensor.nbytes
         blocks = []
         for column in range(0, size, self.max_range):
             width = min(self.max_range, size - column)
-            pattern = self._pattern(0, self._whole_windows, size, column, width, 1)  # 0 parts: held whole
+            pattern = self._pattern(0, self._whole_windows, size, column, width, 1, shared=shared)  # 0 parts: whole
             blocks.append(self._block(tensor.begin + column, 1, width, offset, pattern))
         return blocks
 
@@ -291,27 +399,33 @@ class _PlanBuilder:
         return Block(file_offset, rows, width, dst_base, targets)
 
     def _pattern(
-        self, parts: int, windows: Sequence[int], piece: int, column: int, width: int, rows: int
+        self, parts: int, windows: Sequence[int], piece: int, column: int, width: int, rows: int, *, shared: bool
     ) -> _Pattern:
         """The targets of a block of ``rows`` x [column, column + width) of rows split into ``parts`` slices,
         of which rank i holds [windows[i], windows[i] + piece), and how its fetched bytes are split between
-        them: by what each received, the remainder to the first. Computed once per shape."""
-        key = (parts, piece, column, width, rows)
+        them: by what each received, the remainder to the first. A ``shared`` block (one row of a tensor that
+        lies whole in the group arena) has one target, the block itself. Computed once per shape."""
+        key = (parts, piece, column, width, rows, shared)
         found = self._patterns.get(key)
         if found is not None:
             return found
-        targets = []
+        received: list[tuple[int, int, int]] = []  # (layout index, lo, hi)
         for i, window in enumerate(windows):
             lo, hi = max(column, window), min(column + width, window + piece)
             if lo < hi:
-                targets.append(Target(i, lo - column, hi - lo, lo - window, piece))
+                received.append((i, lo, hi))
+        if shared:
+            targets = [Target(0, 0, width, column, width)]
+        else:
+            grouped, stride = self.grouped, self.placement.rank_stride
+            targets = [Target(0 if grouped else i, lo - column, hi - lo, lo - windows[i] + i * stride, piece)
+                       for i, lo, hi in received]
         length = rows * width
-        received = [t.width * rows for t in targets]
-        total = sum(received)
-        shares = [length * r // total for r in received]
+        total = sum(hi - lo for _, lo, hi in received)
+        shares = [length * (hi - lo) // total for _, lo, hi in received]
         shares[0] += length - sum(shares)
         found = self._patterns[key] = (
-            tuple(targets), tuple((t.layout_index, share) for t, share in zip(targets, shares, strict=True))
+            tuple(targets), tuple((i, share) for (i, _, _), share in zip(received, shares, strict=True))
         )
         return found
 
@@ -328,10 +442,9 @@ class _PlanBuilder:
     def finish(self, files: tuple[FilePlan, ...]) -> LoadPlan:
         placement = self.placement
         layouts = tuple(
-            RankLayout(rank=rank, slots=placement.served, size=placement.size, shards=placement.shards,
+            RankLayout(rank=rank, slots=placement.served[i], size=placement.size, shards=placement.shards,
                        padding=tuple(self.padding[i]))
             for i, rank in enumerate(self.ranks)
         )
-        return LoadPlan(
-            tp_size=self.tp_size, layouts=layouts, files=files, fetched_bytes_by_layout=tuple(self.fetched)
-        )
+        return LoadPlan(tp_size=self.tp_size, layouts=layouts, files=files,
+                        fetched_bytes_by_layout=tuple(self.fetched), grouped=self.grouped)

@@ -13,12 +13,15 @@ Memory: an entry lives in host memory, or on one GPU (its key names the GPU's UU
 each GPU) has its own budget: arenas (resident, retired and being loaded) may hold at most that many bytes.
 A load that does not fit evicts unleased ready entries of that memory, least recently attached first; if
 what leases and loads hold leaves no room, it fails with OutOfMemoryError. A completed host arena is
-recorded in a manifest, so a restarted daemon adopts it (``adopt``) instead of reading the model again.
+recorded in a manifest per entry, so a restarted daemon adopts it (``adopt``) instead of reading the model
+again. All ranks of a tensor-parallel group loaded into host memory together share one arena (a group arena,
+weightd.daemon.plan): it is freed with the last entry holding it, and evicted only with all of them.
 
 GPU entries are filled from host entries of the same model and rank, the host tier: a cold GPU load
-streams into host arenas and copies each range on to the GPU as it lands (weightd.daemon.mirror); a GPU
-entry whose host tier is resident (kept after an earlier load, or adopted after a restart) is one copy
-away, with no storage reads. With ``keep_host_tier`` off, a cold GPU load frees its host arenas at the end.
+streams into host arenas (one per rank) and copies each range on to the GPU as it lands
+(weightd.daemon.mirror); a GPU entry whose host tier is resident (kept after an earlier load, a group arena,
+or adopted after a restart) is one copy away, with no storage reads. With ``keep_host_tier`` off, a cold GPU
+load frees its host arenas at the end.
 """
 
 from __future__ import annotations
@@ -59,9 +62,9 @@ from weightd.daemon.memory.base import (
     MemoryBackend,
 )
 from weightd.daemon.metrics import Gauges, MemoryGauge, Metrics
-from weightd.daemon.mirror import DeviceMirror, copy_whole
+from weightd.daemon.mirror import DeviceMirror, copy_rearranged, copy_whole
 from weightd.daemon.placement import Fusion, check_fusions
-from weightd.daemon.plan import RankLayout
+from weightd.daemon.plan import RankLayout, even_shares, own_arena_layout
 from weightd.daemon.sharding import ShardRule, check_group, parse_rules
 from weightd.daemon.storage.base import open_store, parse_model_uri
 
@@ -118,10 +121,6 @@ class Entry:
     validated_at: float = 0.0  # time.monotonic()
     last_used: float = 0.0  # Unix time of the last attach (or of the load)
     leases: set[str] = field(default_factory=set)
-
-    @property
-    def held_bytes(self) -> int:
-        return self.arena.size if self.arena is not None else self.reserved_bytes
 
 
 @dataclass(frozen=True)
@@ -220,24 +219,27 @@ class Registry:
             if other is None or manifest.loaded_at > other.loaded_at:
                 newest[key] = manifest
         adopted: list[EntryKey] = []
-        keep: set[str] = set()
+        arenas: dict[str, Arena] = {}  # by name: a group arena is adopted once, for every rank it holds
+        kept: set[tuple[str, int]] = set()
         for key, manifest in newest.items():
+            name = manifest.arena_name
             try:
                 if manifest.arena_kind != HOST:
                     raise AdoptionError(f"it is {manifest.arena_kind} memory; only host memory is adopted")
                 if not manifest.metadata_dir.is_dir():
                     raise AdoptionError(f"its metadata directory {manifest.metadata_dir} is gone")
-                arena = self._host.adopt(manifest.arena_name, manifest.arena_size)
+                arena = arenas.get(name) or self._host.adopt(name, manifest.arena_size)
             except AdoptionError as e:
                 logger.warning("not adopting the arena of %s: %s", key.describe(), e)
                 continue
+            arenas[name] = arena
             self._entries[key] = self._adopted_entry(key, manifest, arena)
             adopted.append(key)
-            keep.add(arena.name)
+            kept.add((name, key.rank))
         for manifest in manifests:
-            if manifest.arena_name not in keep:
-                self._manifests.remove(manifest.arena_name)
-        self._host.remove_orphans(keep)
+            if (manifest.arena_name, manifest.rank) not in kept:
+                self._manifests.remove(manifest.arena_name, manifest.rank)
+        self._host.remove_orphans(set(arenas))
         if adopted:
             logger.info("adopted %d resident entr(y/ies) from the previous daemon: %s", len(adopted),
                         ", ".join(k.describe() for k in adopted))
@@ -304,7 +306,7 @@ class Registry:
                 revision=e.revision,
                 state=e.progress.state,
                 memory_kind=self._pools[e.key.device].backend.kind,
-                resident_bytes=e.arena.size if e.arena else 0,
+                resident_bytes=self._held_bytes(e) if e.arena else 0,
                 leases=len(e.leases),
                 storage_bytes_read=e.storage_bytes_read,
                 metadata_bytes_downloaded=e.metadata_bytes_downloaded,
@@ -381,10 +383,12 @@ class Registry:
                 logger.warning("%d load(s) did not stop within %.0f s (storage not answering?); the next start "
                                "removes their partial arenas", len(stuck), timeout)
         for entry in self._entries.values():
-            if keep_arenas and entry.arena is not None:
-                self._unpin(entry.arena)
-                entry.arena.detach()
+            arena = entry.arena
+            if keep_arenas and arena is not None:
                 entry.arena = None
+                if not self._holders(arena):  # a group arena: once, with the last of its ranks
+                    self._unpin(arena)
+                    arena.detach()
             else:
                 self._free(entry)
         for entry in self._retired:
@@ -394,18 +398,35 @@ class Registry:
         self._pool.shutdown(wait=False)  # threads still loading end at their next range
 
     def _used_bytes(self, device: str) -> int:
-        return sum(e.held_bytes for e in [*self._entries.values(), *self._retired] if e.key.device == device)
+        entries = [e for e in [*self._entries.values(), *self._retired] if e.key.device == device]
+        arenas = {id(e.arena): e.arena.size for e in entries if e.arena is not None}  # a group arena once
+        return sum(arenas.values()) + sum(e.reserved_bytes for e in entries if e.arena is None)
+
+    def _holders(self, arena: Arena) -> list[Entry]:
+        """The entries (resident or retired) whose arena ``arena`` is: one, or a group arena's ranks."""
+        return [e for e in [*self._entries.values(), *self._retired] if e.arena is arena]
+
+    def _held_bytes(self, entry: Entry) -> int:
+        """What ``entry`` holds: its arena, split evenly between the entries sharing it, or while it loads, its
+        reservation."""
+        if entry.arena is None:
+            return entry.reserved_bytes
+        holders = self._holders(entry.arena)
+        return even_shares(entry.arena.size, len(holders))[holders.index(entry)]
 
     def _free(self, entry: Entry) -> int:
-        if entry.arena is None:
+        """Let go of ``entry``'s arena, and free it unless other entries share it; returns the bytes freed."""
+        arena = entry.arena
+        if arena is None:
             return 0
-        size = entry.arena.size
         # The manifest goes first: a crash in between leaves an unrecorded arena, which the next start removes.
-        self._manifests.remove(entry.arena.name)
-        self._unpin(entry.arena)
-        entry.arena.release()
+        self._manifests.remove(arena.name, entry.key.rank)
         entry.arena = None
-        return size
+        if self._holders(arena):
+            return 0
+        self._unpin(arena)
+        arena.release()
+        return arena.size
 
     def _unpin(self, arena: Arena) -> None:
         """Undo a GPU copy's page-locking of a host arena before it is unmapped (pinning is process-wide)."""
@@ -414,13 +435,13 @@ class Registry:
                 backend.unpin(cast(FillableArena, arena))
                 break
 
-    def _reserve(self, keys: Sequence[EntryKey], layouts: Sequence[RankLayout]) -> None:
-        """Hold each entry's arena size in its memory's budget, making room first (see ``_make_room``)."""
+    def _reserve(self, keys: Sequence[EntryKey], sizes: Sequence[int]) -> None:
+        """Hold each entry's bytes in its memory's budget, making room first (see ``_make_room``)."""
         for device in dict.fromkeys(k.device for k in keys):
             group = [k for k in keys if k.device == device]
-            self._make_room(group, sum(lay.size for k, lay in zip(keys, layouts, strict=True) if k.device == device))
-        for key, layout in zip(keys, layouts, strict=True):
-            self._entries[key].reserved_bytes = layout.size
+            self._make_room(group, sum(size for k, size in zip(keys, sizes, strict=True) if k.device == device))
+        for key, size in zip(keys, sizes, strict=True):
+            self._entries[key].reserved_bytes = size
 
     def _make_room(self, keys: Sequence[EntryKey], needed: int) -> None:
         """Make ``needed`` bytes of ``keys``' memory free for loading them, evicting unleased ready entries of
@@ -428,30 +449,41 @@ class Registry:
         device = keys[0].device
         budget = self._pools[device].budget
         used = self._used_bytes(device)
-        if used + needed > budget:
-            evictable = sorted(
-                (e for e in self._entries.values()
-                 if e.key.device == device and e.arena is not None and not e.leases and e.key not in keys),
-                key=lambda e: e.last_used,
-            )
-            if used - sum(e.held_bytes for e in evictable) + needed > budget:
-                raise OutOfMemoryError(self._no_room(keys[0], needed, used))
-            for entry in evictable:
-                if used + needed <= budget:
-                    break
+        if used + needed <= budget:
+            return
+        evictable = self._evictable(device, keys)
+        if used - sum(arena.size for arena, _ in evictable) + needed > budget:
+            raise OutOfMemoryError(self._no_room(keys[0], needed, used))
+        for _, entries in evictable:
+            if used + needed <= budget:
+                break
+            for entry in entries:
                 del self._entries[entry.key]
                 used -= self._free(entry)
                 self._metrics.evicted("budget")
                 logger.info("evicted %s (unleased, last used %s) to make room for %s",
                             entry.key.describe(), time.ctime(entry.last_used), keys[0].describe())
 
+    def _evictable(self, device: str, keys: Sequence[EntryKey]) -> list[tuple[Arena, list[Entry]]]:
+        """The arenas of ``device`` that evicting ready, unleased entries (not ``keys``) would free, with those
+        entries (a group arena's ranks go together), least recently used first."""
+        by_arena: dict[int, tuple[Arena, list[Entry]]] = {}
+        for e in self._entries.values():
+            if e.key.device == device and e.arena is not None:
+                by_arena.setdefault(id(e.arena), (e.arena, []))[1].append(e)
+        free = [
+            (arena, entries) for arena, entries in by_arena.values()
+            if all(not e.leases and e.key not in keys for e in entries) and len(self._holders(arena)) == len(entries)
+        ]
+        return sorted(free, key=lambda unit: max(e.last_used for e in unit[1]))
+
     def _no_room(self, key: EntryKey, needed: int, used: int) -> str:
         pool = self._pools[key.device]
         holders = [
-            f"{e.key.describe()} ({_mib(e.held_bytes)}, "
+            f"{e.key.describe()} ({_mib(self._held_bytes(e))}, "
             + (f"{len(e.leases)} lease(s)" if e.leases else "loading") + ")"
             for e in [*self._entries.values(), *self._retired]
-            if e.key.device == key.device and e.held_bytes and (e.leases or e.arena is None)
+            if e.key.device == key.device and self._held_bytes(e) and (e.leases or e.arena is None)
         ]
         memory = f"GPU {key.device}" if key.device else "host"
         return (
@@ -538,13 +570,16 @@ class Registry:
                     rules=first.rules,
                     fusions=first.fusions,
                     settings=settings,
+                    # A whole group for host memory shares one arena; GPU copies follow an arena per rank.
+                    group_arena=not mirror_keys and first.tp_size > 1
+                    and [k.rank for k in keys] == list(range(first.tp_size)),
                 ),
             )
             self._check_running(first)
             layouts = prepared.plan.layouts
-            self._reserve(keys, layouts)
+            self._reserve(keys, prepared.plan.held_bytes_by_layout())
             if mirror_keys:
-                self._reserve(mirror_keys, layouts)
+                self._reserve(mirror_keys, [layout.size for layout in layouts])
                 targets = await loop.run_in_executor(self._pool, self._allocate_on_gpus, mirror_keys, layouts)
             progress.bytes_total = prepared.plan.fetched_bytes
             progress.state = State.LOADING_WEIGHTS
@@ -574,9 +609,10 @@ class Registry:
             await loop.run_in_executor(self._pool, self._manifests.write_all, manifests)
         except BaseException:
             for rank in loaded:
-                self._manifests.remove(rank.arena.name)
-                self._unpin(rank.arena)
-                rank.arena.release()
+                self._manifests.remove(rank.arena.name, rank.layout.rank)
+            for arena in {id(rank.arena): rank.arena for rank in loaded}.values():  # a group arena once
+                self._unpin(arena)
+                arena.release()
             for target in targets:
                 target.release()
             for key in [*keys, *mirror_keys]:
@@ -607,12 +643,18 @@ class Registry:
             sources = await self.ensure([k.on_host() for k in keys], settings=settings,
                                         revalidate_after=revalidate_after)
             leases = [self.acquire(e) for e in sources]  # no eviction of the host tier while copying from it
-            layouts = [cast(RankLayout, e.layout) for e in sources]
-            self._reserve(keys, layouts)
+            host_layouts = [cast(RankLayout, e.layout) for e in sources]
+            layouts = [own_arena_layout(layout) for layout in host_layouts]  # a group arena's ranks: rearranged
+            self._reserve(keys, [layout.size for layout in layouts])
             self._entries[keys[0]].progress.state = State.LOADING_WEIGHTS
             targets = await loop.run_in_executor(self._pool, self._allocate_on_gpus, keys, layouts)
             host_arenas = [cast(FillableArena, e.arena) for e in sources]
-            await loop.run_in_executor(self._pool, copy_whole, host_arenas, self._mirror(keys, targets))
+            if all(a.slots == b.slots for a, b in zip(host_layouts, layouts, strict=True)):
+                await loop.run_in_executor(self._pool, copy_whole, host_arenas, self._mirror(keys, targets))
+            else:
+                backends = [self._gpu_backends[k.device] for k in keys]
+                await loop.run_in_executor(self._pool, copy_rearranged, host_arenas, host_layouts, targets, layouts,
+                                           backends)
         except BaseException:
             for target in targets:
                 target.release()
@@ -623,12 +665,12 @@ class Registry:
             for lease_id in leases:
                 self.release(lease_id)
         now = time.time()
-        for key, source_entry, target in zip(keys, sources, targets, strict=True):
+        for key, source_entry, target, layout in zip(keys, sources, targets, layouts, strict=True):
             entry = self._entries[key]
             entry.revision = source_entry.revision
             entry.metadata_dir = source_entry.metadata_dir
             entry.metadata_bytes_downloaded = 0
-            entry.layout = source_entry.layout
+            entry.layout = layout
             entry.arena = target
             entry.reserved_bytes = 0
             entry.storage_bytes_read = 0  # what storage gave the host tier is counted there

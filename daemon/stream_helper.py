@@ -39,7 +39,7 @@ class HelperJob:
 
     paths: list[str]
     plan: LoadPlan
-    descriptors: list[int]  # inherited writable descriptors, one per plan.layouts entry
+    descriptors: list[int]  # inherited writable descriptors, one per arena of the plan
     memory_limit: int
     direct_piece_min: int
     report_fills: bool  # whether the daemon copies filled regions on (to a GPU) as they land
@@ -94,8 +94,8 @@ def fetch_in_helper(
                 on_progress(int(detail))
             elif kind == HELPER_FILLED:
                 if on_filled is not None:
-                    layout_index, offset, length = map(int, detail.split())
-                    on_filled(layout_index, offset, length)
+                    arena_index, offset, length = map(int, detail.split())
+                    on_filled(arena_index, offset, length)
             elif kind == HELPER_FAILED:
                 raise StreamingError(detail)
             elif kind == HELPER_DONE:
@@ -119,7 +119,7 @@ def main() -> int:
     job: HelperJob = pickle.load(sys.stdin.buffer)
     threading.Thread(target=_exit_when_closed, args=(sys.stdin.buffer,), daemon=True).start()
     destinations = [
-        map_writable(fd, layout.size)[1] for fd, layout in zip(job.descriptors, job.plan.layouts, strict=True)
+        map_writable(fd, size)[1] for fd, size in zip(job.descriptors, job.plan.arena_sizes, strict=True)
     ]
 
     def reply(kind: str, detail: str = "") -> None:  # called only from this thread (see fetch_into)

@@ -73,7 +73,7 @@ class _Direct:
     file_index: int
     file_offset: int
     length: int
-    layout_index: int
+    arena_index: int
     dst_offset: int
 
 
@@ -89,9 +89,9 @@ class _Staged:
 class _Duplicate:
     """A replicated tensor's bytes, fetched once into one rank's arena and copied to another's."""
 
-    src_layout: int
+    src_arena: int
     src_offset: int
-    dst_layout: int
+    dst_arena: int
     dst_offset: int
     length: int
 
@@ -120,23 +120,25 @@ def _route(plan: LoadPlan, *, direct_piece_min: int) -> tuple[list[_Direct], lis
             for t in block.targets:  # one row (or whole rows for one rank: one target of the block's full width)
                 if (t.column, t.width) in fetched:
                     src = fetched[(t.column, t.width)]
-                    duplicates.append(_Duplicate(src.layout_index, block.dst_offset(src),
-                                                 t.layout_index, block.dst_offset(t), t.width))
+                    duplicates.append(_Duplicate(src.arena_index, block.dst_offset(src),
+                                                 t.arena_index, block.dst_offset(t), t.width))
                 else:
                     fetched[(t.column, t.width)] = t
                     direct.append(_Direct(file_index, block.file_offset + t.column, block.rows * t.width,
-                                          t.layout_index, block.dst_offset(t)))
+                                          t.arena_index, block.dst_offset(t)))
     return direct, staged, duplicates
 
 
 def _direct_reads(blocks: Sequence[Block], direct_piece_min: int) -> list[bool]:
     """For one file's blocks in file order: whether each is read directly. A small block back to back with a
-    staged one is staged with it, and so is a chain of them: one pass forward, one back."""
+    staged one is staged with it, and so is a chain of them: one pass forward, one back. Small is by the run a
+    block is read in: blocks each written whole to one place, back to back in the file and in their arena (a
+    group arena's shared tensors), are one request together."""
     direct = [_reads_directly(block, direct_piece_min) for block in blocks]
     if all(direct):
         return direct
-    small = [block.length < direct_piece_min for block in blocks]
     touches_next = [a.file_offset + a.length == b.file_offset for a, b in pairwise(blocks)]
+    small = [run < direct_piece_min for run in _run_lengths(blocks, direct, touches_next)]
     for i in range(1, len(blocks)):
         if direct[i] and small[i] and touches_next[i - 1] and not direct[i - 1]:
             direct[i] = False
@@ -144,6 +146,29 @@ def _direct_reads(blocks: Sequence[Block], direct_piece_min: int) -> list[bool]:
         if direct[i] and small[i] and touches_next[i] and not direct[i + 1]:
             direct[i] = False
     return direct
+
+
+def _run_lengths(blocks: Sequence[Block], direct: Sequence[bool], touches_next: Sequence[bool]) -> list[int]:
+    """For each block, the bytes of the run of direct reads it belongs to (its own length outside one)."""
+    lengths = [block.length for block in blocks]
+    start = 0
+    for end in range(1, len(blocks) + 1):
+        if end < len(blocks) and direct[end - 1] and direct[end] and touches_next[end - 1] and _continues(
+            blocks[end - 1], blocks[end]
+        ):
+            continue
+        if end - start > 1:
+            lengths[start:end] = [sum(lengths[start:end])] * (end - start)
+        start = end
+    return lengths
+
+
+def _continues(before: Block, after: Block) -> bool:
+    """Whether ``after``, one place in one arena, is written right where ``before``, one too, ends."""
+    if len(before.targets) != 1 or len(after.targets) != 1 or before.rows != 1 or after.rows != 1:
+        return False
+    a, b = before.targets[0], after.targets[0]
+    return a.arena_index == b.arena_index and before.dst_offset(a) + a.width == after.dst_offset(b)
 
 
 def _reads_directly(block: Block, direct_piece_min: int) -> bool:
@@ -176,14 +201,14 @@ def _coalesce(ordered: list[_Direct]) -> list[_Direct]:
         length, end = first.length, start + 1
         while end < len(ordered):
             d = ordered[end]
-            if (d.file_index != first.file_index or d.layout_index != first.layout_index
+            if (d.file_index != first.file_index or d.arena_index != first.arena_index
                     or d.file_offset != first.file_offset + length or d.dst_offset != first.dst_offset + length
                     or length + d.length > COALESCE_MAX_BYTES):
                 break
             length += d.length
             end += 1
         merged.append(first if end == start + 1 else _Direct(first.file_index, first.file_offset, length,
-                                                             first.layout_index, first.dst_offset))
+                                                             first.arena_index, first.dst_offset))
         start = end
     return merged
 
@@ -222,11 +247,11 @@ def _stage_broken_runs(direct: list[_Direct]) -> tuple[list[_Direct], list[_Stag
 
 def _end_run(run: list[_Direct], kept: list[_Direct], staged: list[_Staged]) -> None:
     """A run of ranges back to back in one file: staged as one block if the arena breaks it, else kept."""
-    if all(a.layout_index == b.layout_index and b.dst_offset == a.dst_offset + a.length for a, b in pairwise(run)):
+    if all(a.arena_index == b.arena_index and b.dst_offset == a.dst_offset + a.length for a, b in pairwise(run)):
         kept.extend(run)
         return
     start = run[0].file_offset
-    targets = tuple(Target(d.layout_index, d.file_offset - start, d.length, d.dst_offset, d.length) for d in run)
+    targets = tuple(Target(d.arena_index, d.file_offset - start, d.length, d.dst_offset, d.length) for d in run)
     staged.append(_Staged(run[0].file_index, Block(start, 1, run[-1].file_offset + run[-1].length - start, 0, targets)))
 
 
@@ -252,7 +277,7 @@ def fetch_into(
     ``paths`` are the streamer's paths of ``plan.files``. ``memory_limit`` bounds only the staging buffer
     that scattered blocks pass through; a block whose per-rank pieces are under ``direct_piece_min`` bytes
     passes through it too, read once (the storage's ``min_separate_read_bytes``). ``on_progress`` gets the
-    bytes of each fetched range as it lands; ``on_filled`` each destination region (layout index, offset,
+    bytes of each fetched range as it lands; ``on_filled`` each destination region (arena index, offset,
     length) once its final bytes are in place. Both are called from this thread. A replicated tensor read into
     one rank's arena is copied to the others' as its range lands, beside the ranges still to come. A storage
     failure raises StreamingError.
@@ -274,7 +299,7 @@ def fetch_into(
                 reader = _RangeReader(session.streamer, paths)
                 copied_on_landing, copied_at_end = _duplicates_by_source(direct, duplicates)
                 reader.submit([
-                    _Range(d.file_index, d.file_offset, d.length, bases[d.layout_index] + d.dst_offset,
+                    _Range(d.file_index, d.file_offset, d.length, bases[d.arena_index] + d.dst_offset,
                            functools.partial(_direct_landed, d, copies, destinations, scatters, on_progress, filled))
                     for d, copies in zip(direct, copied_on_landing, strict=True)
                 ])
@@ -303,11 +328,11 @@ def fetch_into(
     _duplicates_filled(copied_at_end, filled)
 
 
-# (layout index, offset, length) of a destination region whose bytes are final.
+# (arena index, offset, length) of a destination region whose bytes are final.
 FillCallback = Callable[[int, int, int], None]
 
 
-def _ignore_filled(layout_index: int, offset: int, length: int) -> None:
+def _ignore_filled(arena_index: int, offset: int, length: int) -> None:
     pass
 
 
@@ -320,7 +345,7 @@ def _direct_landed(
     on_filled: FillCallback,
 ) -> None:
     on_progress(d.length)
-    on_filled(d.layout_index, d.dst_offset, d.length)
+    on_filled(d.arena_index, d.dst_offset, d.length)
     if copies:  # the replicas of what just landed, copied beside the ranges still to come
         scatters.start(_Scatters.UNBATCHED, functools.partial(_copy_duplicates, copies, destinations),
                        functools.partial(_duplicates_filled, copies, on_filled))
@@ -332,14 +357,14 @@ def _duplicates_by_source(
 ) -> tuple[list[list[_Duplicate]], list[_Duplicate]]:
     """For each direct range, the duplicates whose source it writes whole (copied once it lands); and the
     rest, whose source a staged run fills (copied after the stream)."""
-    starts = sorted((d.layout_index, d.dst_offset, i) for i, d in enumerate(direct))
-    keys = [(layout, offset) for layout, offset, _ in starts]
+    starts = sorted((d.arena_index, d.dst_offset, i) for i, d in enumerate(direct))
+    keys = [(arena, offset) for arena, offset, _ in starts]
     on_landing: list[list[_Duplicate]] = [[] for _ in direct]
     at_end: list[_Duplicate] = []
     for dup in duplicates:
-        k = bisect.bisect_right(keys, (dup.src_layout, dup.src_offset)) - 1
+        k = bisect.bisect_right(keys, (dup.src_arena, dup.src_offset)) - 1
         source = direct[starts[k][2]] if k >= 0 else None
-        if (source is not None and source.layout_index == dup.src_layout
+        if (source is not None and source.arena_index == dup.src_arena
                 and dup.src_offset + dup.length <= source.dst_offset + source.length):
             on_landing[starts[k][2]].append(dup)
         else:
@@ -349,7 +374,7 @@ def _duplicates_by_source(
 
 def _duplicates_filled(duplicates: list[_Duplicate], on_filled: FillCallback) -> None:
     for d in duplicates:
-        on_filled(d.dst_layout, d.dst_offset, d.length)
+        on_filled(d.dst_arena, d.dst_offset, d.length)
 
 
 @dataclass(frozen=True)
@@ -377,7 +402,7 @@ def _staged_range(
         on_progress(block.length)
         for t in block.targets:
             # A target's rows lie dst_row_stride apart; the plan makes that its width, or gives it one row.
-            on_filled(t.layout_index, block.dst_offset(t), (block.rows - 1) * t.dst_row_stride + t.width)
+            on_filled(t.arena_index, block.dst_offset(t), (block.rows - 1) * t.dst_row_stride + t.width)
 
     def landed() -> None:
         scatters.start(batch, functools.partial(_scatter_block, view, block, destinations), scattered)
@@ -523,8 +548,8 @@ def _batches(staged: list[_Staged], capacity: int) -> list[list[tuple[int, _Stag
 def _copy_duplicates(duplicates: list[_Duplicate], destinations: list[torch.Tensor]) -> None:
     for d in duplicates:
         numpy.copyto(
-            destinations[d.dst_layout][d.dst_offset : d.dst_offset + d.length].numpy(),
-            destinations[d.src_layout][d.src_offset : d.src_offset + d.length].numpy(),
+            destinations[d.dst_arena][d.dst_offset : d.dst_offset + d.length].numpy(),
+            destinations[d.src_arena][d.src_offset : d.src_offset + d.length].numpy(),
         )
 
 
@@ -538,14 +563,14 @@ def _scatter_block(data: torch.Tensor, block: Block, destinations: list[torch.Te
     if block.rows == 1:  # each target one contiguous piece: a plain copy, without numpy's views per target
         source = raw.data_ptr()
         for t in block.targets:
-            dst = destinations[t.layout_index]
+            dst = destinations[t.arena_index]
             dst_offset = block.dst_offset(t)
             if t.column + t.width > block.width or dst_offset + t.width > dst.numel():
                 raise ValueError(f"a staged piece of {t.width} bytes lies outside its block or arena")
             ctypes.memmove(dst.data_ptr() + dst_offset, source + t.column, t.width)
         return
     for t in block.targets:
-        dst = destinations[t.layout_index]
+        dst = destinations[t.arena_index]
         dst_offset = block.dst_offset(t)
         geometry = (block.width, t.column, t.width, t.dst_row_stride, dst_offset, raw.data_ptr(), dst.data_ptr())
         word = next(w for w in _WORDS if all(v % w == 0 for v in geometry))

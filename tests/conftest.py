@@ -152,6 +152,10 @@ class Daemon:
         directory = self.cache_dir / "arenas"
         return sorted(directory.glob("*.json")) if directory.exists() else []
 
+    def recorded_arenas(self) -> list[str]:
+        """The arenas the manifests name (``<arena>.<rank>.json``: a group arena's ranks share it)."""
+        return sorted({m.name.removesuffix(".json").rsplit(".", 1)[0] for m in self.manifests()})
+
     def models(self) -> list[client.ResidentModel]:
         return client.list_models(target=self.target)
 
@@ -177,7 +181,7 @@ def daemon_factory(tmp_path: Path) -> Iterator[Any]:
     for daemon in started:
         daemon.stop()
         clean = daemon.process is not None and daemon.process.returncode == 0
-        recorded = {m.name.removesuffix(".json") for m in daemon.manifests()}
+        recorded = set(daemon.recorded_arenas())
         leftovers = daemon.segments()
         for leftover in leftovers:  # kept for the next start to adopt; no test leaves memory behind
             leftover.unlink(missing_ok=True)

@@ -75,11 +75,12 @@ class HostBackedArena:
     def export(self) -> int:
         return self.host.export()
 
-    def copy_from(self, source: FillableArena, offset: int, length: int) -> None:
+    def copy_from(self, source: FillableArena, offset: int, length: int, *, source_offset: int | None = None) -> None:
         if self.copy_failure is not None:
             raise self.copy_failure
+        start = offset if source_offset is None else source_offset
         self.copies.append((offset, length))
-        self.host.tensor()[offset : offset + length] = source.tensor()[offset : offset + length]
+        self.host.tensor()[offset : offset + length] = source.tensor()[start : start + length]
 
     def finish_copies(self) -> None:
         pass
@@ -403,6 +404,40 @@ def test_registry_gpu_entries_fill_from_the_host_tier(
         registry.release(lease)
         await registry.close(keep_arenas=False, timeout=30)
         assert gpus[0].pinned == set()  # every host arena unpinned before it was unmapped
+
+    asyncio.run(scenario())
+
+
+def test_gpu_entries_fill_from_a_group_arena_host_tier_rearranged(
+    small_model: tuple[Path, dict[str, torch.Tensor]], shm: Path, tmp_path: Path
+) -> None:
+    """All ranks loaded into host memory share a group arena; the same ranks asked for on GPUs get arenas of their
+    own, laid out as a cold GPU load lays them out, filled from the group arena by a copy per run of slots, with
+    no storage reads."""
+    directory, full = small_model
+
+    async def scenario() -> None:
+        registry, gpus = make_registry(shm, tmp_path / "cache", gpu_budget=1 << 30)
+        host_keys = [registry.key(str(directory), tp_size=2, rank=r, rules=()) for r in range(2)]
+        hosted = await registry.ensure(host_keys)
+        assert hosted[0].arena is hosted[1].arena is not None
+        keys = [registry.key(str(directory), tp_size=2, rank=r, rules=(), device_uuid=g.device.uuid)
+                for r, g in enumerate(gpus)]
+        entries = await registry.ensure(keys)
+        prepared = loader.prepare(parse_model_uri(str(directory)), cache_dir=tmp_path / "cache", tp_size=2,
+                                  ranks=[0, 1], rules=(), settings=LoadSettings(memory_limit=64 << 20))
+        for entry, gpu, cold in zip(entries, gpus, prepared.plan.layouts, strict=True):
+            layout = entry.layout
+            assert layout is not None and entry.storage_bytes_read == 0 and entry.arena is not None
+            assert layout.slots == cold.slots and entry.arena.size == cold.size  # as a cold GPU load's
+            want = expected_slices(full, dict(layout.shards), layout.rank, 2)
+            for slot in layout.slots:
+                got = read_slot(entry.arena.host.tensor(), slot)  # type: ignore[attr-defined]
+                assert torch.equal(got, want[slot.name]), (slot.name, layout.rank)
+            assert 0 < len(gpu.copies) < len(layout.slots)  # runs of slots back to back in both arenas: merged
+        assert {hosted[0].arena.name} <= gpus[0].pinned  # type: ignore[union-attr]
+        await registry.close(keep_arenas=False, timeout=30)
+        assert gpus[0].pinned == set()
 
     asyncio.run(scenario())
 

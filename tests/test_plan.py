@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import save
 from weightd.daemon.errors import InvalidRequestError, UnsupportedModelError
-from weightd.daemon.plan import ALIGNMENT, LoadPlan, build_plan
+from weightd.daemon.plan import ALIGNMENT, LoadPlan, align, build_plan
 from weightd.daemon.safetensors_header import header_length, parse_header
 from weightd.daemon.sharding import Architecture, ShardRule, Split, llama_family_plan, select_rules, split_for
 from weightd.daemon.storage.base import PrefixedObjects
@@ -41,6 +41,7 @@ def model(seed: int = 0) -> dict[str, torch.Tensor]:
     return {
         "col.weight": torch.randn(8, 12, generator=g).to(torch.bfloat16),
         "col.bias": torch.randn(8, generator=g),
+        "col.wide.weight": torch.randn(16, 64, generator=g),  # slices of whole 256-byte multiples: a group shares them
         "row.weight": torch.randn(12, 16, generator=g).to(torch.float16),
         # Tensors shaped like earlier ones (an MoE's experts): their blocks reuse the earlier ones' targets.
         "col.expert.weight": torch.randn(8, 12, generator=g).to(torch.bfloat16),
@@ -71,18 +72,19 @@ def expected_slice(full: torch.Tensor, dim: int | None, rule_pad: int, tp_size: 
 
 
 def execute(blob: bytes, plan: LoadPlan, direct_piece_min: int = OBJECT_STORE_PIECE_MIN) -> list[torch.Tensor]:
-    """Run the loader's own routing and copies, with an in-memory file standing in for the streamer."""
-    arenas = [torch.zeros(layout.size, dtype=torch.uint8) for layout in plan.layouts]
+    """Run the loader's own routing and copies, with an in-memory file standing in for the streamer; returns
+    each layout's arena (with a group arena, the same one for every layout)."""
+    arenas = [torch.zeros(size, dtype=torch.uint8) for size in plan.arena_sizes]
     source = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
     direct, staged, duplicates = _requests(plan, direct_piece_min=direct_piece_min)
     for d in direct:
-        arenas[d.layout_index][d.dst_offset : d.dst_offset + d.length].copy_(
+        arenas[d.arena_index][d.dst_offset : d.dst_offset + d.length].copy_(
             source[d.file_offset : d.file_offset + d.length]
         )
     for item in staged:
         _scatter_block(source[item.block.file_offset :].clone(), item.block, arenas)
     _copy_duplicates(duplicates, arenas)
-    return arenas
+    return [arenas[plan.arena_of(index)] for index in range(len(plan.layouts))]
 
 
 def header_of(blob: bytes):
@@ -93,25 +95,28 @@ def header_of(blob: bytes):
 @pytest.mark.parametrize("tp_size", [1, 2, 4])
 @pytest.mark.parametrize("max_range", [7, 64, 1 << 20])
 @pytest.mark.parametrize("row_range_min", [1, 1 << 20])
-@pytest.mark.parametrize("lone", [True, False])
+# Each rank alone, all ranks in an arena each, all ranks in one group arena.
+@pytest.mark.parametrize("loading", ["lone", "all", "group"])
 # 1: every rank's piece of a shared block is its own range; the default: these small blocks are read once, copied.
 @pytest.mark.parametrize("direct_piece_min", [1, OBJECT_STORE_PIECE_MIN])
 def test_every_rank_gets_exactly_its_slice(
-    tp_size: int, max_range: int, row_range_min: int, lone: bool, direct_piece_min: int
+    tp_size: int, max_range: int, row_range_min: int, loading: str, direct_piece_min: int
 ) -> None:
     tensors = model()
     blob = save(tensors)
     header = header_of(blob)
+    lone = loading == "lone"
     groups = [[r] for r in range(tp_size)] if lone else [list(range(tp_size))]
     fetched_total = 0
     for ranks in groups:
         plan = build_plan([header], tp_size=tp_size, ranks=ranks, rules=RULES, max_range_bytes=max_range,
-                          row_range_min_bytes=row_range_min)
+                          row_range_min_bytes=row_range_min, group_arena=loading == "group" and tp_size > 1)
         arenas = execute(blob, plan, direct_piece_min)
         for layout, arena in zip(plan.layouts, arenas, strict=True):
             for slot in layout.slots:
-                assert slot.offset % ALIGNMENT == 0
                 full = tensors[slot.name]
+                # A group arena's shared section packs tensors as the file does (host memory: element-aligned).
+                assert slot.offset % (full.element_size() if plan.grouped else ALIGNMENT) == 0
                 # Padded tensors are padded at tp_size 1 too (one part, the padded whole).
                 dim = dict(layout.shards).get(slot.name) if tp_size > 1 else PADDED.get(slot.name, (None, 1))[0]
                 pad = PADDED.get(slot.name, (0, 1))[1]
@@ -233,14 +238,74 @@ def test_small_direct_ranges_back_to_back_with_staged_blocks_are_staged_with_the
         direct, staged, _ = _route(plan, direct_piece_min=1)
         assert sorted(d.length for d in direct) == [256, 4096] and [s.block.length for s in staged] == [16384]
         # Under the store's threshold, a range back to back with a staged block (the norm, and through it rank
-        # 3's quarter) is staged with it: one request for the run.
-        direct, staged, _ = _route(plan, direct_piece_min=4097)
+        # 3's quarter, which with the norm is one run of 4,352 bytes in file and arena) is staged with it: one
+        # request for the run.
+        direct, staged, _ = _route(plan, direct_piece_min=8192)
         assert [d.length for d in direct] == direct_under
         assert sorted(s.block.length for s in staged) == staged_under
-        assert execute(blob, plan, 4097)[0].equal(execute(blob, plan, 1)[0])
+        assert execute(blob, plan, 8192)[0].equal(execute(blob, plan, 1)[0])
+        # A run at the threshold is a request worth its own: it stays direct.
+        at_threshold = _route(plan, direct_piece_min=4352)[0]
+        assert sorted(d.length for d in at_threshold) == ([4096] if rank == 1 else [256, 4096])
     # A load that stages nothing keeps its small ranges direct.
     whole = build_plan([header_of(blob)], tp_size=1, ranks=[0], rules=RULES, max_range_bytes=1 << 20)
     assert _route(whole, direct_piece_min=4097)[1] == []
+
+
+def test_a_group_arena_holds_once_what_ranks_read_whole_or_tile_and_stages_only_the_rest() -> None:
+    """All ranks of 4 in one arena: the replicated norm and the dim-0 split "col" lie once, as in the file, and
+    are read straight in, one request for the run; only "row"'s dim-1 slices pass through the staging buffer,
+    each rank's to its section. The arena is smaller than four arenas by the replicas it does not hold."""
+    tensors = {"col.weight": torch.randn(64, 64), "norm.weight": torch.randn(63), "row.weight": torch.randn(64, 64),
+               "vocab.weight": torch.randn(10, 64)}  # padded to 16 rows: in the ranks' sections
+    blob = save(tensors)
+    apart = build_plan([header_of(blob)], tp_size=4, ranks=range(4), rules=RULES, max_range_bytes=1 << 20)
+    group = build_plan([header_of(blob)], tp_size=4, ranks=range(4), rules=RULES, max_range_bytes=1 << 20,
+                       group_arena=True)
+    # (A store whose requests cost what 8 KiB do: the run of 16 KiB is worth a request of its own.)
+    direct, staged, duplicates = _requests(group, direct_piece_min=8192)
+    shared = 16384 + 252  # col, then the norm right after it (252 bytes: no alignment gap)
+    assert [d.length for d in direct] == [shared] and duplicates == []
+    assert sorted(s.block.length for s in staged) == [2560, 16384]
+    assert group.fetched_bytes == sum(t.nbytes for t in tensors.values())
+    section = 4096 + 4 * 64 * 4  # a quarter of row, then 4 of vocab's 16 padded rows
+    assert group.arena_sizes == (align(shared) + 4 * section,)
+    assert sum(apart.arena_sizes) == 4 * (4096 + 256 + section)
+    slots = [{slot.name: slot for slot in layout.slots} for layout in group.layouts]
+    assert [s["col.weight"].offset for s in slots] == [0, 4096, 8192, 12288]
+    assert {s["norm.weight"].offset for s in slots} == {16384}
+    assert [s["row.weight"].offset for s in slots] == [align(shared) + r * section for r in range(4)]
+    for layout, arena in zip(group.layouts, execute(blob, group), strict=True):
+        for name, slot in slots[layout.rank].items():
+            got = arena[slot.offset : slot.offset + slot.nbytes].view(torch.float32).view(slot.shape)
+            want = expected_slice(tensors[name], dict(layout.shards)[name], PADDED.get(name, (0, 1))[1], 4,
+                                  layout.rank)
+            assert torch.equal(got, want), (name, layout.rank)
+    # Each rank is credited its share of what was fetched (the norm, a quarter each).
+    assert group.fetched_bytes_by_layout == apart.fetched_bytes_by_layout
+
+
+def test_ranks_sharing_a_kv_head_share_its_bytes_in_a_group_arena() -> None:
+    """At tp_size 4 with 2 KV heads, ranks 0 and 1 hold head 0: in a group arena both are served the same bytes,
+    which lie once, as in the file."""
+    tensors = {"l.k_proj.weight": torch.randn(2 * 64, 32), "l.k_proj.bias": torch.randn(2 * 64)}
+    blob = save(tensors)
+    plan = build_plan([header_of(blob)], tp_size=4, ranks=range(4), rules=llama_family_plan(2),
+                      max_range_bytes=1 << 20, group_arena=True)
+    assert plan.arena_sizes == (sum(t.nbytes for t in tensors.values()),)
+    for layout, arena in zip(plan.layouts, execute(blob, plan), strict=True):
+        for slot in layout.slots:
+            head = layout.rank // 2
+            assert slot.offset == plan.layouts[2 * head].slots[layout.slots.index(slot)].offset
+            got = arena[slot.offset : slot.offset + slot.nbytes].view(torch.float32).view(slot.shape)
+            assert torch.equal(got, tensors[slot.name].narrow(0, head * 64, 64))
+
+
+def test_a_group_arena_holds_every_rank_in_order() -> None:
+    header = header_of(save({"col.weight": torch.randn(8, 8)}))
+    for tp_size, ranks in ((1, [0]), (4, [1]), (4, [1, 0, 2, 3])):
+        with pytest.raises(ValueError, match="every rank"):
+            build_plan([header], tp_size=tp_size, ranks=ranks, rules=RULES, max_range_bytes=1 << 20, group_arena=True)
 
 
 def test_a_replica_is_copied_when_the_range_holding_its_whole_source_lands() -> None:

@@ -88,8 +88,9 @@ class DeviceArena(Arena, Protocol):
     @property
     def device_uuid(self) -> str: ...
 
-    def copy_from(self, source: FillableArena, offset: int, length: int) -> None:
-        """Queue a copy of ``source``'s bytes [offset, offset + length) to the same offsets here."""
+    def copy_from(self, source: FillableArena, offset: int, length: int, *, source_offset: int | None = None) -> None:
+        """Queue a copy of ``source``'s bytes [offset, offset + length) to the same offsets here (from
+        ``source_offset`` on, where given)."""
         ...
 
     def finish_copies(self) -> None:

@@ -135,16 +135,18 @@ class _CudaArena(abc.ABC):
     def device_uuid(self) -> str:
         return self._device.info.uuid
 
-    def copy_from(self, source: FillableArena, offset: int, length: int) -> None:
-        if offset < 0 or offset + length > min(self._size, source.size):
-            raise ValueError(f"copy [{offset}, {offset + length}) lies outside arena {self._name}")
+    def copy_from(self, source: FillableArena, offset: int, length: int, *, source_offset: int | None = None) -> None:
+        start = offset if source_offset is None else source_offset
+        if min(offset, start) < 0 or offset + length > self._size or start + length > source.size:
+            raise ValueError(f"copy [{start}, {start + length}) -> [{offset}, {offset + length}) lies outside "
+                             f"arena {self._name} or its source")
         drv = self._device.activate()
         with self._stream_lock:
             if self._stream is None:
                 flags = drv.CUstream_flags.CU_STREAM_NON_BLOCKING
                 self._stream = _call(drv, "cuStreamCreate", drv.cuStreamCreate(flags))
             stream = self._stream
-        source_address = source.tensor().data_ptr() + offset
+        source_address = source.tensor().data_ptr() + start
         _call(drv, f"cuMemcpyHtoDAsync into {self._name}",
               drv.cuMemcpyHtoDAsync(self.address + offset, source_address, length, stream))
 

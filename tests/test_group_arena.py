@@ -1,0 +1,157 @@
+"""All ranks of a tensor-parallel group loaded into host memory together share one arena (weightd.daemon.plan's
+group arena): the registry counts it once in the budget, frees it with the last entry holding it, evicts it only
+with all of them, and a restarted daemon adopts it once for every rank. Run on the real registry, host memory
+and streamer, from a local directory."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from weightd.daemon.errors import ModelInUseError, OutOfMemoryError
+from weightd.daemon.loader import LoadSettings
+from weightd.daemon.manifests import ManifestStore
+from weightd.daemon.memory.host import HostMemory
+from weightd.daemon.metrics import Metrics
+from weightd.daemon.registry import Entry, EntryKey, Registry
+from weightd.daemon.service import status_name
+from weightd.daemon.synthetic import write_synthetic_model
+
+from tests.test_gpu_paths import expected_slices, read_slot
+
+TP_SIZE = 4
+KV_HEADS = 2  # weightd.daemon.synthetic's
+
+
+@pytest.fixture
+def shm(tmp_path: Path) -> Iterator[Path]:
+    directory = Path("/dev/shm") / f"weightd-test-group-{tmp_path.name}"
+    directory.mkdir()
+    yield directory
+    for path in directory.iterdir():
+        path.unlink()
+    directory.rmdir()
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[Path, dict[str, torch.Tensor]]]:
+    found = []
+    for seed in range(2):
+        directory = tmp_path_factory.mktemp(f"model{seed}")
+        found.append((directory, write_synthetic_model(directory, total_bytes=4 << 20, shards=2, hidden=256,
+                                                       seed=seed)))
+    return found
+
+
+def make_registry(shm: Path, cache: Path, *, host_budget: int = 1 << 30) -> Registry:
+    return Registry(
+        HostMemory(directory=shm, namespace="host"), host_budget=host_budget, manifests=ManifestStore(cache / "arenas"),
+        cache_dir=cache, settings=LoadSettings(memory_limit=64 << 20), max_parallel_loads=2,
+        metrics=Metrics(status_of=status_name),
+    )
+
+
+def group_keys(registry: Registry, directory: Path) -> list[EntryKey]:
+    return [registry.key(str(directory), tp_size=TP_SIZE, rank=r, rules=()) for r in range(TP_SIZE)]
+
+
+def check_values(entries: list[Entry], full: dict[str, torch.Tensor]) -> None:
+    """Each rank's tensors are its slices; the synthetic model's 2 KV heads are shared by pairs of ranks."""
+    for entry in entries:
+        assert entry.layout is not None and entry.arena is not None
+        rank = entry.key.rank
+        want = expected_slices(full, dict(entry.layout.shards), rank, TP_SIZE)
+        want |= expected_slices({n: t for n, t in full.items() if "k_proj" in n or "v_proj" in n},
+                                dict(entry.layout.shards), rank // (TP_SIZE // KV_HEADS), KV_HEADS)
+        arena = entry.arena.tensor()  # type: ignore[attr-defined]
+        for slot in entry.layout.slots:
+            assert torch.equal(read_slot(arena, slot), want[slot.name]), (slot.name, rank)
+
+
+def test_a_group_shares_one_arena_counted_once_and_freed_with_its_last_entry(
+    models: list[tuple[Path, dict[str, torch.Tensor]]], shm: Path, tmp_path: Path
+) -> None:
+    (directory, full), _ = models
+
+    async def scenario() -> None:
+        registry = make_registry(shm, tmp_path / "cache")
+        entries = await registry.ensure(group_keys(registry, directory))
+        arena = entries[0].arena
+        assert arena is not None and all(e.arena is arena for e in entries)
+        assert [p.name for p in shm.iterdir()] == [arena.name]
+        check_values(entries, full)
+        (usage,) = registry.memory_usage()
+        assert usage.used_bytes == arena.size == sum(s.resident_bytes for s in registry.snapshot())
+        assert sum(t.nbytes for t in full.values()) <= arena.size
+        assert sorted(p.name for p in (tmp_path / "cache" / "arenas").iterdir()) == [
+            f"{arena.name}.{rank}.json" for rank in range(TP_SIZE)
+        ]
+
+        # Rank 2 leased: evicting the model lets go of the other ranks, the arena stays for rank 2.
+        lease = registry.acquire(entries[2])
+        assert registry.evict(str(directory)) == (TP_SIZE - 1, 0)
+        assert [s.key.rank for s in registry.snapshot()] == [2]
+        assert registry.memory_usage()[0].used_bytes == arena.size == registry.snapshot()[0].resident_bytes
+        assert [p.name for p in (tmp_path / "cache" / "arenas").iterdir()] == [f"{arena.name}.2.json"]
+        check_values([entries[2]], full)
+        with pytest.raises(ModelInUseError):
+            registry.evict(str(directory))
+        registry.release(lease)
+        assert registry.evict(str(directory)) == (1, arena.size)
+        assert registry.memory_usage()[0].used_bytes == 0 and list(shm.iterdir()) == []
+        await registry.close(keep_arenas=False, timeout=30)
+
+    asyncio.run(scenario())
+
+
+def test_a_group_is_evicted_for_room_only_whole(
+    models: list[tuple[Path, dict[str, torch.Tensor]]], shm: Path, tmp_path: Path
+) -> None:
+    (first, _), (second, full) = models
+
+    async def scenario() -> None:
+        probe = make_registry(shm, tmp_path / "probe")
+        group_bytes = sum(e.arena.size for e in (await probe.ensure(group_keys(probe, first)))[:1])  # type: ignore[union-attr]
+        await probe.close(keep_arenas=False, timeout=30)
+
+        registry = make_registry(shm, tmp_path / "cache", host_budget=group_bytes * 3 // 2)
+        entries = await registry.ensure(group_keys(registry, first))
+        lease = registry.acquire(entries[1])
+        # One leased rank keeps the whole arena: nothing can be evicted, and the error names the holder.
+        with pytest.raises(OutOfMemoryError, match=r"rank 1 of 4.*1 lease"):
+            await registry.ensure(group_keys(registry, second))
+        assert len(registry.snapshot()) == TP_SIZE
+        registry.release(lease)
+        loaded = await registry.ensure(group_keys(registry, second))
+        assert {s.key.model_uri for s in registry.snapshot()} == {loaded[0].key.model_uri}  # every rank went
+        assert [p.name for p in shm.iterdir()] == [loaded[0].arena.name]  # type: ignore[union-attr]
+        check_values(loaded, full)
+        await registry.close(keep_arenas=False, timeout=30)
+
+    asyncio.run(scenario())
+
+
+def test_a_restarted_registry_adopts_a_group_arena_once_for_every_rank(
+    models: list[tuple[Path, dict[str, torch.Tensor]]], shm: Path, tmp_path: Path
+) -> None:
+    (directory, full), _ = models
+
+    async def scenario() -> None:
+        first = make_registry(shm, tmp_path / "cache")
+        name = (await first.ensure(group_keys(first, directory)))[0].arena.name  # type: ignore[union-attr]
+        await first.close(keep_arenas=True, timeout=30)
+        assert [p.name for p in shm.iterdir()] == [name]
+
+        second = make_registry(shm, tmp_path / "cache")
+        second.adopt()
+        entries = await second.ensure(group_keys(second, directory))
+        assert all(e.arena is entries[0].arena for e in entries) and entries[0].arena.name == name  # type: ignore[union-attr]
+        assert sum(e.storage_bytes_read for e in entries) == sum(t.nbytes for t in full.values())  # the first load's
+        check_values(entries, full)
+        await second.close(keep_arenas=False, timeout=30)
+        assert list(shm.iterdir()) == [] and list((tmp_path / "cache" / "arenas").iterdir()) == []
+
+    asyncio.run(scenario())
