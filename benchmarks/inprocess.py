@@ -12,7 +12,8 @@ in an order rotated per repetition, after one unmeasured pass of each has warmed
   a    the streamer alone: SafetensorsStreamer over the shards (run.py's a)
   c    weightd's load phases: prepare (listing, metadata, headers, plan), then stream into a host arena, as the
        daemon's load thread runs them (collector paused); tp_size 1
-  all  the same for all ranks of TP=4
+  all  the same for all ranks of TP=4, in one group arena (as the daemon loads a group into host memory)
+  apart  all ranks of TP=4 in an arena each (as a GPU load's host tier; every host load before the group arena)
   lone the same for rank 1 of 4 alone
 
 It reports each step's median time, this process's CPU and the storage server's CPU (medians), every sample,
@@ -50,7 +51,9 @@ from benchmarks.run import STORES, Bench, arena_dir, machine, start_store  # noq
 from tests.storage_servers import stop_process  # noqa: E402
 
 # step -> (tp_size, ranks); "a" is the streamer alone.
-LOADS = {"c": (1, [0]), "all": (4, [0, 1, 2, 3]), "lone": (4, [1])}
+# name: (tp_size, ranks, group arena)
+LOADS = {"c": (1, [0], False), "all": (4, [0, 1, 2, 3], True), "apart": (4, [0, 1, 2, 3], False),
+         "lone": (4, [1], False)}
 
 
 def cpu_seconds(pid: int) -> float:
@@ -74,20 +77,21 @@ class InProcess:
                 tensors[name] = tensor
         return int(sum(t.nbytes for t in tensors.values()))
 
-    def weightd_load(self, model: dict[str, Any], tp_size: int, ranks: list[int]) -> int:
+    def weightd_load(self, model: dict[str, Any], tp_size: int, ranks: list[int], group_arena: bool) -> int:
         self.loads += 1
         with collection_paused():
             prepared = loader.prepare(parse_model_uri(model["uri"]), cache_dir=self.bench.work / f"cache{self.loads}",
-                                      tp_size=tp_size, ranks=ranks, rules=(), settings=self.settings)
+                                      tp_size=tp_size, ranks=ranks, rules=(), settings=self.settings,
+                                      group_arena=group_arena)
             loaded = loader.stream(prepared, self.memory, settings=self.settings, on_progress=lambda n: None)
         for rank in loaded:
-            rank.arena.release()
+            rank.arena.release()  # a group arena's ranks share it: released once, the rest do nothing
         return prepared.plan.fetched_bytes
 
     def measure(self, model: dict[str, Any], repetitions: int) -> dict[str, Any]:
         steps: dict[str, Callable[[], int]] = {"a": functools.partial(self.streamer_alone, model)}
-        for name, (tp_size, ranks) in LOADS.items():
-            steps[name] = functools.partial(self.weightd_load, model, tp_size, ranks)
+        for name, (tp_size, ranks, group_arena) in LOADS.items():
+            steps[name] = functools.partial(self.weightd_load, model, tp_size, ranks, group_arena)
         for step in steps.values():  # the store's first reads of new objects are slow for every reader
             step()
         server = self.bench.store.process.pid
@@ -109,6 +113,7 @@ class InProcess:
             "ratios": {
                 "c/a": med["c"]["seconds"] / med["a"]["seconds"],
                 "all ranks/c": med["all"]["seconds"] / med["c"]["seconds"],
+                "all ranks apart/c": med["apart"]["seconds"] / med["c"]["seconds"],
                 "lone rank/c": med["lone"]["seconds"] / med["c"]["seconds"],
                 "lone rank bytes/c": fetched["lone"] / fetched["c"],
             },
@@ -162,8 +167,8 @@ def render(results: dict[str, Any]) -> str:
              f"{results['arena_dir']}; medians of {results['repetitions']} (time, then CPU: this process + the "
              "store's)", "",
              "| geometry | size | tensors | a. streamer | c. weightd | c/a | TP=4 all ranks | all / c | "
-             "lone rank | lone / c: time, bytes |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "an arena each | apart / c | lone rank | lone / c: time, bytes |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def cell(step: dict[str, float]) -> str:
         return f"{step['seconds']:.3f} s ({step['cpu']:.2f} + {step['server_cpu']:.2f})"
@@ -171,7 +176,8 @@ def render(results: dict[str, Any]) -> str:
     for name, g in results["geometries"].items():
         m, r = g["medians"], g["ratios"]
         lines.append(f"| {name} | {g['bytes'] / 1e9:.2f} GB | {g['tensors']} | {cell(m['a'])} | {cell(m['c'])} "
-                     f"| {r['c/a']:.3f} | {cell(m['all'])} | {r['all ranks/c']:.2f} | {cell(m['lone'])} "
+                     f"| {r['c/a']:.3f} | {cell(m['all'])} | {r['all ranks/c']:.2f} | {cell(m['apart'])} "
+                     f"| {r['all ranks apart/c']:.2f} | {cell(m['lone'])} "
                      f"| {r['lone rank/c']:.2f}, {r['lone rank bytes/c']:.2f} |")
     return "\n".join(lines)
 

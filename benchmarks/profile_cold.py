@@ -64,7 +64,8 @@ def main() -> int:
             profiler.enable()
             t0 = time.perf_counter()
             prepared = loader.prepare(location, cache_dir=work / "cache", tp_size=args.tp_size, ranks=ranks,
-                                      rules=(), settings=settings)
+                                      rules=(), settings=settings,
+                                      group_arena=args.tp_size > 1 and args.rank is None)  # as the daemon would
             t1 = time.perf_counter()
             arenas = loader.stream(prepared, memory, settings=settings, on_progress=lambda n: None)
             t2 = time.perf_counter()

@@ -8,10 +8,14 @@ the dim), stored contiguously in its arena. Columns past the end of a row are ne
 Every rank's slice of a tensor has the same size, so one placement serves all ranks; the parts of a fusion
 (weightd.daemon.placement) are placed back to back and served as one tensor.
 
-All ranks of a group loaded together into host memory may share one arena (a group arena): what every rank
-holds whole, and tensors whose dim-0 slices tile them, lie there once, as in the file, each rank served its
-slice in place; the rest lies in a section per rank. Those tensors are then read straight into memory, as a
-full load reads them, instead of going to N arenas (through the staging buffer, when their slices are small).
+All ranks of a group loaded together into host memory may share one arena (a group arena). It holds the
+tensors whose slices tile them (no padding) once, as the file holds them, and is read straight in as a full
+load reads a file, in long runs, instead of each slice going to one of N arenas (through the staging buffer,
+when slices are small, so that each byte was written twice, and runs broke into many requests). A tensor
+every rank holds whole, or split on dim 0, is served in place: rank r's slice is the r-th part. One split on a
+later dim lands as its rows and is then rearranged in place, its slices one after the other (``Rearranged``),
+if it is at most ``max_range_bytes`` (a larger one is few requests anyway); it and the rest (padded splits,
+fusions) otherwise lie in a section per rank.
 
 What is fetched:
 - a tensor split on dim 0 (or replicated) is a single row, so any rank's share is one contiguous range;
@@ -100,6 +104,21 @@ class Block:
 
 
 @dataclass(frozen=True)
+class Rearranged:
+    """``rows`` rows of ``parts`` slices of ``piece`` bytes each, at ``offset`` of a group arena as the file holds
+    them, to be made slice after slice (slice i's rows at ``offset + i * rows * piece``) once they have landed."""
+
+    offset: int
+    rows: int
+    parts: int
+    piece: int
+
+    @property
+    def length(self) -> int:
+        return self.rows * self.parts * self.piece
+
+
+@dataclass(frozen=True)
 class FilePlan:
     file: str
     blocks: tuple[Block, ...]
@@ -114,6 +133,8 @@ class LoadPlan:
     fetched_bytes_by_layout: tuple[int, ...]
     # Every layout lies in one arena, the group's (see build_plan's ``group_arena``); else one arena each.
     grouped: bool = False
+    # Regions of the group arena to rearrange into their slices once their bytes have landed.
+    rearranged: tuple[Rearranged, ...] = ()
 
     @property
     def fetched_bytes(self) -> int:
@@ -175,7 +196,8 @@ def build_plan(
         raise ValueError("a group arena holds every rank of a tensor-parallel group, in rank order")
     tensors = [tensor for header in headers for tensor in header.tensors]
     splits = {t.name: split_for(t.name, t.shape, rules, tp_size=tp_size) for t in tensors}
-    placement = _place(tensors, splits, fusions, tp_size=tp_size, ranks=tuple(ranks), group_arena=group_arena)
+    placement = _place(tensors, splits, fusions, tp_size=tp_size, ranks=tuple(ranks),
+                       group_arena_rearranged_max=max_range_bytes if group_arena else None)
     builder = _PlanBuilder(tp_size, tuple(ranks), max_range_bytes, row_range_min_bytes, placement)
     files = [
         FilePlan(file=h.file, blocks=tuple(b for t in h.tensors for b in builder.add_tensor(t, splits[t.name])))
@@ -211,22 +233,27 @@ def _slot_shape(tensor: TensorEntry, split: Split | None) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def _lies_whole(tensor: TensorEntry, split: Split | None) -> bool:
+def _lies_whole(tensor: TensorEntry, split: Split | None, rearranged_max: int) -> bool:
     """Whether a group arena holds ``tensor`` once, as the file does, every rank's slice inside it: a tensor every
-    rank holds whole, or one whose dim-0 slices tile it (no padding)."""
-    return split is None or (split.dim == 0 and split.part * split.parts == tensor.shape[0])
+    rank holds whole, or one whose slices tile it (no padding), on dim 0 or, up to ``rearranged_max`` bytes (one
+    block), on a later dim."""
+    if split is None:
+        return True
+    tiled = split.part * split.parts == tensor.shape[split.dim]
+    return tiled and (split.dim == 0 or tensor.nbytes <= rearranged_max)
 
 
 def _place(
     tensors: Sequence[TensorEntry], splits: dict[str, Split | None], fusions: Sequence[Fusion], *, tp_size: int,
-    ranks: tuple[int, ...], group_arena: bool,
+    ranks: tuple[int, ...], group_arena_rearranged_max: int | None,
 ) -> _Placement:
     """Lay the arenas out in file order, so that tensors back to back in a file are back to back in memory.
 
-    In a group arena the tensors that lie whole (``_lies_whole``) go to the shared section: the streamer writes
-    them straight in, a run of them one request, where in ranks' own arenas their slices go to N places
-    (read through the staging buffer when small). A replicated tensor is held once, not once per rank. A group
-    arena is host memory only, so its shared section's slots are aligned to their elements, not to ALIGNMENT.
+    In a group arena the tensors that lie whole (``_lies_whole``) go to the shared section, as the file holds
+    them: the streamer writes them straight in, a run of them one request, where in ranks' own arenas their
+    slices go to N places (read through the staging buffer when small). A replicated tensor is held once, not
+    once per rank. A group arena is host memory only, so its shared section's slots are aligned to their
+    elements, not to ALIGNMENT.
     """
     shapes: dict[str, tuple[int, ...]] = {}
     nbytes: dict[str, int] = {}
@@ -258,9 +285,11 @@ def _place(
 
     fused = {name: [p for p in parts if p is not None] for name, parts in groups.items() if fusable(parts)}
     group_of = {p.name: name for name, parts in fused.items() for p in parts}
+    group_arena = group_arena_rearranged_max is not None
     shared = frozenset(
-        t.name for t in tensors if t.name not in group_of and _lies_whole(t, splits[t.name])
-    ) if group_arena else frozenset()
+        t.name for t in tensors
+        if t.name not in group_of and _lies_whole(t, splits[t.name], group_arena_rearranged_max)
+    ) if group_arena_rearranged_max is not None else frozenset()
     offsets: dict[str, int] = {}
     served: list[Slot] = []
     shards: list[tuple[str, int | None]] = []
@@ -337,6 +366,7 @@ class _PlanBuilder:
         self.placement = placement
         self.grouped = placement.grouped
         self.padding: list[list[tuple[int, int]]] = [[] for _ in ranks]
+        self.rearranged: list[Rearranged] = []
         self.fetched = [0] * len(ranks)
         self._window_sets: dict[tuple[int, int], tuple[list[int], int, int]] = {}
         self._whole_windows = [0] * len(ranks)
@@ -370,6 +400,9 @@ class _PlanBuilder:
         lo, hi = first, min(last + piece, row_bytes)
         if lo >= hi:
             return []
+        if whole and outer > 1:  # lands as its rows, one block (see _lies_whole), then made slice after slice
+            self.rearranged.append(Rearranged(offset, outer, split.parts, piece))
+            return [block_at(0, outer, 0, row_bytes)]
         if outer == 1:
             return [block_at(0, 1, c, min(self.max_range, hi - c)) for c in range(lo, hi, self.max_range)]
         if len(windows) == 1 and piece >= self.row_range_min:
@@ -447,4 +480,5 @@ class _PlanBuilder:
             for i, rank in enumerate(self.ranks)
         )
         return LoadPlan(tp_size=self.tp_size, layouts=layouts, files=files,
-                        fetched_bytes_by_layout=tuple(self.fetched), grouped=self.grouped)
+                        fetched_bytes_by_layout=tuple(self.fetched), grouped=self.grouped,
+                        rearranged=tuple(self.rearranged))

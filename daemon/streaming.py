@@ -28,7 +28,7 @@ from runai_model_streamer.libstreamer.libstreamer import (
     runai_response_str,
 )
 from weightd.daemon.errors import StorageUnavailableError, WeightdError
-from weightd.daemon.plan import ALIGNMENT, Block, LoadPlan, Target, align
+from weightd.daemon.plan import ALIGNMENT, Block, LoadPlan, Rearranged, Target, align
 from weightd.daemon.storage.base import ObjectStore
 
 _LIBC = ctypes.CDLL(None)  # the C library this process already uses
@@ -279,14 +279,18 @@ def fetch_into(
     passes through it too, read once (the storage's ``min_separate_read_bytes``). ``on_progress`` gets the
     bytes of each fetched range as it lands; ``on_filled`` each destination region (arena index, offset,
     length) once its final bytes are in place. Both are called from this thread. A replicated tensor read into
-    one rank's arena is copied to the others' as its range lands, beside the ranges still to come. A storage
+    one rank's arena is copied to the others' as its range lands, beside the ranges still to come, and a group
+    arena's rows are rearranged into their slices likewise (such a plan takes no ``on_filled``). A storage
     failure raises StreamingError.
     """
+    if plan.rearranged and on_filled is not None:
+        raise ValueError("a group arena's regions are final only once rearranged: follow it without on_filled")
     filled = on_filled or _ignore_filled
     direct, staged, duplicates = _requests(plan, direct_piece_min=direct_piece_min)
     if not direct and not staged:
         return
     bases = [d.data_ptr() for d in destinations]
+    scratch = Scratch()
     slots = _staging_slots(staged, memory_limit)
     staging = torch.empty(sum(slots), dtype=torch.uint8)
     # Leaving this block waits for every scatter, so none writes after a failed load's arenas are released.
@@ -298,10 +302,12 @@ def fetch_into(
                 session.handle_object_store(paths[0], session.streamer)
                 reader = _RangeReader(session.streamer, paths)
                 copied_on_landing, copied_at_end = _duplicates_by_source(direct, duplicates)
+                rearranged_on_landing, rearranged_at_end = _rearranged_by_source(direct, plan.rearranged)
                 reader.submit([
                     _Range(d.file_index, d.file_offset, d.length, bases[d.arena_index] + d.dst_offset,
-                           functools.partial(_direct_landed, d, copies, destinations, scatters, on_progress, filled))
-                    for d, copies in zip(direct, copied_on_landing, strict=True)
+                           functools.partial(_direct_landed, d, copies, rearranged, destinations, scratch,
+                                             scatters, on_progress, filled))
+                    for d, copies, rearranged in zip(direct, copied_on_landing, rearranged_on_landing, strict=True)
                 ])
                 in_flight: list[tuple[int, list[int]]] = []  # each slot's batch and its submissions, oldest first
                 for index, batch in enumerate(_batches(staged, slots[0])):
@@ -326,6 +332,8 @@ def fetch_into(
             raise
     _copy_duplicates(copied_at_end, destinations)
     _duplicates_filled(copied_at_end, filled)
+    for item in rearranged_at_end:
+        rearrange(destinations[0], item, scratch)
 
 
 # (arena index, offset, length) of a destination region whose bytes are final.
@@ -339,17 +347,47 @@ def _ignore_filled(arena_index: int, offset: int, length: int) -> None:
 def _direct_landed(
     d: _Direct,
     copies: list[_Duplicate],
+    rearranged: list[Rearranged],
     destinations: list[torch.Tensor],
+    scratch: Scratch,
     scatters: _Scatters,
     on_progress: Callable[[int], None],
     on_filled: FillCallback,
 ) -> None:
     on_progress(d.length)
     on_filled(d.arena_index, d.dst_offset, d.length)
-    if copies:  # the replicas of what just landed, copied beside the ranges still to come
-        scatters.start(_Scatters.UNBATCHED, functools.partial(_copy_duplicates, copies, destinations),
+    if copies or rearranged:  # the replicas of what just landed, or its slices, made beside the ranges to come
+        scatters.start(_Scatters.UNBATCHED,
+                       functools.partial(_after_landing, copies, rearranged, destinations, scratch),
                        functools.partial(_duplicates_filled, copies, on_filled))
         scatters.finish_done()
+
+
+def _after_landing(
+    copies: list[_Duplicate], rearranged: list[Rearranged], destinations: list[torch.Tensor], scratch: Scratch
+) -> None:
+    _copy_duplicates(copies, destinations)
+    for item in rearranged:
+        rearrange(destinations[0], item, scratch)
+
+
+_Region = tuple[int, int, int]  # (arena index, offset, length)
+
+
+def _by_source(direct: list[_Direct], regions: Sequence[_Region]) -> tuple[list[list[int]], list[int]]:
+    """For each direct range, the indices of the ``regions`` it writes whole; and the indices of the rest."""
+    starts = sorted((d.arena_index, d.dst_offset, i) for i, d in enumerate(direct))
+    keys = [(arena, offset) for arena, offset, _ in starts]
+    on_landing: list[list[int]] = [[] for _ in direct]
+    at_end: list[int] = []
+    for index, (arena, offset, length) in enumerate(regions):
+        k = bisect.bisect_right(keys, (arena, offset)) - 1
+        source = direct[starts[k][2]] if k >= 0 else None
+        if source is not None and source.arena_index == arena and offset + length <= source.dst_offset + source.length:
+            on_landing[starts[k][2]].append(index)
+        else:
+            at_end.append(index)
+    return on_landing, at_end
 
 
 def _duplicates_by_source(
@@ -357,19 +395,17 @@ def _duplicates_by_source(
 ) -> tuple[list[list[_Duplicate]], list[_Duplicate]]:
     """For each direct range, the duplicates whose source it writes whole (copied once it lands); and the
     rest, whose source a staged run fills (copied after the stream)."""
-    starts = sorted((d.arena_index, d.dst_offset, i) for i, d in enumerate(direct))
-    keys = [(arena, offset) for arena, offset, _ in starts]
-    on_landing: list[list[_Duplicate]] = [[] for _ in direct]
-    at_end: list[_Duplicate] = []
-    for dup in duplicates:
-        k = bisect.bisect_right(keys, (dup.src_arena, dup.src_offset)) - 1
-        source = direct[starts[k][2]] if k >= 0 else None
-        if (source is not None and source.arena_index == dup.src_arena
-                and dup.src_offset + dup.length <= source.dst_offset + source.length):
-            on_landing[starts[k][2]].append(dup)
-        else:
-            at_end.append(dup)
-    return on_landing, at_end
+    on_landing, at_end = _by_source(direct, [(d.src_arena, d.src_offset, d.length) for d in duplicates])
+    return [[duplicates[i] for i in found] for found in on_landing], [duplicates[i] for i in at_end]
+
+
+def _rearranged_by_source(
+    direct: list[_Direct], rearranged: Sequence[Rearranged]
+) -> tuple[list[list[Rearranged]], list[Rearranged]]:
+    """For each direct range, the group arena's regions it writes whole (rearranged once it lands); and the
+    rest, which a staged run fills (rearranged after the stream)."""
+    on_landing, at_end = _by_source(direct, [(0, r.offset, r.length) for r in rearranged])
+    return [[rearranged[i] for i in found] for found in on_landing], [rearranged[i] for i in at_end]
 
 
 def _duplicates_filled(duplicates: list[_Duplicate], on_filled: FillCallback) -> None:
@@ -555,6 +591,32 @@ def _copy_duplicates(duplicates: list[_Duplicate], destinations: list[torch.Tens
 
 # Strided copies run several times faster in 8-byte words than in bytes.
 _WORDS = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
+
+
+class Scratch(threading.local):
+    """A load's buffers for rearranging, one per thread, kept for its next region (fresh pages cost to fault
+    in) and freed with the load."""
+
+    buffer: torch.Tensor | None = None
+
+    def at_least(self, size: int) -> torch.Tensor:
+        if self.buffer is None or self.buffer.numel() < size:
+            self.buffer = torch.empty(size, dtype=torch.uint8)
+        return self.buffer
+
+
+def rearrange(arena: torch.Tensor, item: Rearranged, scratch: Scratch) -> None:
+    """Make ``item``'s rows, landed in ``arena`` as the file holds them, slice after slice: copied out to this
+    thread's scratch buffer, then each slice's column of rows copied back (in words, where they allow)."""
+    if item.length == 0:
+        return
+    region = arena[item.offset : item.offset + item.length]
+    rows = scratch.at_least(item.length)[: item.length]
+    ctypes.memmove(rows.data_ptr(), region.data_ptr(), item.length)
+    word = next(w for w in _WORDS if item.piece % w == 0 and item.offset % w == 0 and region.data_ptr() % w == 0)
+    width = item.piece // word
+    source = rows.view(_WORDS[word]).view(item.rows, item.parts, width).numpy()
+    numpy.copyto(region.view(_WORDS[word]).view(item.parts, item.rows, width).numpy(), source.transpose(1, 0, 2))
 
 
 def _scatter_block(data: torch.Tensor, block: Block, destinations: list[torch.Tensor]) -> None:

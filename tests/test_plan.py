@@ -7,13 +7,14 @@ import pytest
 import torch
 from safetensors.torch import save
 from weightd.daemon.errors import InvalidRequestError, UnsupportedModelError
-from weightd.daemon.plan import ALIGNMENT, LoadPlan, align, build_plan
+from weightd.daemon.plan import ALIGNMENT, LoadPlan, Rearranged, align, build_plan
 from weightd.daemon.safetensors_header import header_length, parse_header
 from weightd.daemon.sharding import Architecture, ShardRule, Split, llama_family_plan, select_rules, split_for
 from weightd.daemon.storage.base import PrefixedObjects
 from weightd.daemon.streaming import (
     COALESCE_MAX_BYTES,
     STAGED_RUN_PIECE_MAX,
+    Scratch,
     _batches,
     _coalesce,
     _copy_duplicates,
@@ -24,6 +25,7 @@ from weightd.daemon.streaming import (
     _route,
     _scatter_block,
     _staging_slots,
+    rearrange,
 )
 
 from tests.conftest import fp8_linear
@@ -84,6 +86,9 @@ def execute(blob: bytes, plan: LoadPlan, direct_piece_min: int = OBJECT_STORE_PI
     for item in staged:
         _scatter_block(source[item.block.file_offset :].clone(), item.block, arenas)
     _copy_duplicates(duplicates, arenas)
+    scratch = Scratch()
+    for region in plan.rearranged:
+        rearrange(arenas[0], region, scratch)
     return [arenas[plan.arena_of(index)] for index in range(len(plan.layouts))]
 
 
@@ -252,30 +257,35 @@ def test_small_direct_ranges_back_to_back_with_staged_blocks_are_staged_with_the
     assert _route(whole, direct_piece_min=4097)[1] == []
 
 
-def test_a_group_arena_holds_once_what_ranks_read_whole_or_tile_and_stages_only_the_rest() -> None:
-    """All ranks of 4 in one arena: the replicated norm and the dim-0 split "col" lie once, as in the file, and
-    are read straight in, one request for the run; only "row"'s dim-1 slices pass through the staging buffer,
-    each rank's to its section. The arena is smaller than four arenas by the replicas it does not hold."""
+def test_a_group_arena_holds_the_file_as_it_is_and_stages_only_what_it_cannot() -> None:
+    """All ranks of 4 in one arena: the dim-0 split "col", the replicated norm and the dim-1 split "row" lie once,
+    as in the file, and are read straight in; "row" is then rearranged in place, its four slices one after the
+    other. Only "row.big" (larger than a block) and the padded "vocab" go to the ranks' sections, through the
+    staging buffer. The arena is smaller than four arenas by the replicas it does not hold."""
     tensors = {"col.weight": torch.randn(64, 64), "norm.weight": torch.randn(63), "row.weight": torch.randn(64, 64),
-               "vocab.weight": torch.randn(10, 64)}  # padded to 16 rows: in the ranks' sections
+               "row.big.weight": torch.randn(128, 64), "vocab.weight": torch.randn(10, 64)}  # vocab: 16 padded rows
     blob = save(tensors)
-    apart = build_plan([header_of(blob)], tp_size=4, ranks=range(4), rules=RULES, max_range_bytes=1 << 20)
-    group = build_plan([header_of(blob)], tp_size=4, ranks=range(4), rules=RULES, max_range_bytes=1 << 20,
+    assert [t.name for t in header_of(blob).tensors] == sorted(tensors)  # the file's order
+    block = 16384
+    apart = build_plan([header_of(blob)], tp_size=4, ranks=range(4), rules=RULES, max_range_bytes=block)
+    group = build_plan([header_of(blob)], tp_size=4, ranks=range(4), rules=RULES, max_range_bytes=block,
                        group_arena=True)
-    # (A store whose requests cost what 8 KiB do: the run of 16 KiB is worth a request of its own.)
-    direct, staged, duplicates = _requests(group, direct_piece_min=8192)
-    shared = 16384 + 252  # col, then the norm right after it (252 bytes: no alignment gap)
-    assert [d.length for d in direct] == [shared] and duplicates == []
-    assert sorted(s.block.length for s in staged) == [2560, 16384]
-    assert group.fetched_bytes == sum(t.nbytes for t in tensors.values())
-    section = 4096 + 4 * 64 * 4  # a quarter of row, then 4 of vocab's 16 padded rows
+    shared = 16384 + 252 + 16384  # col, the norm right after it (252 bytes: no alignment gap), row
+    section = 8192 + 4 * 64 * 4  # a quarter of row.big, then 4 of vocab's 16 padded rows
     assert group.arena_sizes == (align(shared) + 4 * section,)
-    assert sum(apart.arena_sizes) == 4 * (4096 + 256 + section)
+    assert sum(apart.arena_sizes) == 4 * (4096 + 256 + 4096 + section)
     slots = [{slot.name: slot for slot in layout.slots} for layout in group.layouts]
     assert [s["col.weight"].offset for s in slots] == [0, 4096, 8192, 12288]
     assert {s["norm.weight"].offset for s in slots} == {16384}
-    assert [s["row.weight"].offset for s in slots] == [align(shared) + r * section for r in range(4)]
-    for layout, arena in zip(group.layouts, execute(blob, group), strict=True):
+    assert [s["row.weight"].offset for s in slots] == [16636 + r * 4096 for r in range(4)]
+    assert [s["row.big.weight"].offset for s in slots] == [align(shared) + r * section for r in range(4)]
+    assert group.rearranged == (Rearranged(16636, 64, 4, 64),)
+    # (A store whose requests cost what 8 KiB do: the runs of 16 KiB are worth a request each.)
+    direct, staged, duplicates = _requests(group, direct_piece_min=8192)
+    assert [d.length for d in direct] == [16636, 16384] and duplicates == []
+    assert sorted(s.block.length for s in staged) == [2560, 16384, 16384]
+    assert group.fetched_bytes == sum(t.nbytes for t in tensors.values())
+    for layout, arena in zip(group.layouts, execute(blob, group, 8192), strict=True):
         for name, slot in slots[layout.rank].items():
             got = arena[slot.offset : slot.offset + slot.nbytes].view(torch.float32).view(slot.shape)
             want = expected_slice(tensors[name], dict(layout.shards)[name], PADDED.get(name, (0, 1))[1], 4,
