@@ -89,13 +89,19 @@ def main() -> None:
     header = parse()
     count = len(header.tensors)
     results: dict[str, list[float]] = {"parse": timed(parse, args.repetitions)}
-    loads = [(1, [0]), (4, [0, 1, 2, 3]), (4, [1]), (8, list(range(8))), (8, [1])]
-    for tp_size, ranks in loads:
+    # (tp_size, ranks, group arena): all ranks as the daemon loads them into host memory (a group arena) and as
+    # a GPU load's host tier (an arena each).
+    loads = [(1, [0], False), (4, [0, 1, 2, 3], True), (4, [0, 1, 2, 3], False), (4, [1], False),
+             (8, list(range(8)), True), (8, list(range(8)), False), (8, [1], False)]
+    for tp_size, ranks, group_arena in loads:
         rules = select_rules(architecture, (), tp_size=tp_size)
         label = f"tp{tp_size} " + ("all ranks" if len(ranks) == tp_size else f"rank {ranks[0]}")
+        label += " (group arena)" if group_arena else " (arena each)" if len(ranks) > 1 else ""
 
-        def plan(tp_size: int = tp_size, ranks: list[int] = ranks, rules: tuple = rules) -> object:
-            return build_plan([header], tp_size=tp_size, ranks=ranks, rules=rules, max_range_bytes=MAX_RANGE_BYTES)
+        def plan(tp_size: int = tp_size, ranks: list[int] = ranks, rules: tuple = rules,
+                 group_arena: bool = group_arena) -> object:
+            return build_plan([header], tp_size=tp_size, ranks=ranks, rules=rules, max_range_bytes=MAX_RANGE_BYTES,
+                              group_arena=group_arena)
 
         results[f"{label}: plan"] = timed(plan, args.repetitions)
         built = plan()
@@ -105,10 +111,10 @@ def main() -> None:
         )
     print(f"{args.geometry}, {layers} layers: {count} tensors, {file_size / 1e9:.1f} GB; median of "
           f"{args.repetitions}, collector paused")
-    print(f"{'step':<24} {'seconds':>8} {'us/tensor':>10}")
+    print(f"{'step':<40} {'seconds':>8} {'us/tensor':>10}")
     for step, samples in results.items():
         median = statistics.median(samples)
-        print(f"{step:<24} {median:8.3f} {median / count * 1e6:10.1f}")
+        print(f"{step:<40} {median:8.3f} {median / count * 1e6:10.1f}")
     if args.json:
         args.json.write_text(json.dumps({
             "machine": {"python": platform.python_version(), "processor": platform.processor(),

@@ -329,25 +329,27 @@ def _place(
     base, stride = align(shared_cursor), align(cursor)
     for name in offsets.keys() - shared:
         offsets[name] += base
-    return _Placement(offsets, tuple(_group_slots(served, splits, shared, tp_size, rank, base + rank * stride)
-                                     for rank in ranks),
+
+    def parts_of(slot: Slot) -> int:
+        """Where the slot's rank r lies, from where rank 0's does: a section apart (-1), its slice of ``parts``
+        in place (Split.index), or in the same bytes (0: held whole)."""
+        split = splits.get(slot.name)
+        return -1 if slot.name not in shared else 0 if split is None else split.parts
+
+    parts = [parts_of(slot) for slot in served]
+    return _Placement(offsets, tuple(_group_slots(served, parts, tp_size, r, base + r * stride) for r in ranks),
                       tuple(shards), base + tp_size * stride, True, shared, stride)
 
 
 def _group_slots(
-    slots: Sequence[Slot], splits: dict[str, Split | None], shared: frozenset[str], tp_size: int, rank: int,
-    section: int,
+    slots: Sequence[Slot], parts: Sequence[int], tp_size: int, rank: int, section: int
 ) -> tuple[Slot, ...]:
-    """``rank``'s slots in a group arena, from ``slots`` placed as the shared section and one rank section
-    (at 0) hold them; ``section`` is where ``rank``'s section starts."""
+    """``rank``'s slots in a group arena, from ``slots`` placed as the shared section and one rank section (at 0)
+    hold them; ``section`` is where ``rank``'s section starts."""
     placed = []
-    for slot in slots:
-        if slot.name not in shared:
-            placed.append(Slot(slot.name, slot.dtype, slot.shape, section + slot.offset, slot.nbytes))
-            continue
-        split = splits[slot.name]
-        shift = 0 if split is None else split.index(rank, tp_size) * slot.nbytes
-        placed.append(slot if not shift else Slot(slot.name, slot.dtype, slot.shape, slot.offset + shift, slot.nbytes))
+    for slot, slot_parts in zip(slots, parts, strict=True):
+        shift = section if slot_parts < 0 else rank * slot_parts // tp_size * slot.nbytes  # Split.index
+        placed.append(Slot(slot.name, slot.dtype, slot.shape, slot.offset + shift, slot.nbytes) if shift else slot)
     return tuple(placed)
 
 
