@@ -161,6 +161,17 @@ class Daemon:
 
 
 @pytest.fixture
+def shm(tmp_path: Path) -> Iterator[Path]:
+    """A directory of /dev/shm for a test's host arenas, emptied and removed after it."""
+    directory = Path("/dev/shm") / f"weightd-test-{os.getpid()}-{tmp_path.name}"
+    directory.mkdir()
+    yield directory
+    for path in directory.iterdir():
+        path.unlink()
+    directory.rmdir()
+
+
+@pytest.fixture
 def daemon_factory(tmp_path: Path) -> Iterator[Any]:
     started: list[Daemon] = []
 

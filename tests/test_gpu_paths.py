@@ -19,7 +19,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Collection, Iterator
+from collections.abc import Collection
 from pathlib import Path
 
 import grpc
@@ -129,16 +129,6 @@ class HostBackedGpu:
 
     def unpin(self, source: FillableArena) -> None:
         self.pinned.discard(source.name)
-
-
-@pytest.fixture
-def shm(tmp_path: Path) -> Iterator[Path]:
-    directory = Path("/dev/shm") / f"weightd-test-{os.getpid()}-{tmp_path.name}"
-    directory.mkdir()
-    yield directory
-    for path in directory.iterdir():
-        path.unlink()
-    directory.rmdir()
 
 
 @pytest.fixture(scope="module")

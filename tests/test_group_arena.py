@@ -6,7 +6,6 @@ and streamer, from a local directory."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,16 +23,6 @@ from tests.test_gpu_paths import expected_slices, read_slot
 
 TP_SIZE = 4
 KV_HEADS = 2  # weightd.daemon.synthetic's
-
-
-@pytest.fixture
-def shm(tmp_path: Path) -> Iterator[Path]:
-    directory = Path("/dev/shm") / f"weightd-test-group-{tmp_path.name}"
-    directory.mkdir()
-    yield directory
-    for path in directory.iterdir():
-        path.unlink()
-    directory.rmdir()
 
 
 @pytest.fixture(scope="module")
