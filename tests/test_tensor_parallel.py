@@ -158,21 +158,30 @@ def test_ranks_attach_from_separate_processes_while_a_group_load_runs(daemon, ti
     while len(daemon.models()) < 2:
         assert time.monotonic() < deadline
         time.sleep(0.01)
+    # Each rank reports its sums and the arena files it maps, and whether its tensors lie in those read-only maps.
     script = (
         "import json, sys; from weightd import client\n"
         "m = client.attach(sys.argv[1], int(sys.argv[3]), tp_size=2, target=sys.argv[2])\n"
-        "print(json.dumps({n: float(t.float().sum()) for n, t in m.tensors.items()}))\n"
+        "maps = [l.split() for l in open('/proc/self/maps') if '/dev/shm/weightd-' in l]\n"
+        "spans = [tuple(int(x, 16) for x in l[0].split('-')) for l in maps]\n"
+        "inside = all(any(lo <= t.data_ptr() and t.data_ptr() + t.nbytes <= hi for lo, hi in spans)\n"
+        "             for t in m.tensors.values())\n"
+        "print(json.dumps({'sums': {n: float(t.float().sum()) for n, t in m.tensors.items()}, 'inside': inside,\n"
+        "                  'files': sorted({l[-1] for l in maps}), 'read_only': all(l[1][1] == '-' for l in maps)}))\n"
     )
     procs = [
         subprocess.Popen([sys.executable, "-c", script, uri, daemon.target, str(r)], stdout=subprocess.PIPE, text=True)
         for r in range(2)
     ]
-    sums = [json.loads(p.communicate(timeout=300)[0].strip().splitlines()[-1]) for p in procs]
+    reports = [json.loads(p.communicate(timeout=300)[0].strip().splitlines()[-1]) for p in procs]
     assert loader.wait(timeout=300) == 0
     name = "model.layers.0.mlp.gate_proj.weight"
     half = full[name].shape[0] // 2
-    for rank in range(2):
-        assert sums[rank][name] == pytest.approx(float(full[name][rank * half : (rank + 1) * half].float().sum()))
+    for rank, report in enumerate(reports):
+        assert report["sums"][name] == pytest.approx(float(full[name][rank * half : (rank + 1) * half].float().sum()))
+        assert report["inside"] and report["read_only"]  # zero-copy views of read-only shared memory
+    # Both ranks map the one group arena.
+    assert reports[0]["files"] == reports[1]["files"] and len(reports[0]["files"]) == 1
     assert sum(m.storage_bytes_read for m in daemon.models()) == sum(t.nbytes for t in full.values())
 
 
