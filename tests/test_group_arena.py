@@ -6,6 +6,7 @@ and streamer, from a local directory."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 
 import pytest
@@ -144,3 +145,21 @@ def test_a_restarted_registry_adopts_a_group_arena_once_for_every_rank(
         assert list(shm.iterdir()) == [] and list((tmp_path / "cache" / "arenas").iterdir()) == []
 
     asyncio.run(scenario())
+
+
+def test_a_group_arena_filled_by_a_streaming_helper(
+    models: list[tuple[Path, dict[str, torch.Tensor]]], shm: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A load with a concurrency of its own streams in a helper process, which rearranges the group arena too."""
+    (directory, full), _ = models
+    caplog.set_level(logging.INFO, logger="weightd.daemon.loader")
+
+    async def scenario() -> None:
+        registry = make_registry(shm, tmp_path / "cache")
+        settings = LoadSettings(memory_limit=64 << 20, concurrency=3)
+        entries = await registry.ensure(group_keys(registry, directory), settings=settings)
+        check_values(entries, full)
+        await registry.close(keep_arenas=False, timeout=30)
+
+    asyncio.run(scenario())
+    assert "concurrency 3 in a helper" in caplog.text
