@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 from pathlib import Path
 
 import pytest
@@ -163,3 +164,36 @@ def test_a_group_arena_filled_by_a_streaming_helper(
 
     asyncio.run(scenario())
     assert "concurrency 3 in a helper" in caplog.text
+
+
+def test_a_changed_group_is_loaded_beside_the_old_one_which_a_leased_rank_keeps(
+    models: list[tuple[Path, dict[str, torch.Tensor]]], shm: Path, tmp_path: Path
+) -> None:
+    """A new revision retires a group: its unleased ranks go at once, while the arena stays for the leased rank
+    (retired) and is freed when that lease ends; the new revision loads into an arena of its own."""
+    (source, full), _ = models
+    directory = tmp_path / "model"
+    shutil.copytree(source, directory)
+
+    async def scenario() -> None:
+        registry = make_registry(shm, tmp_path / "cache")
+        keys = group_keys(registry, directory)
+        old = await registry.ensure(keys)
+        lease = registry.acquire(old[1])
+        config = directory / "config.json"
+        config.write_text(config.read_text() + " ")  # a new revision
+        new = await registry.ensure(keys, revalidate_after=0)
+        assert old[0].arena is None and old[1].arena is not None and new[0].arena is not old[1].arena
+        assert all(e.arena is new[0].arena for e in new)
+        check_values(new, full)
+        check_values([old[1]], full)  # the leased rank still reads its tensors
+        current = sorted((s.key.rank, s.current) for s in registry.snapshot())
+        assert current == sorted([*((r, True) for r in range(TP_SIZE)), (1, False)])
+        (usage,) = registry.memory_usage()
+        assert usage.used_bytes == old[1].arena.size + new[0].arena.size  # type: ignore[union-attr]
+        registry.release(lease)
+        assert old[1].arena is None and registry.memory_usage()[0].used_bytes == new[0].arena.size  # type: ignore[union-attr]
+        assert [p.name for p in shm.iterdir()] == [new[0].arena.name]  # type: ignore[union-attr]
+        await registry.close(keep_arenas=False, timeout=30)
+
+    asyncio.run(scenario())
