@@ -285,11 +285,10 @@ def _place(
 
     fused = {name: [p for p in parts if p is not None] for name, parts in groups.items() if fusable(parts)}
     group_of = {p.name: name for name, parts in fused.items() for p in parts}
-    group_arena = group_arena_rearranged_max is not None
-    shared = frozenset(
-        t.name for t in tensors
-        if t.name not in group_of and _lies_whole(t, splits[t.name], group_arena_rearranged_max)
-    ) if group_arena_rearranged_max is not None else frozenset()
+    shared: frozenset[str] = frozenset()
+    if group_arena_rearranged_max is not None:
+        shared = frozenset(t.name for t in tensors
+                           if t.name not in group_of and _lies_whole(t, splits[t.name], group_arena_rearranged_max))
     offsets: dict[str, int] = {}
     served: list[Slot] = []
     shards: list[tuple[str, int | None]] = []
@@ -324,7 +323,7 @@ def _place(
         served.append(Slot(group, tensor.dtype, shape, start, cursor - start))
         if tp_size > 1:
             shards.append((group, dims[name]))
-    if not group_arena:
+    if group_arena_rearranged_max is None:
         return _Placement(offsets, (tuple(served),) * len(ranks), tuple(shards), align(cursor))
     base, stride = align(shared_cursor), align(cursor)
     for name in offsets.keys() - shared:
@@ -438,8 +437,8 @@ class _PlanBuilder:
     ) -> _Pattern:
         """The targets of a block of ``rows`` x [column, column + width) of rows split into ``parts`` slices,
         of which rank i holds [windows[i], windows[i] + piece), and how its fetched bytes are split between
-        them: by what each received, the remainder to the first. A ``shared`` block (one row of a tensor that
-        lies whole in the group arena) has one target, the block itself. Computed once per shape."""
+        them: by what each received, the remainder to the first. A ``shared`` block (of a tensor that lies whole
+        in the group arena) has one target, the block itself. Computed once per shape."""
         key = (parts, piece, column, width, rows, shared)
         found = self._patterns.get(key)
         if found is not None:

@@ -165,17 +165,25 @@ def _run_lengths(blocks: Sequence[Block], direct: Sequence[bool], touches_next: 
 
 def _continues(before: Block, after: Block) -> bool:
     """Whether ``after``, one place in one arena, is written right where ``before``, one too, ends."""
-    if len(before.targets) != 1 or len(after.targets) != 1 or before.rows != 1 or after.rows != 1:
+    if not (_lands_in_one_piece(before) and _lands_in_one_piece(after)):
         return False
     a, b = before.targets[0], after.targets[0]
-    return a.arena_index == b.arena_index and before.dst_offset(a) + a.width == after.dst_offset(b)
+    return a.arena_index == b.arena_index and before.dst_offset(a) + before.length == after.dst_offset(b)
+
+
+def _lands_in_one_piece(block: Block) -> bool:
+    """Whether ``block`` goes to one place, as it lies in the file: one target of whole rows (a lone rank's, or a
+    group arena's)."""
+    if len(block.targets) != 1:
+        return False
+    only = block.targets[0]
+    return only.width == block.width and (block.rows == 1 or only.dst_row_stride == block.width)
 
 
 def _reads_directly(block: Block, direct_piece_min: int) -> bool:
     """Whether the streamer can write ``block`` straight into arenas, each distinct window once."""
-    if len(block.targets) == 1:  # one rank: its one window must be the whole block (whole rows, if several)
-        only = block.targets[0]
-        return only.width == block.width and (block.rows == 1 or only.dst_row_stride == block.width)
+    if len(block.targets) == 1:  # one place: its one window must be the whole block (whole rows, if several)
+        return _lands_in_one_piece(block)
     if block.rows > 1:  # several ranks' columns of each row: scattered
         return False
     windows = {(t.column, t.width) for t in block.targets}
