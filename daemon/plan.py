@@ -369,7 +369,7 @@ class _PlanBuilder:
         self.padding: list[list[tuple[int, int]]] = [[] for _ in ranks]
         self.rearranged: list[Rearranged] = []
         self.fetched = [0] * len(ranks)
-        self._window_sets: dict[tuple[int, int], tuple[list[int], int, int]] = {}
+        self._window_sets: dict[tuple[int, int], tuple[list[int], int, int, list[tuple[int, int]]]] = {}
         self._whole_windows = [0] * len(ranks)
         # Blocks of one shape have one pattern: computed once, it makes a tensor's blocks a lookup each.
         self._patterns: dict[tuple[int, int, int, int, int, bool], _Pattern] = {}
@@ -385,7 +385,7 @@ class _PlanBuilder:
         piece = row_bytes // shape[split.dim] * split.part if shape[split.dim] else 0
         offset = self.placement.offsets[tensor.name]
         stride = self.placement.rank_stride
-        windows, first, last = self._windows(split, piece)
+        windows, first, last, spans = self._windows(split, piece)
         if last + piece > row_bytes:
             for i, window in enumerate(windows):
                 if window + piece > row_bytes:
@@ -404,8 +404,12 @@ class _PlanBuilder:
         if whole and outer > 1:  # lands as its rows, one block (see _lies_whole), then made slice after slice
             self.rearranged.append(Rearranged(offset, outer, split.parts, piece))
             return [block_at(0, outer, 0, row_bytes)]
-        if outer == 1:
-            return [block_at(0, 1, c, min(self.max_range, hi - c)) for c in range(lo, hi, self.max_range)]
+        if outer == 1:  # each run of loaded slices that touch (all of them, unless a rank between is loaded already)
+            blocks = []
+            for start, end in spans:
+                stop = min(end, row_bytes)
+                blocks += [block_at(0, 1, c, min(self.max_range, stop - c)) for c in range(start, stop, self.max_range)]
+            return blocks
         if len(windows) == 1 and piece >= self.row_range_min:
             return [block_at(row, 1, lo, hi - lo) for row in range(outer)]
         rows_per_range = max(1, self.max_range // row_bytes)
@@ -463,14 +467,21 @@ class _PlanBuilder:
         )
         return found
 
-    def _windows(self, split: Split, piece: int) -> tuple[list[int], int, int]:
+    def _windows(self, split: Split, piece: int) -> tuple[list[int], int, int, list[tuple[int, int]]]:
         """Where each loaded rank's slice starts in a row split into ``split.parts`` pieces of ``piece`` bytes,
-        and the first and last of those starts (once per split and piece size: a model has few)."""
+        the first and last of those starts, and the runs of slices that touch, as [start, end) (once per split
+        and piece size: a model has few)."""
         key = (split.parts, piece)
         found = self._window_sets.get(key)
         if found is None:
             windows = [split.index(rank, self.tp_size) * piece for rank in self.ranks]
-            found = self._window_sets[key] = (windows, min(windows), max(windows))
+            spans: list[tuple[int, int]] = []
+            for window in sorted(set(windows)):
+                if spans and spans[-1][1] == window:
+                    spans[-1] = (spans[-1][0], window + piece)
+                else:
+                    spans.append((window, window + piece))
+            found = self._window_sets[key] = (windows, min(windows), max(windows), spans)
         return found
 
     def finish(self, files: tuple[FilePlan, ...]) -> LoadPlan:

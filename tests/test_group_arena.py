@@ -197,3 +197,21 @@ def test_a_changed_group_is_loaded_beside_the_old_one_which_a_leased_rank_keeps(
         await registry.close(keep_arenas=False, timeout=30)
 
     asyncio.run(scenario())
+
+
+def test_the_rest_of_a_group_whose_rank_is_resident_loads_in_an_arena_each(
+    models: list[tuple[Path, dict[str, torch.Tensor]]], shm: Path, tmp_path: Path
+) -> None:
+    """Rank 1 attached alone first: loading the group then loads ranks 0, 2 and 3 (not adjacent), an arena each."""
+    (directory, full), _ = models
+
+    async def scenario() -> None:
+        registry = make_registry(shm, tmp_path / "cache")
+        keys = group_keys(registry, directory)
+        (lone,) = await registry.ensure([keys[1]])
+        entries = await registry.ensure(keys)
+        assert entries[1] is lone and len({id(e.arena) for e in entries}) == TP_SIZE
+        check_values(entries, full)
+        await registry.close(keep_arenas=False, timeout=30)
+
+    asyncio.run(scenario())

@@ -100,8 +100,9 @@ def header_of(blob: bytes):
 @pytest.mark.parametrize("tp_size", [1, 2, 4])
 @pytest.mark.parametrize("max_range", [7, 64, 1 << 20])
 @pytest.mark.parametrize("row_range_min", [1, 1 << 20])
-# Each rank alone, all ranks in an arena each, all ranks in one group arena.
-@pytest.mark.parametrize("loading", ["lone", "all", "group"])
+# Each rank alone, all ranks in an arena each, all ranks in one group arena, rank 1 alone and then the others
+# (the rest of a group whose rank 1 was loaded first).
+@pytest.mark.parametrize("loading", ["lone", "all", "group", "gapped"])
 # 1: every rank's piece of a shared block is its own range; the default: these small blocks are read once, copied.
 @pytest.mark.parametrize("direct_piece_min", [1, OBJECT_STORE_PIECE_MIN])
 def test_every_rank_gets_exactly_its_slice(
@@ -111,7 +112,8 @@ def test_every_rank_gets_exactly_its_slice(
     blob = save(tensors)
     header = header_of(blob)
     lone = loading == "lone"
-    groups = [[r] for r in range(tp_size)] if lone else [list(range(tp_size))]
+    groups = {"lone": [[r] for r in range(tp_size)], "gapped": [[1], [0, *range(2, tp_size)]] if tp_size > 2 else []
+              }.get(loading, [list(range(tp_size))])
     fetched_total = 0
     for ranks in groups:
         plan = build_plan([header], tp_size=tp_size, ranks=ranks, rules=RULES, max_range_bytes=max_range,
@@ -144,7 +146,7 @@ def test_every_rank_gets_exactly_its_slice(
         direct, staged, _ = _requests(plan, direct_piece_min=direct_piece_min)
         assert plan.fetched_bytes == sum(d.length for d in direct) + sum(s.block.length for s in staged)
     weights = sum(t.nbytes for t in tensors.values())
-    if not lone:
+    if loading in ("all", "group"):
         assert fetched_total == weights  # every byte once for the whole group
     if lone and row_range_min == 1 and tp_size > 1:
         # Row ranges: each lone rank reads only its own slices plus the replicated tensors.
