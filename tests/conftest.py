@@ -189,15 +189,16 @@ def daemon_factory(tmp_path: Path) -> Iterator[Any]:
         return daemon
 
     yield start
-    for daemon in started:
+    unrecorded: list[Path] = []
+    for daemon in started:  # every daemon stopped and its memory removed before any finding fails the test
         daemon.stop()
         clean = daemon.process is not None and daemon.process.returncode == 0
         recorded = set(daemon.recorded_arenas())
         leftovers = daemon.segments()
         for leftover in leftovers:  # kept for the next start to adopt; no test leaves memory behind
             leftover.unlink(missing_ok=True)
-        unrecorded = [p for p in leftovers if p.name not in recorded]
-        assert not (clean and unrecorded), f"a cleanly stopped daemon left unrecorded arenas: {unrecorded}"
+        unrecorded += [p for p in leftovers if clean and p.name not in recorded]
+    assert not unrecorded, f"a cleanly stopped daemon left unrecorded arenas: {unrecorded}"
 
 
 @dataclass(frozen=True)
