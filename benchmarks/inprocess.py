@@ -50,8 +50,7 @@ from benchmarks.geometries import GEOMETRIES  # noqa: E402
 from benchmarks.run import STORES, Bench, arena_dir, machine, start_store  # noqa: E402
 from tests.storage_servers import stop_process  # noqa: E402
 
-# step -> (tp_size, ranks); "a" is the streamer alone.
-# name: (tp_size, ranks, group arena)
+# step -> (tp_size, ranks, group arena); "a" is the streamer alone.
 LOADS = {"c": (1, [0], False), "all": (4, [0, 1, 2, 3], True), "apart": (4, [0, 1, 2, 3], False),
          "lone": (4, [1], False)}
 
