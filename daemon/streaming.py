@@ -311,7 +311,7 @@ def fetch_into(
                 reader = _RangeReader(session.streamer, paths)
                 copied_on_landing, copied_at_end = _duplicates_by_source(direct, duplicates)
                 rearranged_on_landing, rearranged_at_end = _rearranged_by_source(direct, plan.rearranged)
-                reader.submit([
+                reader.feed([
                     _Range(d.file_index, d.file_offset, d.length, bases[d.arena_index] + d.dst_offset,
                            functools.partial(_direct_landed, d, copies, rearranged, destinations, scratch,
                                              scatters, on_progress, filled))
@@ -329,7 +329,7 @@ def fetch_into(
                         _staged_range(item, slot[cursor:], destinations, scatters, index, on_progress, filled)
                         for cursor, item in batch
                     ])))
-                reader.wait()
+                reader.wait_for_all()
                 _end_in_background(session)
             scatters.wait(None)
         except ValueError as e:  # how the streamer's Python layer reports a failed start or request
@@ -499,8 +499,14 @@ class _Scatters:
 
 
 # libstreamer 0.17 failed a request of 30,000 ranges (9 KB tensors of a local file) with "File access error"
-# and served 10,000; larger models' ranges go in several requests, all in flight at once.
+# and served 10,000; larger models' ranges go in several requests.
 MAX_RANGES_PER_REQUEST = 8192
+# Direct ranges go in flight in windows of this many bytes, two at a time, the next submitted as the oldest
+# lands: a load that stops (the daemon shutting down, a failed range) must wait for every range in flight
+# before its arenas may go, and with a whole model in flight a SIGTERM waited for the rest of a 1 GB download
+# (3.5-4 s from a SeaweedFS that had been paused), past the daemon's shutdown grace.
+DIRECT_WINDOW_BYTES = 128 << 20
+DIRECT_WINDOWS_IN_FLIGHT = 2
 
 
 class _RangeReader:
@@ -515,6 +521,36 @@ class _RangeReader:
         self.paths = paths
         self.callbacks: dict[int, list[list[Callable[[], None]]]] = {}  # submission -> file -> range
         self.remaining: dict[int, int] = {}  # submission -> ranges not yet landed
+        self.fed: deque[list[_Range]] = deque()  # windows of ``feed``'s ranges not yet submitted
+        self.fed_in_flight: deque[list[int]] = deque()  # the submissions of those in flight, oldest first
+
+    def feed(self, ranges: list[_Range]) -> None:
+        """Put ``ranges`` in flight a window at a time (DIRECT_WINDOW_BYTES), keeping DIRECT_WINDOWS_IN_FLIGHT
+        windows in flight as responses arrive."""
+        window: list[_Range] = []
+        size = 0
+        for r in ranges:
+            if window and size + r.length > DIRECT_WINDOW_BYTES:
+                self.fed.append(window)
+                window, size = [], 0
+            window.append(r)
+            size += r.length
+        if window:
+            self.fed.append(window)
+        self._top_up()
+
+    def _top_up(self) -> None:
+        while self.fed_in_flight and not any(self.remaining[s] for s in self.fed_in_flight[0]):
+            self.fed_in_flight.popleft()
+        while self.fed and len(self.fed_in_flight) < DIRECT_WINDOWS_IN_FLIGHT:
+            self.fed_in_flight.append(self.submit(self.fed.popleft()))
+
+    def wait_for_all(self) -> None:
+        """Wait until every range submitted or fed has landed."""
+        self._top_up()
+        while any(self.remaining.values()):
+            self.wait()
+            self._top_up()
 
     def submit(self, ranges: list[_Range]) -> list[int]:
         """Put ``ranges`` in flight; returns the submissions carrying them."""
@@ -553,6 +589,8 @@ class _RangeReader:
                 if status != SUCCESS_ERROR_CODE:
                     raise StreamingError(f"libstreamer could not read a range: {runai_response_str(status)}")
                 self.callbacks[submission][file_index][range_index]()
+                if self.fed and not self.remaining[submission]:
+                    self._top_up()
         except BaseException:
             while any(self.remaining.values()) and (response := runai_response(self.handle)) is not None:
                 self.remaining[response[1]] -= 1

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from weightd.daemon import streaming
 from weightd.daemon.errors import ModelInUseError, OutOfMemoryError
 from weightd.daemon.loader import LoadSettings
 from weightd.daemon.manifests import ManifestStore
@@ -212,6 +213,27 @@ def test_the_rest_of_a_group_whose_rank_is_resident_loads_in_an_arena_each(
         entries = await registry.ensure(keys)
         assert entries[1] is lone and len({id(e.arena) for e in entries}) == TP_SIZE
         check_values(entries, full)
+        await registry.close(keep_arenas=False, timeout=30)
+
+    asyncio.run(scenario())
+
+
+def test_loads_stream_their_direct_ranges_a_window_at_a_time(
+    models: list[tuple[Path, dict[str, torch.Tensor]]], shm: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Windows far smaller than the model (about 60 of them) still land every byte, for a group and for one rank
+    alone."""
+    (directory, full), _ = models
+    monkeypatch.setattr(streaming, "DIRECT_WINDOW_BYTES", 64 << 10)
+
+    async def scenario() -> None:
+        registry = make_registry(shm, tmp_path / "cache")
+        check_values(await registry.ensure(group_keys(registry, directory)), full)
+        whole = registry.key(str(directory), tp_size=1, rank=0, rules=())
+        (entry,) = await registry.ensure([whole])
+        assert entry.layout is not None and entry.arena is not None
+        for slot in entry.layout.slots:
+            assert torch.equal(read_slot(entry.arena.tensor(), slot), full[slot.name])  # type: ignore[attr-defined]
         await registry.close(keep_arenas=False, timeout=30)
 
     asyncio.run(scenario())
