@@ -8,7 +8,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -46,6 +48,19 @@ def make_registry(shm: Path, cache: Path, *, host_budget: int = 1 << 30) -> Regi
     )
 
 
+def with_registry(shm: Path, cache: Path, scenario: Callable[[Registry], Coroutine[Any, Any, None]]) -> None:
+    """Run ``scenario`` against a fresh registry, closed after it (its arenas freed) whether it passes or not."""
+
+    async def run() -> None:
+        registry = make_registry(shm, cache)
+        try:
+            await scenario(registry)
+        finally:
+            await registry.close(keep_arenas=False, timeout=30)
+
+    asyncio.run(run())
+
+
 def group_keys(registry: Registry, directory: Path) -> list[EntryKey]:
     return [registry.key(str(directory), tp_size=TP_SIZE, rank=r, rules=()) for r in range(TP_SIZE)]
 
@@ -68,8 +83,7 @@ def test_a_group_shares_one_arena_counted_once_and_freed_with_its_last_entry(
 ) -> None:
     (directory, full), _ = models
 
-    async def scenario() -> None:
-        registry = make_registry(shm, tmp_path / "cache")
+    async def scenario(registry: Registry) -> None:
         entries = await registry.ensure(group_keys(registry, directory))
         arena = entries[0].arena
         assert arena is not None and all(e.arena is arena for e in entries)
@@ -94,9 +108,8 @@ def test_a_group_shares_one_arena_counted_once_and_freed_with_its_last_entry(
         registry.release(lease)
         assert registry.evict(str(directory)) == (1, arena.size)
         assert registry.memory_usage()[0].used_bytes == 0 and list(shm.iterdir()) == []
-        await registry.close(keep_arenas=False, timeout=30)
 
-    asyncio.run(scenario())
+    with_registry(shm, tmp_path / "cache", scenario)
 
 
 def test_a_group_is_evicted_for_room_only_whole(
@@ -156,14 +169,12 @@ def test_a_group_arena_filled_by_a_streaming_helper(
     (directory, full), _ = models
     caplog.set_level(logging.INFO, logger="weightd.daemon.loader")
 
-    async def scenario() -> None:
-        registry = make_registry(shm, tmp_path / "cache")
+    async def scenario(registry: Registry) -> None:
         settings = LoadSettings(memory_limit=64 << 20, concurrency=3)
         entries = await registry.ensure(group_keys(registry, directory), settings=settings)
         check_values(entries, full)
-        await registry.close(keep_arenas=False, timeout=30)
 
-    asyncio.run(scenario())
+    with_registry(shm, tmp_path / "cache", scenario)
     assert "concurrency 3 in a helper" in caplog.text
 
 
@@ -176,8 +187,7 @@ def test_a_changed_group_is_loaded_beside_the_old_one_which_a_leased_rank_keeps(
     directory = tmp_path / "model"
     shutil.copytree(source, directory)
 
-    async def scenario() -> None:
-        registry = make_registry(shm, tmp_path / "cache")
+    async def scenario(registry: Registry) -> None:
         keys = group_keys(registry, directory)
         old = await registry.ensure(keys)
         lease = registry.acquire(old[1])
@@ -195,9 +205,8 @@ def test_a_changed_group_is_loaded_beside_the_old_one_which_a_leased_rank_keeps(
         registry.release(lease)
         assert old[1].arena is None and registry.memory_usage()[0].used_bytes == new[0].arena.size  # type: ignore[union-attr]
         assert [p.name for p in shm.iterdir()] == [new[0].arena.name]  # type: ignore[union-attr]
-        await registry.close(keep_arenas=False, timeout=30)
 
-    asyncio.run(scenario())
+    with_registry(shm, tmp_path / "cache", scenario)
 
 
 def test_the_rest_of_a_group_whose_rank_is_resident_loads_in_an_arena_each(
@@ -206,16 +215,14 @@ def test_the_rest_of_a_group_whose_rank_is_resident_loads_in_an_arena_each(
     """Rank 1 attached alone first: loading the group then loads ranks 0, 2 and 3 (not adjacent), an arena each."""
     (directory, full), _ = models
 
-    async def scenario() -> None:
-        registry = make_registry(shm, tmp_path / "cache")
+    async def scenario(registry: Registry) -> None:
         keys = group_keys(registry, directory)
         (lone,) = await registry.ensure([keys[1]])
         entries = await registry.ensure(keys)
         assert entries[1] is lone and len({id(e.arena) for e in entries}) == TP_SIZE
         check_values(entries, full)
-        await registry.close(keep_arenas=False, timeout=30)
 
-    asyncio.run(scenario())
+    with_registry(shm, tmp_path / "cache", scenario)
 
 
 def test_loads_stream_their_direct_ranges_a_window_at_a_time(
@@ -226,14 +233,12 @@ def test_loads_stream_their_direct_ranges_a_window_at_a_time(
     (directory, full), _ = models
     monkeypatch.setattr(streaming, "DIRECT_WINDOW_BYTES", 64 << 10)
 
-    async def scenario() -> None:
-        registry = make_registry(shm, tmp_path / "cache")
+    async def scenario(registry: Registry) -> None:
         check_values(await registry.ensure(group_keys(registry, directory)), full)
         whole = registry.key(str(directory), tp_size=1, rank=0, rules=())
         (entry,) = await registry.ensure([whole])
         assert entry.layout is not None and entry.arena is not None
         for slot in entry.layout.slots:
             assert torch.equal(read_slot(entry.arena.tensor(), slot), full[slot.name])  # type: ignore[attr-defined]
-        await registry.close(keep_arenas=False, timeout=30)
 
-    asyncio.run(scenario())
+    with_registry(shm, tmp_path / "cache", scenario)
