@@ -365,7 +365,6 @@ class _PlanBuilder:
         self.max_range = max(1, max_range)
         self.row_range_min = row_range_min
         self.placement = placement
-        self.grouped = placement.grouped
         self.padding: list[list[tuple[int, int]]] = [[] for _ in ranks]
         self.rearranged: list[Rearranged] = []
         self.fetched = [0] * len(ranks)
@@ -455,7 +454,7 @@ class _PlanBuilder:
         if shared:
             targets = [Target(0, 0, width, column, width)]
         else:
-            grouped, stride = self.grouped, self.placement.rank_stride
+            grouped, stride = self.placement.grouped, self.placement.rank_stride
             targets = [Target(0 if grouped else i, lo - column, hi - lo, lo - windows[i] + i * stride, piece)
                        for i, lo, hi in received]
         length = rows * width
@@ -492,5 +491,5 @@ class _PlanBuilder:
             for i, rank in enumerate(self.ranks)
         )
         return LoadPlan(tp_size=self.tp_size, layouts=layouts, files=files,
-                        fetched_bytes_by_layout=tuple(self.fetched), grouped=self.grouped,
+                        fetched_bytes_by_layout=tuple(self.fetched), grouped=placement.grouped,
                         rearranged=tuple(self.rearranged))

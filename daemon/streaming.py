@@ -329,7 +329,7 @@ def fetch_into(
                         _staged_range(item, slot[cursor:], destinations, scatters, index, on_progress, filled)
                         for cursor, item in batch
                     ])))
-                reader.wait_for_all()
+                reader.wait()
                 _end_in_background(session)
             scatters.wait(None)
         except ValueError as e:  # how the streamer's Python layer reports a failed start or request
@@ -545,13 +545,6 @@ class _RangeReader:
         while self.fed and len(self.fed_in_flight) < DIRECT_WINDOWS_IN_FLIGHT:
             self.fed_in_flight.append(self.submit(self.fed.popleft()))
 
-    def wait_for_all(self) -> None:
-        """Wait until every range submitted or fed has landed."""
-        self._top_up()
-        while any(self.remaining.values()):
-            self.wait()
-            self._top_up()
-
     def submit(self, ranges: list[_Range]) -> list[int]:
         """Put ``ranges`` in flight; returns the submissions carrying them."""
         return [self._submit(ranges[start : start + MAX_RANGES_PER_REQUEST])
@@ -577,8 +570,8 @@ class _RangeReader:
 
     def wait(self, submissions: list[int] | None = None) -> None:
         """Run each range's callback as it lands (whichever submission it belongs to) until ``submissions``
-        have landed whole; None waits for every range in flight."""
-        awaited = list(self.remaining) if submissions is None else submissions
+        have landed whole; None waits for every range, fed windows submitted meanwhile included."""
+        awaited = self.remaining.keys() if submissions is None else submissions
         try:
             while any(self.remaining[s] for s in awaited):
                 response = runai_response(self.handle)
