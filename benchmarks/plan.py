@@ -106,7 +106,8 @@ def main() -> None:
         results[f"{label}: plan"] = timed(plan, args.repetitions)
         built = plan()
         results[f"{label}: route"] = timed(
-            lambda built=built: _requests(built, direct_piece_min=PrefixedObjects.min_separate_read_bytes),
+            lambda built=built: _requests(built, direct_piece_min=PrefixedObjects.min_separate_read_bytes,
+                                          read_through_gap=PrefixedObjects.read_through_gap_bytes),
             args.repetitions,
         )
     print(f"{args.geometry}, {layers} layers: {count} tensors, {file_size / 1e9:.1f} GB; median of "

@@ -140,11 +140,13 @@ def stream(
             if helper_concurrency is None:
                 fetch_into([a.tensor() for a in arenas], paths, plan, memory_limit=settings.memory_limit,
                            direct_piece_min=store.min_separate_read_bytes,
-                           on_progress=on_progress, on_filled=on_filled)
+                           read_through_gap=store.read_through_gap_bytes, on_progress=on_progress,
+                           on_filled=on_filled)
             else:
                 fetch_in_helper(arenas, paths, plan, memory_limit=settings.memory_limit,
                                 direct_piece_min=store.min_separate_read_bytes,
-                                concurrency=helper_concurrency, on_progress=on_progress, on_filled=on_filled)
+                                read_through_gap=store.read_through_gap_bytes, concurrency=helper_concurrency,
+                                on_progress=on_progress, on_filled=on_filled)
         except StreamingError as e:
             raise explain(store, [f.file for f in plan.files], e) from e
         if listener is not None:

@@ -58,8 +58,10 @@ class Metrics:
                                         registry=self.registry)
         self._loads_failed = Counter("weightd_loads_failed", "Model loads that failed, by the gRPC status "
                                      "their waiters got.", ["status"], registry=self.registry)
-        self._storage_bytes = Counter("weightd_storage_read_bytes", "Weight bytes read from storage, by URI "
-                                      "scheme (file, s3, gs, az).", ["scheme"], registry=self.registry)
+        self._storage_bytes = Counter("weightd_storage_read_bytes", "Weight bytes read from storage for the "
+                                      "loaded tensors, by URI scheme (file, s3, gs, az); object-store reads "
+                                      "joined across gaps of up to 1 MiB read those gaps too, uncounted.",
+                                      ["scheme"], registry=self.registry)
         self._load_seconds = Histogram("weightd_load_duration_seconds", "Time from a load's start to its end, "
                                        "failed loads included.", buckets=LOAD_BUCKETS, registry=self.registry)
         self._attach_seconds = Histogram("weightd_attach_duration_seconds", "Time from an AttachModel request to "

@@ -131,6 +131,8 @@ class LoadPlan:
     files: tuple[FilePlan, ...]
     # Fetched bytes attributed to each layout; they add up to the total fetched.
     fetched_bytes_by_layout: tuple[int, ...]
+    # The longest block: what a read passing through the staging buffer may span.
+    max_range_bytes: int
     # Every layout lies in one arena, the group's (see build_plan's ``group_arena``); else one arena each.
     grouped: bool = False
     # Regions of the group arena to rearrange into their slices once their bytes have landed.
@@ -491,5 +493,6 @@ class _PlanBuilder:
             for i, rank in enumerate(self.ranks)
         )
         return LoadPlan(tp_size=self.tp_size, layouts=layouts, files=files,
-                        fetched_bytes_by_layout=tuple(self.fetched), grouped=placement.grouped,
+                        fetched_bytes_by_layout=tuple(self.fetched), max_range_bytes=self.max_range,
+                        grouped=placement.grouped,
                         rearranged=tuple(self.rearranged))

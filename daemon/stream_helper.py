@@ -42,6 +42,7 @@ class HelperJob:
     descriptors: list[int]  # inherited writable descriptors, one per arena of the plan
     memory_limit: int
     direct_piece_min: int
+    read_through_gap: int
     report_fills: bool  # whether the daemon copies filled regions on (to a GPU) as they land
 
 
@@ -59,6 +60,7 @@ def fetch_in_helper(
     *,
     memory_limit: int,
     direct_piece_min: int,
+    read_through_gap: int,
     concurrency: int,
     on_progress: Callable[[int], None],
     on_filled: FillCallback | None = None,
@@ -83,7 +85,8 @@ def fetch_in_helper(
     try:
         try:
             # Parent to its own child over an anonymous pipe: nothing untrusted is unpickled.
-            job = HelperJob(paths, plan, descriptors, memory_limit, direct_piece_min, on_filled is not None)
+            job = HelperJob(paths, plan, descriptors, memory_limit, direct_piece_min, read_through_gap,
+                            on_filled is not None)
             pickle.dump(job, process.stdin)
             process.stdin.flush()
         except BrokenPipeError:
@@ -127,7 +130,7 @@ def main() -> int:
 
     try:
         fetch_into(destinations, job.paths, job.plan, memory_limit=job.memory_limit,
-                   direct_piece_min=job.direct_piece_min,
+                   direct_piece_min=job.direct_piece_min, read_through_gap=job.read_through_gap,
                    on_progress=lambda n: reply(HELPER_LANDED, str(n)),
                    on_filled=(lambda i, o, n: reply(HELPER_FILLED, f"{i} {o} {n}")) if job.report_fills else None)
     except StreamingError as e:

@@ -79,10 +79,26 @@ class _Direct:
 
 @dataclass(frozen=True)
 class _Staged:
-    """A block whose bytes scatter (row slices for several ranks): fetched into a staging buffer first."""
+    """One read into the staging buffer, then copied out: a block whose bytes scatter (row slices for several
+    ranks), or several small reads of one file joined with the bytes between them (read and dropped)."""
 
     file_index: int
-    block: Block
+    blocks: tuple[Block, ...]  # in file order, apart
+
+    @property
+    def file_offset(self) -> int:
+        return self.blocks[0].file_offset
+
+    @property
+    def length(self) -> int:
+        """The bytes read, gaps between blocks included."""
+        last = self.blocks[-1]
+        return last.file_offset + last.length - self.file_offset
+
+    @property
+    def fetched(self) -> int:
+        """The plan's bytes among them."""
+        return sum(block.length for block in self.blocks)
 
 
 @dataclass(frozen=True)
@@ -114,7 +130,7 @@ def _route(plan: LoadPlan, *, direct_piece_min: int) -> tuple[list[_Direct], lis
         blocks = sorted(file_plan.blocks, key=lambda b: b.file_offset)
         for block, directly in zip(blocks, _direct_reads(blocks, direct_piece_min), strict=True):
             if not directly:
-                staged.append(_Staged(file_index, block))
+                staged.append(_Staged(file_index, (block,)))
                 continue
             fetched: dict[tuple[int, int], Target] = {}
             for t in block.targets:  # one row (or whole rows for one rank: one target of the block's full width)
@@ -260,14 +276,79 @@ def _end_run(run: list[_Direct], kept: list[_Direct], staged: list[_Staged]) -> 
         return
     start = run[0].file_offset
     targets = tuple(Target(d.arena_index, d.file_offset - start, d.length, d.dst_offset, d.length) for d in run)
-    staged.append(_Staged(run[0].file_index, Block(start, 1, run[-1].file_offset + run[-1].length - start, 0, targets)))
+    block = Block(start, 1, run[-1].file_offset + run[-1].length - start, 0, targets)
+    staged.append(_Staged(run[0].file_index, (block,)))
 
 
-def _requests(plan: LoadPlan, *, direct_piece_min: int) -> tuple[list[_Direct], list[_Staged], list[_Duplicate]]:
-    """What the streamer is asked for: the plan routed, runs the arena breaks staged, direct runs merged."""
+def _bridge_gaps(
+    direct: list[_Direct], staged: list[_Staged], *, gap_max: int, small: int, length_max: int
+) -> tuple[list[_Direct], list[_Staged]]:
+    """Join small reads of one file at most ``gap_max`` bytes apart into one staged read, the bytes between them
+    read and dropped: under that gap another request costs more than the bytes (a lone rank's quarter of each
+    small tensor, the other ranks' three quarters between). Small: a staged read, or a run of direct ranges
+    (back to back in file and arena: one request) under ``small`` bytes; a larger run stays direct, as staging
+    it would copy all its bytes once more to save one request. A joined read spans at most ``length_max``.
+    Returns the direct ranges left (in file order) and the staged reads."""
+    if gap_max <= 0:
+        return direct, staged
+    # (file index, offset, the read as a staged one if small, the direct run it is, if one), in file order
+    reads: list[tuple[int, int, _Staged | None, list[_Direct]]] = []
+    for run in _direct_runs(direct):
+        first, length = run[0], sum(d.length for d in run)
+        landing = Target(first.arena_index, 0, length, 0, length)
+        joinable = _Staged(first.file_index, (Block(first.file_offset, 1, length, first.dst_offset, (landing,)),))
+        reads.append((first.file_index, first.file_offset, joinable if length < small else None, run))
+    reads += [(item.file_index, item.file_offset, item, []) for item in staged]
+    reads.sort(key=lambda read: read[:2])
+    kept: list[_Direct] = []
+    joined: list[_Staged] = []
+    group: list[tuple[_Staged, list[_Direct]]] = []
+
+    def close_group() -> None:
+        if len(group) == 1 and group[0][1]:  # a direct run alone stays direct
+            kept.extend(group[0][1])
+        elif group:
+            joined.append(_Staged(group[0][0].file_index, tuple(b for item, _ in group for b in item.blocks)))
+        group.clear()
+
+    for file_index, file_offset, item, run in reads:
+        if item is None:
+            close_group()
+            kept.extend(run)
+            continue
+        if group:
+            opening, last = group[0][0], group[-1][0]
+            if (file_index != last.file_index or file_offset - (last.file_offset + last.length) > gap_max
+                    or file_offset + item.length - opening.file_offset > length_max):
+                close_group()
+        group.append((item, run))
+    close_group()
+    return kept, joined
+
+
+def _direct_runs(direct: list[_Direct]) -> list[list[_Direct]]:
+    """``direct`` (in file order) in runs back to back in one file and one arena: a request each."""
+    runs: list[list[_Direct]] = []
+    for d in direct:
+        last = runs[-1][-1] if runs else None
+        if (last is not None and d.file_index == last.file_index and d.arena_index == last.arena_index
+                and d.file_offset == last.file_offset + last.length and d.dst_offset == last.dst_offset + last.length):
+            runs[-1].append(d)
+        else:
+            runs.append([d])
+    return runs
+
+
+def _requests(
+    plan: LoadPlan, *, direct_piece_min: int, read_through_gap: int
+) -> tuple[list[_Direct], list[_Staged], list[_Duplicate]]:
+    """What the streamer is asked for: the plan routed, runs the arena breaks staged, small reads close together
+    joined, direct runs merged."""
     direct, staged, duplicates = _route(plan, direct_piece_min=direct_piece_min)
     direct, staged_runs = _stage_broken_runs(direct)
-    return _coalesce(direct), staged + staged_runs, duplicates
+    direct, staged = _bridge_gaps(direct, staged + staged_runs, gap_max=read_through_gap, small=direct_piece_min,
+                                  length_max=plan.max_range_bytes)
+    return _coalesce(direct), staged, duplicates
 
 
 def fetch_into(
@@ -277,6 +358,7 @@ def fetch_into(
     *,
     memory_limit: int,
     direct_piece_min: int,
+    read_through_gap: int,
     on_progress: Callable[[int], None],
     on_filled: FillCallback | None = None,
 ) -> None:
@@ -284,17 +366,18 @@ def fetch_into(
 
     ``paths`` are the streamer's paths of ``plan.files``. ``memory_limit`` bounds only the staging buffer
     that scattered blocks pass through; a block whose per-rank pieces are under ``direct_piece_min`` bytes
-    passes through it too, read once (the storage's ``min_separate_read_bytes``). ``on_progress`` gets the
-    bytes of each fetched range as it lands; ``on_filled`` each destination region (arena index, offset,
-    length) once its final bytes are in place. Both are called from this thread. A replicated tensor read into
-    one rank's arena is copied to the others' as its range lands, beside the ranges still to come, and a group
-    arena's rows are rearranged into their slices likewise (such a plan takes no ``on_filled``). A storage
-    failure raises StreamingError.
+    passes through it too, read once (the storage's ``min_separate_read_bytes``), and so do small reads at
+    most ``read_through_gap`` bytes apart, read as one with the bytes between them (the storage's
+    ``read_through_gap_bytes``). ``on_progress`` gets the plan's bytes of each fetched range as it lands;
+    ``on_filled`` each destination region (arena index, offset, length) once its final bytes are in place. Both
+    are called from this thread. A replicated tensor read into one rank's arena is copied to the others' as its
+    range lands, beside the ranges still to come, and a group arena's rows are rearranged into their slices
+    likewise (such a plan takes no ``on_filled``). A storage failure raises StreamingError.
     """
     if plan.rearranged and on_filled is not None:
         raise ValueError("a group arena's regions are final only once rearranged: follow it without on_filled")
     filled = on_filled or _ignore_filled
-    direct, staged, duplicates = _requests(plan, direct_piece_min=direct_piece_min)
+    direct, staged, duplicates = _requests(plan, direct_piece_min=direct_piece_min, read_through_gap=read_through_gap)
     if not direct and not staged:
         return
     bases = [d.data_ptr() for d in destinations]
@@ -439,20 +522,20 @@ def _staged_range(
     on_progress: Callable[[int], None],
     on_filled: FillCallback,
 ) -> _Range:
-    view = buffer[: item.block.length]
-    block = item.block
+    view = buffer[: item.length]
 
     def scattered() -> None:
-        on_progress(block.length)
-        for t in block.targets:
-            # A target's rows lie dst_row_stride apart; the plan makes that its width, or gives it one row.
-            on_filled(t.arena_index, block.dst_offset(t), (block.rows - 1) * t.dst_row_stride + t.width)
+        on_progress(item.fetched)
+        for block in item.blocks:
+            for t in block.targets:
+                # A target's rows lie dst_row_stride apart; the plan makes that its width, or gives it one row.
+                on_filled(t.arena_index, block.dst_offset(t), (block.rows - 1) * t.dst_row_stride + t.width)
 
     def landed() -> None:
-        scatters.start(batch, functools.partial(_scatter_block, view, block, destinations), scattered)
+        scatters.start(batch, functools.partial(scatter_staged, view, item, destinations), scattered)
         scatters.finish_done()
 
-    return _Range(item.file_index, item.block.file_offset, item.block.length, view.data_ptr(), landed)
+    return _Range(item.file_index, item.file_offset, item.length, view.data_ptr(), landed)
 
 
 # Scatter threads per load. The copies release the GIL. In-process TP=4 loads of a local 1 GB model on two
@@ -593,8 +676,8 @@ class _RangeReader:
 def _staging_slots(staged: list[_Staged], memory_limit: int) -> list[int]:
     """The staging buffer's slots (bytes each, all the same size): one when every staged block fits within
     ``memory_limit`` at once, else two, so that one batch streams while the other's blocks scatter."""
-    largest = max((s.block.length for s in staged), default=0)
-    padded = sum(s.block.length for s in staged) + ALIGNMENT * len(staged)  # blocks start on aligned offsets
+    largest = max((s.length for s in staged), default=0)
+    padded = sum(s.length for s in staged) + ALIGNMENT * len(staged)  # reads start on aligned offsets
     half = memory_limit // 2 // ALIGNMENT * ALIGNMENT  # the second slot starts aligned too
     if padded <= memory_limit or half < largest:
         return [max(largest, min(memory_limit, padded))]
@@ -606,7 +689,7 @@ def _batches(staged: list[_Staged], capacity: int) -> list[list[tuple[int, _Stag
     batches: list[list[tuple[int, _Staged]]] = []
     cursor = capacity
     for item in staged:
-        length = item.block.length
+        length = item.length
         if cursor + length > capacity:
             batches.append([])
             cursor = 0
@@ -656,6 +739,12 @@ def rearrange(arena: torch.Tensor, item: Rearranged, scratch: Scratch) -> None:
     width = item.piece // word
     source = rows.view(_WORDS[word]).view(item.rows, item.parts, width).numpy()
     numpy.copyto(region.view(_WORDS[word]).view(item.parts, item.rows, width).numpy(), source.transpose(1, 0, 2))
+
+
+def scatter_staged(data: torch.Tensor, item: _Staged, destinations: list[torch.Tensor]) -> None:
+    """Copy each block of ``item``, read into the start of ``data``, to its targets."""
+    for block in item.blocks:
+        _scatter_block(data[block.file_offset - item.file_offset :], block, destinations)
 
 
 def _scatter_block(data: torch.Tensor, block: Block, destinations: list[torch.Tensor]) -> None:

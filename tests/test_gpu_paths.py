@@ -233,7 +233,8 @@ def test_a_mirrored_load_leaves_every_tensor_on_the_device(
     prepared = loader.prepare(parse_model_uri(str(directory)), cache_dir=tmp_path, tp_size=2, ranks=[0, 1],
                               rules=rules, settings=settings)
     if rules:  # the replicas are copied beside the stream, as their source ranges land
-        direct, _, duplicates = _requests(prepared.plan, direct_piece_min=prepared.store.min_separate_read_bytes)
+        direct, _, duplicates = _requests(prepared.plan, direct_piece_min=prepared.store.min_separate_read_bytes,
+                                           read_through_gap=prepared.store.read_through_gap_bytes)
         copied_on_landing, copied_at_end = _duplicates_by_source(direct, duplicates)
         assert sum(map(len, copied_on_landing)) == len(duplicates) > 0 and not copied_at_end
     pinned: set[str] = set()

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import pytest
 import torch
 from safetensors.torch import save
@@ -23,14 +25,15 @@ from weightd.daemon.streaming import (
     _duplicates_by_source,
     _requests,
     _route,
-    _scatter_block,
     _staging_slots,
     rearrange,
+    scatter_staged,
 )
 
 from tests.conftest import fp8_linear
 
 OBJECT_STORE_PIECE_MIN = PrefixedObjects.min_separate_read_bytes
+OBJECT_STORE_GAP = PrefixedObjects.read_through_gap_bytes
 
 RULES = (ShardRule(r"vocab", 0, 8), ShardRule(r"padrow", 1, 4), ShardRule(r"col", 0), ShardRule(r"row", 1),
          ShardRule(r"deep", 2), ShardRule(r"whole", None))
@@ -73,18 +76,22 @@ def expected_slice(full: torch.Tensor, dim: int | None, rule_pad: int, tp_size: 
     return padded.narrow(dim, rank * part, part).contiguous()
 
 
-def execute(blob: bytes, plan: LoadPlan, direct_piece_min: int = OBJECT_STORE_PIECE_MIN) -> list[torch.Tensor]:
+def execute(
+    blob: bytes, plan: LoadPlan, direct_piece_min: int = OBJECT_STORE_PIECE_MIN, read_through_gap: int = 0
+) -> list[torch.Tensor]:
     """Run the loader's own routing and copies, with an in-memory file standing in for the streamer; returns
-    each layout's arena (with a group arena, the same one for every layout)."""
+    each layout's arena (with a group arena, the same one for every layout). Every byte is read at most once."""
     arenas = [torch.zeros(size, dtype=torch.uint8) for size in plan.arena_sizes]
     source = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
-    direct, staged, duplicates = _requests(plan, direct_piece_min=direct_piece_min)
+    direct, staged, duplicates = _requests(plan, direct_piece_min=direct_piece_min, read_through_gap=read_through_gap)
+    reads = sorted([(d.file_offset, d.length) for d in direct] + [(s.file_offset, s.length) for s in staged])
+    assert all(a + n <= b for (a, n), (b, _) in pairwise(reads)), "a byte read twice"
     for d in direct:
         arenas[d.arena_index][d.dst_offset : d.dst_offset + d.length].copy_(
             source[d.file_offset : d.file_offset + d.length]
         )
     for item in staged:
-        _scatter_block(source[item.block.file_offset :].clone(), item.block, arenas)
+        scatter_staged(source[item.file_offset : item.file_offset + item.length].clone(), item, arenas)
     _copy_duplicates(duplicates, arenas)
     scratch = Scratch()
     for region in plan.rearranged:
@@ -103,10 +110,13 @@ def header_of(blob: bytes):
 # Each rank alone, all ranks in an arena each, all ranks in one group arena, rank 1 alone and then the others
 # (the rest of a group whose rank 1 was loaded first).
 @pytest.mark.parametrize("loading", ["lone", "all", "group", "gapped"])
-# 1: every rank's piece of a shared block is its own range; the default: these small blocks are read once, copied.
-@pytest.mark.parametrize("direct_piece_min", [1, OBJECT_STORE_PIECE_MIN])
+# A local file's costs (every rank's piece of a shared block its own range, nothing read through); an object
+# store's (these small blocks read once and copied, every gap read through up to a read of max_range); and reads
+# joined across gaps of up to 100 bytes only.
+@pytest.mark.parametrize(("direct_piece_min", "read_through_gap"),
+                         [(1, 0), (OBJECT_STORE_PIECE_MIN, OBJECT_STORE_GAP), (OBJECT_STORE_PIECE_MIN, 100)])
 def test_every_rank_gets_exactly_its_slice(
-    tp_size: int, max_range: int, row_range_min: int, loading: str, direct_piece_min: int
+    tp_size: int, max_range: int, row_range_min: int, loading: str, direct_piece_min: int, read_through_gap: int
 ) -> None:
     tensors = model()
     blob = save(tensors)
@@ -118,7 +128,7 @@ def test_every_rank_gets_exactly_its_slice(
     for ranks in groups:
         plan = build_plan([header], tp_size=tp_size, ranks=ranks, rules=RULES, max_range_bytes=max_range,
                           row_range_min_bytes=row_range_min, group_arena=loading == "group" and tp_size > 1)
-        arenas = execute(blob, plan, direct_piece_min)
+        arenas = execute(blob, plan, direct_piece_min, read_through_gap)
         for layout, arena in zip(plan.layouts, arenas, strict=True):
             for slot in layout.slots:
                 full = tensors[slot.name]
@@ -143,8 +153,9 @@ def test_every_rank_gets_exactly_its_slice(
                 holds_padding = (layout.rank + 1) * slot.shape[dim] > tensors[slot.name].shape[dim]
                 assert differs == holds_padding, (slot.name, layout.rank)
         fetched_total += plan.fetched_bytes
-        direct, staged, _ = _requests(plan, direct_piece_min=direct_piece_min)
-        assert plan.fetched_bytes == sum(d.length for d in direct) + sum(s.block.length for s in staged)
+        direct, staged, _ = _requests(plan, direct_piece_min=direct_piece_min, read_through_gap=read_through_gap)
+        assert plan.fetched_bytes == sum(d.length for d in direct) + sum(s.fetched for s in staged)
+        assert all(len(s.blocks) == 1 or s.length <= max_range for s in staged)  # joined reads span a block at most
     weights = sum(t.nbytes for t in tensors.values())
     if loading in ("all", "group"):
         assert fetched_total == weights  # every byte once for the whole group
@@ -211,11 +222,11 @@ def test_small_tensors_the_arena_breaks_apart_are_read_as_staged_runs() -> None:
                | {"c.weight": torch.randn(STAGED_RUN_PIECE_MAX // 4)})
     blob = save(tensors)
     plan = build_plan([header_of(blob)], tp_size=1, ranks=[0], rules=(), max_range_bytes=1 << 20)
-    direct, staged, duplicates = _requests(plan, direct_piece_min=1)
+    direct, staged, duplicates = _requests(plan, direct_piece_min=1, read_through_gap=0)
     assert [d.length for d in direct] == [STAGED_RUN_PIECE_MAX] and duplicates == []
-    assert all(s.block.length <= COALESCE_MAX_BYTES for s in staged)
-    assert sum(len(s.block.targets) for s in staged) == 900 and len(staged) == 3  # 2.4 MB of runs: 3 reads
-    assert sum(d.length for d in direct) + sum(s.block.length for s in staged) == plan.fetched_bytes
+    assert all(s.length <= COALESCE_MAX_BYTES for s in staged)
+    assert sum(len(s.blocks[0].targets) for s in staged) == 900 and len(staged) == 3  # 2.4 MB of runs: 3 reads
+    assert sum(d.length for d in direct) + sum(s.length for s in staged) == plan.fetched_bytes
     (arena,) = execute(blob, plan, direct_piece_min=1)
     for slot in plan.layouts[0].slots:
         assert torch.equal(arena[slot.offset : slot.offset + slot.nbytes].view(torch.float32).view(slot.shape),
@@ -232,7 +243,36 @@ def test_a_block_shared_by_ranks_is_one_read_when_their_pieces_are_small() -> No
     assert sorted(d.length for d in direct) == [256, 4096, 4096, 4096, 4096] and staged == []
     direct, staged, duplicates = _route(plan, direct_piece_min=4097)
     assert direct == [] and duplicates == []  # the norm too: staged beside the block, one request for both
-    assert [item.block.length for item in staged] == [16384, 256]  # each read once, copied out to the 4 ranks
+    assert [item.length for item in staged] == [16384, 256]  # each read once, copied out to the 4 ranks
+
+
+def test_a_lone_ranks_small_reads_close_together_are_joined_across_the_gaps() -> None:
+    """Rank 1 of 4 alone: its quarter of each 16 KiB "col" tensor is 4 KiB, with 12 KiB of the other ranks' between
+    it and the next. Where a request costs more than that (an object store), the quarters and the staged "row"
+    between them are one read, the gaps read and dropped; a quarter worth a request of its own stays direct."""
+    tensors = {f"a{i}.col.weight": torch.randn(64, 64) for i in range(6)} | {"b.row.weight": torch.randn(64, 64)}
+    tensors |= {f"c{i}.col.weight": torch.randn(64, 64) for i in range(2)} | {"d.col.weight": torch.randn(1024, 64)}
+    blob = save(tensors)
+    plan = build_plan([header_of(blob)], tp_size=4, ranks=[1], rules=RULES, max_range_bytes=1 << 20)
+    want = execute(blob, plan, direct_piece_min=8192, read_through_gap=0)[0]
+
+    def reads(gap: int) -> tuple[list[int], list[tuple[int, int, int]]]:
+        direct, staged, _ = _requests(plan, direct_piece_min=8192, read_through_gap=gap)
+        assert execute(blob, plan, direct_piece_min=8192, read_through_gap=gap)[0].equal(want)
+        return [d.length for d in direct], [(s.length, s.fetched, len(s.blocks)) for s in staged]
+
+    # Gaps of 12 KiB, under a 16 KiB threshold: the nine small reads are one, from a0's quarter (at 4 KiB) to the
+    # end of c1's (two quarters into the ninth tensor), holding 8 quarters and "row"; d's 64 KiB quarter stays direct.
+    quarter = 4096
+    assert reads(16384) == ([16 * quarter], [(8 * 16384 + 2 * quarter - quarter, 8 * quarter + 4 * quarter, 9)])
+    # With 8 KiB, only "row" and the quarters 8 KiB before and 4 KiB after it, the gaps between them read too.
+    assert reads(8192) == ([quarter] * 6 + [16 * quarter], [(9 * quarter, 6 * quarter, 3)])
+    # Under every gap, nothing is joined: each quarter a request, "row" read whole and sliced.
+    assert reads(quarter - 1) == ([quarter] * 8 + [16 * quarter], [(4 * quarter, 4 * quarter, 1)])
+    # A joined read spans at most a block of the plan.
+    capped = build_plan([header_of(blob)], tp_size=4, ranks=[1], rules=RULES, max_range_bytes=32768)
+    _, staged, _ = _requests(capped, direct_piece_min=8192, read_through_gap=16384)
+    assert max(s.length for s in staged) <= 32768 and len(staged) > 1
 
 
 def test_small_direct_ranges_back_to_back_with_staged_blocks_are_staged_with_them() -> None:
@@ -243,13 +283,13 @@ def test_small_direct_ranges_back_to_back_with_staged_blocks_are_staged_with_the
     for rank, direct_under, staged_under in ((1, [4096], [256, 16384]), (3, [], [256, 4096, 16384])):
         plan = build_plan([header_of(blob)], tp_size=4, ranks=[rank], rules=RULES, max_range_bytes=1 << 20)
         direct, staged, _ = _route(plan, direct_piece_min=1)
-        assert sorted(d.length for d in direct) == [256, 4096] and [s.block.length for s in staged] == [16384]
+        assert sorted(d.length for d in direct) == [256, 4096] and [s.length for s in staged] == [16384]
         # Under the store's threshold, a range back to back with a staged block (the norm, and through it rank
         # 3's quarter, which with the norm is one run of 4,352 bytes in file and arena) is staged with it: one
         # request for the run.
         direct, staged, _ = _route(plan, direct_piece_min=8192)
         assert [d.length for d in direct] == direct_under
-        assert sorted(s.block.length for s in staged) == staged_under
+        assert sorted(s.length for s in staged) == staged_under
         assert execute(blob, plan, 8192)[0].equal(execute(blob, plan, 1)[0])
         # A run at the threshold is a request worth its own: it stays direct.
         at_threshold = _route(plan, direct_piece_min=4352)[0]
@@ -283,9 +323,9 @@ def test_a_group_arena_holds_the_file_as_it_is_and_stages_only_what_it_cannot() 
     assert [s["row.big.weight"].offset for s in slots] == [align(shared) + r * section for r in range(4)]
     assert group.rearranged == (Rearranged(16636, 64, 4, 64),)
     # (A store whose requests cost what 8 KiB do: the runs of 16 KiB are worth a request each.)
-    direct, staged, duplicates = _requests(group, direct_piece_min=8192)
+    direct, staged, duplicates = _requests(group, direct_piece_min=8192, read_through_gap=0)
     assert [d.length for d in direct] == [16636, 16384] and duplicates == []
-    assert sorted(s.block.length for s in staged) == [2560, 16384, 16384]
+    assert sorted(s.length for s in staged) == [2560, 16384, 16384]
     assert group.fetched_bytes == sum(t.nbytes for t in tensors.values())
     for layout, arena in zip(group.layouts, execute(blob, group, 8192), strict=True):
         for name, slot in slots[layout.rank].items():
@@ -332,7 +372,7 @@ def test_staging_takes_two_slots_only_when_the_staged_blocks_exceed_the_limit_an
     tensors = {f"row{i}.weight": torch.randn(64, 64) for i in range(8)}  # 16 KiB each, all scattered at tp 4
     plan = build_plan([header_of(save(tensors))], tp_size=4, ranks=[0, 1, 2, 3], rules=RULES, max_range_bytes=1 << 20)
     staged = _route(plan, direct_piece_min=OBJECT_STORE_PIECE_MIN)[1]
-    assert [item.block.length for item in staged] == [16384] * 8
+    assert [item.length for item in staged] == [16384] * 8
     assert _staging_slots(staged, 1 << 20) == [8 * (16384 + ALIGNMENT)]  # all at once: one slot, one batch
     assert _staging_slots(staged, 16384) == [16384]  # two would not each hold a block
     slots = _staging_slots(staged, 48 << 10)

@@ -96,8 +96,9 @@ def test_object_store_protocol(
     assert store.read_range(shard, 1000, 4096) == blob[1000:5096]
     assert store.streamer_path(shard).endswith(shard)
     # What a TP load reads as separate ranges: any piece from a local file; on object stores, pieces large
-    # enough to outweigh a request.
+    # enough to outweigh a request, and small reads more than 1 MiB apart (closer ones are read as one).
     assert store.min_separate_read_bytes == (1 if backend.name == "local" else 4 << 20)
+    assert store.read_through_gap_bytes == (0 if backend.name == "local" else 1 << 20)
     store.download(shard, tmp_path / "copy")  # larger than one chunk of a streamed download
     assert (tmp_path / "copy").read_bytes() == blob
     with pytest.raises(ModelNotFoundError, match=r"no-such-file\.json"):

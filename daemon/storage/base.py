@@ -40,6 +40,8 @@ class ObjectStore(Protocol):
     location: ModelLocation
     # Pieces of a block smaller than this are cheaper read as the one block than each as a range of its own.
     min_separate_read_bytes: int
+    # Small reads of one object at most this many bytes apart are cheaper read as one, the bytes between dropped.
+    read_through_gap_bytes: int
 
     def list_objects(self) -> list[ObjectInfo]:
         """Objects directly under the prefix (not in sub-"directories"). Raises ModelNotFoundError if none."""
@@ -69,6 +71,9 @@ class PrefixedObjects(abc.ABC):
     # a round trip). A TP=4 all-ranks load of a 1 GB model of 0.1-3 MB tensors from SeaweedFS took 1.48x a full
     # load with one GET per rank's piece (2,869 of them), 1.10x with one per block below 4 MiB pieces.
     min_separate_read_bytes = 4 << 20
+    # A request's fixed cost against bytes: arrow-rs object_store joins ranges up to 1 MiB apart
+    # (OBJECT_STORE_COALESCE_DEFAULT). Measured here: see docs/benchmarks.md, "a lone rank's small reads".
+    read_through_gap_bytes = 1 << 20
 
     def _key(self, name: str) -> str:
         return self.location.prefix + name

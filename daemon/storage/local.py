@@ -12,6 +12,7 @@ from weightd.daemon.storage.base import ModelLocation, ObjectInfo
 
 class LocalStore:
     min_separate_read_bytes = 1  # a read from a local file has no fixed cost worth saving: every piece direct
+    read_through_gap_bytes = 0
 
     def __init__(self, location: ModelLocation) -> None:
         self.location = location
