@@ -15,6 +15,8 @@ in an order rotated per repetition, after one unmeasured pass of each has warmed
   all  the same for all ranks of TP=4, in one group arena (as the daemon loads a group into host memory)
   apart  all ranks of TP=4 in an arena each (as a GPU load's host tier; every host load before the group arena)
   lone the same for rank 1 of 4 alone
+  lone-unjoined  rank 1 of 4 alone with every read its own request (the store's read_through_gap_bytes 0: no
+       small reads joined across the other ranks' bytes between them, as before 2026-12-06)
 
 It reports each step's median time, this process's CPU and the storage server's CPU (medians), every sample,
 and the bytes each load fetched. No daemon, gRPC or client is involved: the difference is what the load's own
@@ -50,9 +52,9 @@ from benchmarks.geometries import GEOMETRIES  # noqa: E402
 from benchmarks.run import STORES, Bench, arena_dir, machine, start_store  # noqa: E402
 from tests.storage_servers import stop_process  # noqa: E402
 
-# step -> (tp_size, ranks, group arena); "a" is the streamer alone.
-LOADS = {"c": (1, [0], False), "all": (4, [0, 1, 2, 3], True), "apart": (4, [0, 1, 2, 3], False),
-         "lone": (4, [1], False)}
+# step -> (tp_size, ranks, group arena, small reads joined across gaps); "a" is the streamer alone.
+LOADS = {"c": (1, [0], False, True), "all": (4, [0, 1, 2, 3], True, True), "apart": (4, [0, 1, 2, 3], False, True),
+         "lone": (4, [1], False, True), "lone-unjoined": (4, [1], False, False)}
 
 
 def cpu_seconds(pid: int) -> float:
@@ -76,12 +78,16 @@ class InProcess:
                 tensors[name] = tensor
         return int(sum(t.nbytes for t in tensors.values()))
 
-    def weightd_load(self, model: dict[str, Any], tp_size: int, ranks: list[int], group_arena: bool) -> int:
+    def weightd_load(
+        self, model: dict[str, Any], tp_size: int, ranks: list[int], group_arena: bool, joined: bool
+    ) -> int:
         self.loads += 1
         with collection_paused():
             prepared = loader.prepare(parse_model_uri(model["uri"]), cache_dir=self.bench.work / f"cache{self.loads}",
                                       tp_size=tp_size, ranks=ranks, rules=(), settings=self.settings,
                                       group_arena=group_arena)
+            if not joined:
+                prepared.store.read_through_gap_bytes = 0  # this store object only: every read a request
             loaded = loader.stream(prepared, self.memory, settings=self.settings, on_progress=lambda n: None)
         for rank in loaded:
             rank.arena.release()  # a group arena's ranks share it: released once, the rest do nothing
@@ -89,8 +95,8 @@ class InProcess:
 
     def measure(self, model: dict[str, Any], repetitions: int) -> dict[str, Any]:
         steps: dict[str, Callable[[], int]] = {"a": functools.partial(self.streamer_alone, model)}
-        for name, (tp_size, ranks, group_arena) in LOADS.items():
-            steps[name] = functools.partial(self.weightd_load, model, tp_size, ranks, group_arena)
+        for name, (tp_size, ranks, group_arena, joined) in LOADS.items():
+            steps[name] = functools.partial(self.weightd_load, model, tp_size, ranks, group_arena, joined)
         for step in steps.values():  # the store's first reads of new objects are slow for every reader
             step()
         server = self.bench.store.process.pid
@@ -114,6 +120,7 @@ class InProcess:
                 "all ranks/c": med["all"]["seconds"] / med["c"]["seconds"],
                 "all ranks apart/c": med["apart"]["seconds"] / med["c"]["seconds"],
                 "lone rank/c": med["lone"]["seconds"] / med["c"]["seconds"],
+                "lone rank unjoined/c": med["lone-unjoined"]["seconds"] / med["c"]["seconds"],
                 "lone rank bytes/c": fetched["lone"] / fetched["c"],
             },
         }
@@ -166,8 +173,8 @@ def render(results: dict[str, Any]) -> str:
              f"{results['arena_dir']}; medians of {results['repetitions']} (time, then CPU: this process + the "
              "store's)", "",
              "| geometry | size | tensors | a. streamer | c. weightd | c/a | TP=4 all ranks | all / c | "
-             "an arena each | apart / c | lone rank | lone / c: time, bytes |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "an arena each | apart / c | lone rank | lone / c: time, bytes | lone, reads unjoined | unjoined / c |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def cell(step: dict[str, float]) -> str:
         return f"{step['seconds']:.3f} s ({step['cpu']:.2f} + {step['server_cpu']:.2f})"
@@ -177,7 +184,8 @@ def render(results: dict[str, Any]) -> str:
         lines.append(f"| {name} | {g['bytes'] / 1e9:.2f} GB | {g['tensors']} | {cell(m['a'])} | {cell(m['c'])} "
                      f"| {r['c/a']:.3f} | {cell(m['all'])} | {r['all ranks/c']:.2f} | {cell(m['apart'])} "
                      f"| {r['all ranks apart/c']:.2f} | {cell(m['lone'])} "
-                     f"| {r['lone rank/c']:.2f}, {r['lone rank bytes/c']:.2f} |")
+                     f"| {r['lone rank/c']:.2f}, {r['lone rank bytes/c']:.2f} | {cell(m['lone-unjoined'])} "
+                     f"| {r['lone rank unjoined/c']:.2f} |")
     return "\n".join(lines)
 
 
