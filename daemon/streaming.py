@@ -219,21 +219,17 @@ def _coalesce(ordered: list[_Direct]) -> list[_Direct]:
     """``ordered`` (in file order, as ``_stage_broken_runs`` returns it) with each run of ranges back to back in
     one file and one arena merged, up to ``COALESCE_MAX_BYTES`` a range (a larger range stays as it is)."""
     merged: list[_Direct] = []
-    start = 0
-    while start < len(ordered):
-        first = ordered[start]
-        length, end = first.length, start + 1
-        while end < len(ordered):
-            d = ordered[end]
-            if (d.file_index != first.file_index or d.arena_index != first.arena_index
-                    or d.file_offset != first.file_offset + length or d.dst_offset != first.dst_offset + length
-                    or length + d.length > COALESCE_MAX_BYTES):
-                break
-            length += d.length
-            end += 1
-        merged.append(first if end == start + 1 else _Direct(first.file_index, first.file_offset, length,
-                                                             first.arena_index, first.dst_offset))
-        start = end
+    for run in _direct_runs(ordered):
+        start = 0
+        while start < len(run):
+            first = run[start]
+            length, end = first.length, start + 1
+            while end < len(run) and length + run[end].length <= COALESCE_MAX_BYTES:
+                length += run[end].length
+                end += 1
+            merged.append(first if end == start + 1 else _Direct(first.file_index, first.file_offset, length,
+                                                                 first.arena_index, first.dst_offset))
+            start = end
     return merged
 
 
@@ -532,7 +528,7 @@ def _staged_range(
                 on_filled(t.arena_index, block.dst_offset(t), (block.rows - 1) * t.dst_row_stride + t.width)
 
     def landed() -> None:
-        scatters.start(batch, functools.partial(scatter_staged, view, item, destinations), scattered)
+        scatters.start(batch, functools.partial(_scatter_staged, view, item, destinations), scattered)
         scatters.finish_done()
 
     return _Range(item.file_index, item.file_offset, item.length, view.data_ptr(), landed)
@@ -741,7 +737,7 @@ def rearrange(arena: torch.Tensor, item: Rearranged, scratch: Scratch) -> None:
     numpy.copyto(region.view(_WORDS[word]).view(item.parts, item.rows, width).numpy(), source.transpose(1, 0, 2))
 
 
-def scatter_staged(data: torch.Tensor, item: _Staged, destinations: list[torch.Tensor]) -> None:
+def _scatter_staged(data: torch.Tensor, item: _Staged, destinations: list[torch.Tensor]) -> None:
     """Copy each block of ``item``, read into the start of ``data``, to its targets."""
     for block in item.blocks:
         _scatter_block(data[block.file_offset - item.file_offset :], block, destinations)

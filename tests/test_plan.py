@@ -25,9 +25,9 @@ from weightd.daemon.streaming import (
     _duplicates_by_source,
     _requests,
     _route,
+    _scatter_staged,
     _staging_slots,
     rearrange,
-    scatter_staged,
 )
 
 from tests.conftest import fp8_linear
@@ -91,7 +91,7 @@ def execute(
             source[d.file_offset : d.file_offset + d.length]
         )
     for item in staged:
-        scatter_staged(source[item.file_offset : item.file_offset + item.length].clone(), item, arenas)
+        _scatter_staged(source[item.file_offset : item.file_offset + item.length].clone(), item, arenas)
     _copy_duplicates(duplicates, arenas)
     scratch = Scratch()
     for region in plan.rearranged:
