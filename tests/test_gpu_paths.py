@@ -44,7 +44,7 @@ from weightd.daemon.mirror import CopyCoalescer, DeviceMirror
 from weightd.daemon.registry import Registry
 from weightd.daemon.service import status_name
 from weightd.daemon.sharding import ShardRule
-from weightd.daemon.storage.base import parse_model_uri
+from weightd.daemon.storage.base import PrefixedObjects, parse_model_uri
 from weightd.daemon.streaming import _duplicates_by_source, _requests
 from weightd.daemon.synthetic import write_synthetic_model
 from weightd.v1 import weightd_pb2 as pb
@@ -222,17 +222,26 @@ MLP_ONLY = (ShardRule(r"mlp\.down_proj", 1), ShardRule(r"mlp\.(gate|up)_proj", 0
 @pytest.mark.parametrize("concurrency", [None, 3], ids=["in-process", "helper-process"])
 @pytest.mark.parametrize("min_copy_bytes", [1, 8 << 20], ids=["every-region", "merged"])
 @pytest.mark.parametrize("rules", [(), MLP_ONLY], ids=["default-plan", "mlp-only"])
+@pytest.mark.parametrize("object_store_costs", [False, True], ids=["local-reads", "object-store-reads"])
 def test_a_mirrored_load_leaves_every_tensor_on_the_device(
     small_model: tuple[Path, dict[str, torch.Tensor]], shm: Path, tmp_path: Path, concurrency: int | None,
-    min_copy_bytes: int, rules: tuple[ShardRule, ...],
+    min_copy_bytes: int, rules: tuple[ShardRule, ...], object_store_costs: bool,
 ) -> None:
     """An all-ranks TP=2 load (direct ranges, scattered dim-1 slices, replicated tensors copied in memory),
-    ranges capped at 1 MiB so large tensors land in pieces: every slot's bytes reach its rank's device arena."""
+    ranges capped at 1 MiB so large tensors land in pieces: every slot's bytes reach its rank's device arena.
+    With an object store's costs, small reads are staged and joined (several blocks to one read), and each
+    block's regions are reported once it has been copied out."""
     directory, full = small_model
     settings = LoadSettings(memory_limit=4 << 20, concurrency=concurrency)
     prepared = loader.prepare(parse_model_uri(str(directory)), cache_dir=tmp_path, tp_size=2, ranks=[0, 1],
                               rules=rules, settings=settings)
-    if rules:  # the replicas are copied beside the stream, as their source ranges land
+    if object_store_costs:  # this load's store object only: the local files read as an object store's would be
+        prepared.store.min_separate_read_bytes = PrefixedObjects.min_separate_read_bytes
+        prepared.store.read_through_gap_bytes = PrefixedObjects.read_through_gap_bytes
+        _, staged, _ = _requests(prepared.plan, direct_piece_min=prepared.store.min_separate_read_bytes,
+                                 read_through_gap=prepared.store.read_through_gap_bytes)
+        assert any(len(item.blocks) > 1 for item in staged)
+    elif rules:  # the replicas are copied beside the stream, as their source ranges land
         direct, _, duplicates = _requests(prepared.plan, direct_piece_min=prepared.store.min_separate_read_bytes,
                                            read_through_gap=prepared.store.read_through_gap_bytes)
         copied_on_landing, copied_at_end = _duplicates_by_source(direct, duplicates)
