@@ -59,8 +59,8 @@ class Metrics:
         self._loads_failed = Counter("weightd_loads_failed", "Model loads that failed, by the gRPC status "
                                      "their waiters got.", ["status"], registry=self.registry)
         self._storage_bytes = Counter("weightd_storage_read_bytes", "Weight bytes read from storage for the "
-                                      "loaded tensors, by URI scheme (file, s3, gs, az); object-store reads "
-                                      "joined across gaps of up to 1 MiB read those gaps too, uncounted.",
+                                      "loaded tensors, by URI scheme (file, s3, gs, az); the gaps between small "
+                                      "reads joined into one (object stores) are read too, uncounted.",
                                       ["scheme"], registry=self.registry)
         self._load_seconds = Histogram("weightd_load_duration_seconds", "Time from a load's start to its end, "
                                        "failed loads included.", buckets=LOAD_BUCKETS, registry=self.registry)

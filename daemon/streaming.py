@@ -291,9 +291,11 @@ def _bridge_gaps(
     reads: list[tuple[int, int, _Staged | None, list[_Direct]]] = []
     for run in _direct_runs(direct):
         first, length = run[0], sum(d.length for d in run)
-        landing = Target(first.arena_index, 0, length, 0, length)
-        joinable = _Staged(first.file_index, (Block(first.file_offset, 1, length, first.dst_offset, (landing,)),))
-        reads.append((first.file_index, first.file_offset, joinable if length < small else None, run))
+        joinable = None
+        if length < small:  # the run as one block landing where its ranges would
+            landing = Target(first.arena_index, 0, length, 0, length)
+            joinable = _Staged(first.file_index, (Block(first.file_offset, 1, length, first.dst_offset, (landing,)),))
+        reads.append((first.file_index, first.file_offset, joinable, run))
     reads += [(item.file_index, item.file_offset, item, []) for item in staged]
     reads.sort(key=lambda read: read[:2])
     kept: list[_Direct] = []
