@@ -494,5 +494,4 @@ class _PlanBuilder:
         )
         return LoadPlan(tp_size=self.tp_size, layouts=layouts, files=files,
                         fetched_bytes_by_layout=tuple(self.fetched), max_range_bytes=self.max_range,
-                        grouped=placement.grouped,
-                        rearranged=tuple(self.rearranged))
+                        grouped=placement.grouped, rearranged=tuple(self.rearranged))

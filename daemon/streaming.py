@@ -1,6 +1,7 @@
 """Phase (b) of a load: fetch exactly a plan's byte ranges with runai-model-streamer, which writes them
-straight into the destination arenas; only tensor-parallel slices that scatter pass through a bounded
-staging buffer. Blocking; runs in the daemon's load threads or in a streaming helper process.
+straight into the destination arenas; only tensor-parallel slices that scatter, and small reads cheaper read
+as one (runs the arena breaks, object-store reads across small gaps), pass through a bounded staging buffer.
+Blocking; runs in the daemon's load threads or in a streaming helper process.
 """
 
 from __future__ import annotations
@@ -267,7 +268,7 @@ def _stage_broken_runs(direct: list[_Direct]) -> tuple[list[_Direct], list[_Stag
 
 def _end_run(run: list[_Direct], kept: list[_Direct], staged: list[_Staged]) -> None:
     """A run of ranges back to back in one file: staged as one block if the arena breaks it, else kept."""
-    if all(a.arena_index == b.arena_index and b.dst_offset == a.dst_offset + a.length for a, b in pairwise(run)):
+    if len(_direct_runs(run)) <= 1:  # one request already
         kept.extend(run)
         return
     start = run[0].file_offset
