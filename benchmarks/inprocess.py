@@ -49,16 +49,18 @@ from weightd.daemon.memory.host import HostMemory  # noqa: E402
 from weightd.daemon.storage.base import parse_model_uri  # noqa: E402
 
 from benchmarks.geometries import GEOMETRIES  # noqa: E402
-from benchmarks.run import STORES, Bench, arena_dir, machine, start_store  # noqa: E402
-from tests.storage_servers import stop_process  # noqa: E402
+from benchmarks.run import STORES, Bench, arena_dir, machine, start_store, stop_store  # noqa: E402
 
 # step -> (tp_size, ranks, group arena, small reads joined across gaps); "a" is the streamer alone.
 LOADS = {"c": (1, [0], False, True), "all": (4, [0, 1, 2, 3], True, True), "apart": (4, [0, 1, 2, 3], False, True),
          "lone": (4, [1], False, True), "lone-unjoined": (4, [1], False, False)}
 
 
-def cpu_seconds(pid: int) -> float:
-    """User and system CPU of process ``pid`` (each store runs as one process, started by tests.storage_servers)."""
+def cpu_seconds(pid: int | None) -> float:
+    """User and system CPU of process ``pid`` (each store runs as one process, started by tests.storage_servers);
+    0 for no process (local files)."""
+    if pid is None:
+        return 0.0
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
@@ -99,7 +101,7 @@ class InProcess:
             steps[name] = functools.partial(self.weightd_load, model, tp_size, ranks, group_arena, joined)
         for step in steps.values():  # the store's first reads of new objects are slow for every reader
             step()
-        server = self.bench.store.process.pid
+        server = self.bench.store.process.pid if self.bench.store.process is not None else None
         samples: dict[str, dict[str, list[float]]] = {n: {"seconds": [], "cpu": [], "server_cpu": []} for n in steps}
         fetched: dict[str, int] = {}
         names = list(steps)
@@ -162,7 +164,7 @@ def main() -> int:
             if args.json:
                 args.json.write_text(json.dumps(results, indent=2))
     finally:
-        stop_process(store.process)
+        stop_store(store)
         shutil.rmtree(work, ignore_errors=True)
     print(render(results))
     return 0

@@ -32,8 +32,7 @@ from weightd.daemon.memory.host import HostMemory  # noqa: E402
 from weightd.daemon.storage.base import parse_model_uri  # noqa: E402
 
 from benchmarks.geometries import GEOMETRIES  # noqa: E402
-from benchmarks.run import STORES, Bench, start_store  # noqa: E402
-from tests.storage_servers import stop_process  # noqa: E402
+from benchmarks.run import STORES, Bench, start_store, stop_store  # noqa: E402
 
 
 def main() -> int:
@@ -80,7 +79,7 @@ def main() -> int:
     finally:
         for rank in arenas:
             rank.arena.release()
-        stop_process(bench.store.process)
+        stop_store(bench.store)
         shutil.rmtree(work, ignore_errors=True)
     return 0
 

@@ -30,6 +30,8 @@ a tmpfs mounted huge=within_size: 4 KiB against 2 MiB pages, side by side in one
 
 --storage fake-gcs (with --geometries) serves the models from fake-gcs-server, in memory, instead of SeaweedFS:
 a store whose ranged reads cost little per request, where SeaweedFS reads about a whole 4 MiB chunk for each.
+--storage local (with --geometries) loads them from a directory on this machine's disk, read through its page
+cache once warmed (a model on a node's NVMe): no store's CPU shares the cores, so weightd's own costs show most.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +65,8 @@ from tests.storage_servers import GcsServer, S3Server, free_port, start_gcs, sta
 
 BUCKET = "bench"
 # --storage choices, and how the output names them.
-STORES = {"seaweedfs": "SeaweedFS S3 on loopback", "fake-gcs": "fake-gcs-server (GCS JSON API, in memory) on loopback"}
+STORES = {"seaweedfs": "SeaweedFS S3 on loopback", "fake-gcs": "fake-gcs-server (GCS JSON API, in memory) on loopback",
+          "local": "a local directory (this machine's disk, through its page cache)"}
 
 # Each scenario runs in a fresh interpreter; it times only the work (imports excluded) and prints JSON.
 STREAMER_ALONE = r"""
@@ -151,10 +155,36 @@ def run_script(script: str, *args: str, env: dict[str, str]) -> dict[str, Any]:
     return result
 
 
+@dataclass(frozen=True)
+class LocalFiles:
+    """``--storage local``: models copied into a directory, loaded by path. No server: no process, no settings."""
+
+    root: Path
+    process: None = None
+
+    def env(self) -> dict[str, str]:
+        return {}
+
+    def upload(self, directory: Path, bucket: str, prefix: str) -> None:
+        shutil.copytree(directory, self.root / bucket / prefix)
+
+
+Store = S3Server | GcsServer | LocalFiles
+
+
+def stop_store(store: Store) -> None:
+    if store.process is not None:
+        stop_process(store.process)
+
+
 class Bench:
-    def __init__(self, store: S3Server | GcsServer, work: Path, repetitions: int, shm_dirs: list[Path]) -> None:
+    def __init__(self, store: Store, work: Path, repetitions: int, shm_dirs: list[Path]) -> None:
         self.store = store
-        self.scheme = "s3" if isinstance(store, S3Server) else "gs"
+        # Where the benchmark's bucket is: models are "<root><name>/", their shards "<root><name>/<shard>".
+        if isinstance(store, LocalFiles):
+            self.root = f"{store.root}/{BUCKET}/"
+        else:
+            self.root = f"{'s3' if isinstance(store, S3Server) else 'gs'}://{BUCKET}/"
         self.work = work
         self.repetitions = repetitions
         # Interleaved cold/warm steps, by name: "cd" on the first arena directory, "cd@DIR" on each further one.
@@ -178,7 +208,7 @@ class Bench:
                                         dtypes=("bf16", "fp16", "fp32"))
         self.store.upload(directory, BUCKET, f"{name}/")
         shards = sorted(p.name for p in directory.glob("*.safetensors"))
-        return {"uri": f"{self.scheme}://{BUCKET}/{name}/", "prefix": f"{name}/", "directory": directory,
+        return {"uri": f"{self.root}{name}/", "prefix": f"{name}/", "directory": directory,
                 "shards": shards, "bytes": sum(t.nbytes for t in tensors.values()), "tensors": len(tensors)}
 
     def geometry(self, name: str, size_gb: float) -> dict[str, Any]:
@@ -191,12 +221,12 @@ class Bench:
         self.store.upload(directory, BUCKET, f"{name}/")
         shards = sorted(p.name for p in directory.glob("*.safetensors"))
         shutil.rmtree(directory)  # the bucket holds it; the disk and page cache need not
-        return {"uri": f"{self.scheme}://{BUCKET}/{name}/", "prefix": f"{name}/", "shards": shards,
+        return {"uri": f"{self.root}{name}/", "prefix": f"{name}/", "shards": shards,
                 "bytes": sum(sizes.values()), "tensors": len(sizes),
                 "median_tensor_bytes": statistics.median(sizes.values()), "largest_tensor_bytes": max(sizes.values())}
 
     def shard_uris(self, model: dict[str, Any]) -> list[str]:
-        return [f"{self.scheme}://{BUCKET}/{model['prefix']}{s}" for s in model["shards"]]
+        return [f"{self.root}{model['prefix']}{s}" for s in model["shards"]]
 
     def streamer_against_cold(self, model: dict[str, Any]) -> dict[str, list[float]]:
         """a, c and d interleaved (order rotated per repetition); the first pass warms the storage for both."""
@@ -372,13 +402,13 @@ def main() -> int:
     parser.add_argument("--shm-dirs", default="/dev/shm",
                         help="arena directories: the first for every scenario, each further one adds c and d")
     parser.add_argument("--storage", choices=STORES, default="seaweedfs",
-                        help="the local object store serving the models (fake-gcs: with --geometries only)")
+                        help="what serves the models (fake-gcs, local: with --geometries only)")
     args = parser.parse_args()
     args.shm_dirs = [Path(d) for d in args.shm_dirs.split(",")]
     if args.geometries:
         return run_geometries(args)
     if args.storage != "seaweedfs":
-        parser.error("--storage fake-gcs needs --geometries (scenario b downloads with boto3)")
+        parser.error(f"--storage {args.storage} needs --geometries (scenario b downloads with boto3)")
 
     work = Path(tempfile.mkdtemp(prefix="weightd-bench-"))
     s3 = start_store("seaweedfs", work)
@@ -459,8 +489,11 @@ def machine() -> str:
             f"Python {platform.python_version()}, {versions}{settings}")
 
 
-def start_store(name: str, work: Path) -> S3Server | GcsServer:
-    """The object store of ``--storage``, on loopback, with the benchmark's bucket."""
+def start_store(name: str, work: Path) -> Store:
+    """The store of ``--storage``: an object store on loopback with the benchmark's bucket, or a directory."""
+    if name == "local":
+        (work / "local").mkdir()
+        return LocalFiles(work / "local")
     if name == "fake-gcs":
         (work / "fake-gcs").mkdir()
         return start_gcs(work / "fake-gcs", free_port())  # its upload creates the bucket
@@ -509,7 +542,7 @@ def run_geometries(args: argparse.Namespace) -> int:
             if args.json:
                 args.json.write_text(json.dumps(results, indent=2))
     finally:
-        stop_process(store.process)
+        stop_store(store)
         shutil.rmtree(work, ignore_errors=True)
     lines = [f"weightd per geometry: {results['storage']}; {results['machine']}; arenas "
              f"{results['arena_dirs']}; medians of {args.repetitions}", "",
