@@ -119,6 +119,9 @@ class Setting:
         return f"WEIGHTD_{self.name.upper()}"
 
 
+# --memory-limit's default; what weightd.daemon.streaming keeps of a staging buffer between loads.
+DEFAULT_STAGING_BYTES = 64 << 20
+
 SETTINGS: tuple[Setting, ...] = (
     Setting("socket", Path("/run/weightd/weightd.sock"), Path, "Unix socket to serve on (created mode 0660)."),
     Setting("listen", "", _listen, "TCP HOST:PORT serving only health and reflection (for Kubernetes gRPC probes)."),
@@ -134,8 +137,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("concurrency", 0, _non_negative_int,
             "Storage clients (threads) per load (RUNAI_STREAMER_CONCURRENCY); 0: the streamer's own default, "
             "8 for object storage and 16 for file systems."),
-    # Small enough that its pages, fresh in every load, stay few; double buffering keeps the streamer busy.
-    Setting("memory_limit", 64 * 2**20, parse_size, "Staging buffer per load for slices that scatter, e.g. 64MiB."),
+    # Small, as a load holds it beside its arenas (and the daemon keeps one between loads); double buffering keeps
+    # the streamer busy.
+    Setting("memory_limit", DEFAULT_STAGING_BYTES, parse_size,
+            "Staging buffer per load for slices that scatter, e.g. 64MiB."),
     Setting("host_memory_limit", MemoryLimit(fraction=0.75), parse_memory_limit,
             "Budget for host arenas: bytes (64GiB) or a share of --shm-dir's size (75%)."),
     Setting("memory", "auto", _choice("auto", "host", "cuda"),
