@@ -48,6 +48,7 @@ from weightd.daemon.gc_pause import collection_paused  # noqa: E402
 from weightd.daemon.memory.host import HostMemory  # noqa: E402
 from weightd.daemon.storage.base import parse_model_uri  # noqa: E402
 
+from benchmarks.daemon import cpu_seconds  # noqa: E402
 from benchmarks.geometries import GEOMETRIES  # noqa: E402
 from benchmarks.run import STORES, Bench, arena_dir, machine, start_store, stop_store  # noqa: E402
 
@@ -56,13 +57,9 @@ LOADS = {"c": (1, [0], False, True), "all": (4, [0, 1, 2, 3], True, True), "apar
          "lone": (4, [1], False, True), "lone-unjoined": (4, [1], False, False)}
 
 
-def cpu_seconds(pid: int | None) -> float:
-    """User and system CPU of process ``pid`` (each store runs as one process, started by tests.storage_servers);
-    0 for no process (local files)."""
-    if pid is None:
-        return 0.0
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def store_cpu_seconds(pid: int | None) -> float:
+    """The store's CPU so far (each runs as one process, started by tests.storage_servers); 0 for local files."""
+    return 0.0 if pid is None else cpu_seconds(pid)
 
 
 class InProcess:
@@ -107,12 +104,12 @@ class InProcess:
         names = list(steps)
         for repetition in range(repetitions):
             for name in names[repetition % len(names) :] + names[: repetition % len(names)]:
-                own, served, started = os.times(), cpu_seconds(server), time.perf_counter()
+                own, served, started = os.times(), store_cpu_seconds(server), time.perf_counter()
                 fetched[name] = steps[name]()
                 seconds, after = time.perf_counter() - started, os.times()
                 samples[name]["seconds"].append(seconds)
                 samples[name]["cpu"].append(after.user + after.system - own.user - own.system)
-                samples[name]["server_cpu"].append(cpu_seconds(server) - served)
+                samples[name]["server_cpu"].append(store_cpu_seconds(server) - served)
             print(f"  rep {repetition + 1} done", file=sys.stderr)
         med = {name: {k: statistics.median(v) for k, v in s.items()} for name, s in samples.items()}
         return {

@@ -6,7 +6,8 @@ Serves a synthetic safetensors model (mixed bf16/fp16/fp32, several shards) from
 and measures, interleaved over repetitions (medians reported), each in a fresh process with imports done:
   a  runai-model-streamer SafetensorsStreamer reading the model (vLLM/SGLang's runai_streamer load format)
   b  boto3 download to a local disk + safetensors load
-  c  weightd cold: fresh daemon, attach (= LoadModel + map) until every tensor is usable
+  c  weightd cold: fresh daemon (once its start-up work is done), attach (= LoadModel + map) until every
+     tensor is usable
   d  weightd warm: attach of the resident model from a new process
   e  TP=4: all-ranks load (time, storage bytes) against one full load; a lone rank's cold attach against its share
   f  4 client processes attached to one model: node memory (shared arena + every process's private growth)
@@ -200,7 +201,9 @@ class Bench:
         extra = ["--shm-dir", str(shm_dir or self.cold_steps["cd"])]
         if concurrency is not None:
             extra += ["--concurrency", str(concurrency)]
-        return Daemon(self.work / f"daemon{self.daemons}", self.env, extra_args=extra)
+        daemon = Daemon(self.work / f"daemon{self.daemons}", self.env, extra_args=extra)
+        daemon.wait_until_idle()
+        return daemon
 
     def model(self, size_gb: float, name: str) -> dict[str, Any]:
         directory = self.work / name
