@@ -699,6 +699,8 @@ class StagingBuffers:
 
     def take(self, size: int) -> torch.Tensor:
         """A buffer of at least ``size`` bytes, this caller's until ``give_back``."""
+        if size == 0:  # a load that stages nothing leaves the kept buffer to one that does
+            return torch.empty(0, dtype=torch.uint8)
         with self._lock:
             kept = self._kept
             if kept is not None and kept.numel() >= size:
@@ -708,7 +710,7 @@ class StagingBuffers:
 
     def give_back(self, buffer: torch.Tensor) -> None:
         """Keep ``buffer`` for the next load if it is the largest one within ``keep_max``."""
-        if buffer.numel() > self._keep_max:
+        if not 0 < buffer.numel() <= self._keep_max:
             return
         with self._lock:
             if self._kept is None or self._kept.numel() < buffer.numel():

@@ -59,6 +59,7 @@ def test_the_largest_buffer_within_the_limit_is_kept_and_a_taken_one_is_nobody_e
     buffers.give_back(large)
     buffers.give_back(huge)  # over the limit: freed with the load, not kept
     buffers.give_back(small)  # smaller than the kept one
+    assert buffers.take(0).numel() == 0  # a load that stages nothing leaves it
     assert buffers.take(1 << 20).data_ptr() == large.data_ptr()
     fresh = buffers.take(10)  # the kept one is taken: a second load gets its own
     assert fresh.numel() == 10 and fresh.data_ptr() != large.data_ptr()
