@@ -42,6 +42,11 @@ from weightd.daemon.sharding import ShardRule, Split, split_for
 
 # Tensor start alignment inside an arena (covers every dtype and CUDA's 256-byte allocation granularity).
 ALIGNMENT = 256
+# What a file's tensors laid out "congruent with the file" agree with it on: their offsets in the arena equal
+# their offsets in the file modulo this many bytes. The streamer reads a local file with O_DIRECT only when
+# every destination of the file is congruent with its offset for the mount's direct-I/O block (512 or 4096
+# bytes on the disks measured; congruence at 4096 implies it at every smaller power of two).
+DIRECT_IO_BLOCK = 4096
 ROW_RANGE_MIN_BYTES = 1 << 20
 
 
@@ -191,15 +196,19 @@ def build_plan(
     row_range_min_bytes: int = ROW_RANGE_MIN_BYTES,
     fusions: Sequence[Fusion] = (),
     group_arena: bool = False,
+    file_congruent: bool = False,
 ) -> LoadPlan:
     """Plan loading ``ranks`` of ``tp_size``: an arena each, or with ``group_arena`` (every rank, in order) one
-    arena for the group, which the ranks share (see ``_place``)."""
+    arena for the group, which the ranks share (see ``_place``). With ``file_congruent`` (arenas in host memory
+    only, read from local files) each file whose tensors all lie in an arena as the file holds them is laid out
+    congruent with it (``DIRECT_IO_BLOCK``), its tensors aligned to their elements, not to ALIGNMENT."""
     if group_arena and (tp_size == 1 or list(ranks) != list(range(tp_size))):
         raise ValueError("a group arena holds every rank of a tensor-parallel group, in rank order")
     tensors = [tensor for header in headers for tensor in header.tensors]
     splits = {t.name: split_for(t.name, t.shape, rules, tp_size=tp_size) for t in tensors}
-    placement = _place(tensors, splits, fusions, tp_size=tp_size, ranks=tuple(ranks),
-                       group_arena_rearranged_max=max_range_bytes if group_arena else None)
+    placement = _place(headers, splits, fusions, tp_size=tp_size, ranks=tuple(ranks),
+                       group_arena_rearranged_max=max_range_bytes if group_arena else None,
+                       file_congruent=file_congruent)
     builder = _PlanBuilder(tp_size, tuple(ranks), max_range_bytes, row_range_min_bytes, placement)
     files = [
         FilePlan(file=h.file, blocks=tuple(b for t in h.tensors for b in builder.add_tensor(t, splits[t.name])))
@@ -246,8 +255,8 @@ def _lies_whole(tensor: TensorEntry, split: Split | None, rearranged_max: int) -
 
 
 def _place(
-    tensors: Sequence[TensorEntry], splits: dict[str, Split | None], fusions: Sequence[Fusion], *, tp_size: int,
-    ranks: tuple[int, ...], group_arena_rearranged_max: int | None,
+    headers: Sequence[SafetensorsHeader], splits: dict[str, Split | None], fusions: Sequence[Fusion], *,
+    tp_size: int, ranks: tuple[int, ...], group_arena_rearranged_max: int | None, file_congruent: bool,
 ) -> _Placement:
     """Lay the arenas out in file order, so that tensors back to back in a file are back to back in memory.
 
@@ -256,7 +265,15 @@ def _place(
     slices go to N places (read through the staging buffer when small). A replicated tensor is held once, not
     once per rank. A group arena is host memory only, so its shared section's slots are aligned to their
     elements, not to ALIGNMENT.
+
+    With ``file_congruent``, a file whose tensors all lie whole and in file order (every one at tp_size 1
+    without fusions, or in a group arena's shared section) starts where its first tensor's offset agrees with
+    the file's modulo DIRECT_IO_BLOCK, and its tensors follow back to back: the streamer then reads it with
+    O_DIRECT, as it reads a local file alone, instead of through the page cache (a second copy of the model in
+    memory, and one more copy of each byte). Only where every tensor's file offset is a multiple of its element
+    size, as host views need.
     """
+    tensors = [tensor for header in headers for tensor in header.tensors]
     shapes: dict[str, tuple[int, ...]] = {}
     nbytes: dict[str, int] = {}
     for t in tensors:
@@ -291,6 +308,16 @@ def _place(
     if group_arena_rearranged_max is not None:
         shared = frozenset(t.name for t in tensors
                            if t.name not in group_of and _lies_whole(t, splits[t.name], group_arena_rearranged_max))
+    congruent: frozenset[str] = frozenset()
+    if file_congruent:
+        def as_in_file(t: TensorEntry) -> bool:
+            if group_arena_rearranged_max is not None:
+                return t.name in shared
+            return splits[t.name] is None and t.name not in group_of
+
+        congruent = frozenset(t.name for h in headers
+                              if all(as_in_file(t) and t.begin % t.itemsize == 0 for t in h.tensors)
+                              for t in h.tensors)
     offsets: dict[str, int] = {}
     served: list[Slot] = []
     shards: list[tuple[str, int | None]] = []
@@ -304,11 +331,19 @@ def _place(
             if shared and name in shared:
                 # Packed as in the file, where tensors lie back to back: aligned to their elements only (a host
                 # arena's views need no more), so that a run of them stays one range whatever their sizes.
-                itemsize = tensor.nbytes // max(math.prod(tensor.shape), 1) or 1
-                offsets[name] = start = -(-shared_cursor // itemsize) * itemsize
+                if name in congruent:
+                    start = shared_cursor + (tensor.begin - shared_cursor) % DIRECT_IO_BLOCK
+                else:
+                    itemsize = tensor.nbytes // max(math.prod(tensor.shape), 1) or 1
+                    start = -(-shared_cursor // itemsize) * itemsize
+                offsets[name] = start
                 shared_cursor = start + tensor.nbytes
             else:
-                offsets[name] = start = align(cursor)
+                if name in congruent:
+                    start = cursor + (tensor.begin - cursor) % DIRECT_IO_BLOCK
+                else:
+                    start = align(cursor)
+                offsets[name] = start
                 cursor = start + nbytes[name]
             served.append(Slot(name, tensor.dtype, shapes[name], start, nbytes[name]))
             if tp_size > 1:

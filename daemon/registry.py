@@ -573,6 +573,7 @@ class Registry:
                     # A whole group for host memory shares one arena; GPU copies follow an arena per rank.
                     group_arena=not mirror_keys and first.tp_size > 1
                     and [k.rank for k in keys] == list(range(first.tp_size)),
+                    host_only=not mirror_keys,
                 ),
             )
             self._check_running(first)

@@ -3,13 +3,15 @@
 
 from __future__ import annotations
 
+import json
+import struct
 from itertools import pairwise
 
 import pytest
 import torch
 from safetensors.torch import save
 from weightd.daemon.errors import InvalidRequestError, UnsupportedModelError
-from weightd.daemon.plan import ALIGNMENT, LoadPlan, Rearranged, align, build_plan
+from weightd.daemon.plan import ALIGNMENT, DIRECT_IO_BLOCK, LoadPlan, Rearranged, align, build_plan
 from weightd.daemon.safetensors_header import header_length, parse_header
 from weightd.daemon.sharding import Architecture, ShardRule, Split, llama_family_plan, select_rules, split_for
 from weightd.daemon.storage.base import PrefixedObjects
@@ -351,6 +353,81 @@ def test_ranks_sharing_a_kv_head_share_its_bytes_in_a_group_arena() -> None:
             assert slot.offset == plan.layouts[2 * head].slots[layout.slots.index(slot)].offset
             got = arena[slot.offset : slot.offset + slot.nbytes].view(torch.float32).view(slot.shape)
             assert torch.equal(got, tensors[slot.name].narrow(0, head * 64, 64))
+
+
+def raw_safetensors(entries: list[tuple[str, str, list[int], bytes]]) -> bytes:
+    """A safetensors file with its tensors exactly where ``entries`` put them, back to back (``save`` orders and
+    aligns them itself); its data section starts at a byte offset that is no multiple of 512."""
+    offsets, cursor = {}, 0
+    for name, dtype, shape, data in entries:
+        offsets[name] = {"dtype": dtype, "shape": shape, "data_offsets": [cursor, cursor + len(data)]}
+        cursor += len(data)
+    header = json.dumps(offsets).encode()
+    header += b" " * (-len(header) % 8 + 8 * (((8 + len(header)) % 512) == 0))
+    return struct.pack("<Q", len(header)) + header + b"".join(data for *_, data in entries)
+
+
+def test_a_host_plan_of_local_files_lays_each_file_out_as_it_lies_in_the_file() -> None:
+    """For O_DIRECT: every tensor's arena offset agrees with its file offset modulo DIRECT_IO_BLOCK, so that
+    each file is one run of ranges back to back in file and arena (read as one), its tensors aligned to their
+    elements only. A file with a tensor whose offset is no multiple of its element size keeps the aligned layout
+    (a view of it could not be made), and the next file's layout does not depend on it."""
+    tensors = model()
+    odd = raw_safetensors([("odd.bytes", "U8", [3], b"abc"),
+                           ("odd.weight", "F32", [5], torch.arange(5, dtype=torch.float32).numpy().tobytes())])
+    headers = [parse_header(blob[8 : 8 + header_length(blob[:8], file=name, file_size=len(blob))], file=name,
+                            file_size=len(blob))
+               for name, blob in (("a.safetensors", save(tensors)), ("b.safetensors", odd),
+                                  ("c.safetensors", save({"late.weight": torch.randn(7)})))]
+    assert headers[0].data_start % 512 and headers[1].tensors[1].begin % 4
+    plan = build_plan(headers, tp_size=1, ranks=[0], rules=(), max_range_bytes=1 << 20, file_congruent=True)
+    slots = {slot.name: slot for slot in plan.layouts[0].slots}
+    by_file = [[slots[t.name] for t in h.tensors] for h in headers]
+    for header, placed in zip(headers, by_file, strict=True):
+        if header.file == "b.safetensors":
+            assert all(slot.offset % ALIGNMENT == 0 for slot in placed)
+            continue
+        for tensor, slot in zip(header.tensors, placed, strict=True):
+            assert slot.offset % DIRECT_IO_BLOCK == tensor.begin % DIRECT_IO_BLOCK, slot.name
+        assert all(a.offset + a.nbytes == b.offset for a, b in pairwise(placed))  # as in the file: back to back
+    ends = sorted((s.offset, s.offset + s.nbytes) for s in slots.values())
+    assert all(end <= start for (_, end), (start, _) in pairwise(ends)) and ends[-1][1] <= plan.arena_sizes[0]
+    blob = save(tensors)
+    congruent = build_plan([header_of(blob)], tp_size=1, ranks=[0], rules=(), max_range_bytes=1 << 20,
+                           file_congruent=True)
+    direct, staged, _ = _requests(congruent, direct_piece_min=1, read_through_gap=0)
+    assert len(direct) == 1 and staged == []  # the whole data section, one range
+    aligned = build_plan([header_of(blob)], tp_size=1, ranks=[0], rules=(), max_range_bytes=1 << 20)
+    assert _requests(aligned, direct_piece_min=1, read_through_gap=0)[1]  # gaps break it: staged runs
+    (arena,) = execute(blob, congruent, direct_piece_min=1)
+    for slot in congruent.layouts[0].slots:
+        got = arena[slot.offset : slot.offset + slot.nbytes].view(tensors[slot.name].dtype).view(slot.shape)
+        assert torch.equal(got, tensors[slot.name]), slot.name
+
+
+def test_a_group_arena_is_congruent_with_a_file_only_if_all_of_it_lies_in_the_shared_section() -> None:
+    """All ranks of 4 in one arena: a file of tensors that tile their slices lies as it is in the file; one with a
+    padded split (a section per rank, read through the staging buffer) keeps the packed layout, and so does
+    any rank's arena of its own (its slices lie apart)."""
+    tiled = {"col.weight": torch.randn(64, 64), "norm.weight": torch.randn(63), "row.weight": torch.randn(64, 64)}
+    padded = tiled | {"vocab.weight": torch.randn(10, 64)}
+    for tensors, congruent in ((tiled, True), (padded, False)):
+        blob = save(tensors)
+        header = header_of(blob)
+        group = build_plan([header], tp_size=4, ranks=range(4), rules=RULES, max_range_bytes=1 << 20,
+                           group_arena=True, file_congruent=True)
+        col = next(s for s in group.layouts[0].slots if s.name == "col.weight")
+        begin = next(t.begin for t in header.tensors if t.name == "col.weight")
+        assert (col.offset % DIRECT_IO_BLOCK == begin % DIRECT_IO_BLOCK) == congruent and (col.offset == 0) != congruent
+        for layout, arena in zip(group.layouts, execute(blob, group, 1), strict=True):
+            for slot in layout.slots:
+                want = expected_slice(tensors[slot.name], dict(layout.shards)[slot.name],
+                                      PADDED.get(slot.name, (0, 1))[1], 4, layout.rank)
+                got = arena[slot.offset : slot.offset + slot.nbytes].view(torch.float32).view(slot.shape)
+                assert torch.equal(got, want), (slot.name, layout.rank)
+    apart = build_plan([header_of(save(tiled))], tp_size=4, ranks=[1], rules=RULES, max_range_bytes=1 << 20,
+                       file_congruent=True)
+    assert all(slot.offset % ALIGNMENT == 0 for slot in apart.layouts[0].slots)
 
 
 def test_a_group_arena_holds_every_rank_in_order() -> None:

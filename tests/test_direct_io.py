@@ -1,0 +1,135 @@
+"""Host arenas of local files laid out as the files hold them (weightd.daemon.plan.DIRECT_IO_BLOCK), so that the
+streamer reads them with O_DIRECT, as it reads a local checkpoint alone: no second copy of the model is left in
+the page cache. Checked with the real streamer on this machine's disk, by which of a file's pages are cached."""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import mmap
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from runai_model_streamer import FileStreamer
+from runai_model_streamer.libstreamer.libstreamer import runai_request, runai_response
+from weightd.daemon import loader
+from weightd.daemon.memory.host import HostMemory
+from weightd.daemon.plan import DIRECT_IO_BLOCK
+from weightd.daemon.storage.base import parse_model_uri
+
+from tests.conftest import Model, copy_model, run_client
+from tests.test_staging import check_rank
+
+_LIBC = ctypes.CDLL(None, use_errno=True)
+_LIBC.mmap.restype = ctypes.c_void_p
+_LIBC.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+_LIBC.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_LIBC.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+
+
+def cached_fraction(path: Path) -> float:
+    """The share of ``path``'s pages in the page cache (mincore over a mapping of it)."""
+    size = path.stat().st_size
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        address = _LIBC.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        if address in (None, ctypes.c_void_p(-1).value):
+            raise OSError(ctypes.get_errno(), "mmap failed")
+        try:
+            pages = -(-size // mmap.PAGESIZE)
+            vector = ctypes.create_string_buffer(pages)
+            if _LIBC.mincore(address, size, vector) != 0:
+                raise OSError(ctypes.get_errno(), "mincore failed")
+            return sum(b & 1 for b in vector.raw) / pages
+        finally:
+            _LIBC.munmap(address, size)
+    finally:
+        os.close(fd)
+
+
+def evict(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # dirty pages stay cached
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+@pytest.fixture
+def uncached_model(llama_model: Model, tmp_path: Path) -> Model:
+    """A copy of the model whose shards are out of the page cache; skips where the filesystem keeps files in
+    memory anyway (a tmpfs) or the streamer could not read them directly."""
+    directory = copy_model(llama_model, tmp_path / "model")
+    for shard in directory.glob("*.safetensors"):
+        evict(shard)
+    if max(cached_fraction(shard) for shard in directory.glob("*.safetensors")) > 0.01:
+        pytest.skip("this filesystem keeps files in memory")
+    return Model(directory, llama_model.tensors)
+
+
+def shards_cached(model: Model) -> float:
+    return max(cached_fraction(shard) for shard in model.directory.glob("*.safetensors"))
+
+
+def test_a_direct_read_of_a_range_that_starts_and_ends_inside_blocks_writes_only_the_range(tmp_path: Path) -> None:
+    """What a file-congruent layout relies on: its first tensor begins inside a block, right after the previous
+    file's last one, which the streamer's read of the block around it must leave alone (it reads such edges
+    through a buffer of its own)."""
+    data = os.urandom(3 * DIRECT_IO_BLOCK)
+    path = tmp_path / "blob"
+    path.write_bytes(data)
+    evict(path)
+    start, length = 1000, 2 * DIRECT_IO_BLOCK + 100  # inside the first block, to inside the third
+    buffer = torch.full((5 * DIRECT_IO_BLOCK,), 0xAB, dtype=torch.uint8)
+    base = -(-buffer.data_ptr() // DIRECT_IO_BLOCK) * DIRECT_IO_BLOCK - buffer.data_ptr()  # a block-aligned start
+    with FileStreamer() as session:
+        runai_request(session.streamer, [str(path)], [1], [start], [length], [buffer.data_ptr() + base + start])
+        assert runai_response(session.streamer)[0] == 0
+    inside = buffer[base + start : base + start + length]
+    assert bytes(inside.numpy()) == data[start : start + length]
+    assert bool((buffer[: base + start] == 0xAB).all()) and bool((buffer[base + start + length :] == 0xAB).all())
+    assert cached_fraction(path) == 0  # read directly: nothing of the file went through the page cache
+
+
+def test_a_host_load_of_local_files_reads_them_directly_and_a_gpu_host_tier_through_the_page_cache(
+    uncached_model: Model, shm: Path, tmp_path: Path
+) -> None:
+    """The same load twice: for host memory (engines attach the arena) the shards stay out of the page cache;
+    as a GPU's host tier (every tensor aligned for the device) they are read buffered, and cached. Both arenas
+    hold every tensor."""
+    settings = loader.LoadSettings(memory_limit=4 << 20)
+    memory = HostMemory(directory=shm, namespace="direct")
+    for host_only, cached in ((True, False), (False, True)):
+        prepared = loader.prepare(parse_model_uri(str(uncached_model.directory)), cache_dir=tmp_path / "cache",
+                                  tp_size=1, ranks=[0], rules=(), settings=settings, host_only=host_only)
+        (rank,) = loader.stream(prepared, memory, settings=settings, on_progress=lambda n: None)
+        try:
+            arena = rank.arena.tensor().clone()
+        finally:
+            rank.arena.release()
+        check_rank(arena, rank.layout, uncached_model.tensors, 1)
+        assert (shards_cached(uncached_model) > 0.9) == cached, host_only
+
+
+ATTACH_AND_HASH = r"""
+import hashlib, json, sys
+import torch
+from weightd import client
+model = client.attach(sys.argv[1], target=sys.argv[2], timeout=120)
+print(json.dumps({n: hashlib.sha256(t.contiguous().reshape(-1).view(torch.uint8).numpy()).hexdigest()
+                  for n, t in model.tensors.items()}))
+"""
+
+
+def test_the_daemon_loads_a_local_model_for_engines_without_filling_the_page_cache(
+    daemon_factory, uncached_model: Model
+) -> None:
+    daemon = daemon_factory()
+    hashes = run_client(ATTACH_AND_HASH, str(uncached_model.directory), daemon.target)
+    want = {n: hashlib.sha256(t.contiguous().reshape(-1).view(torch.uint8).numpy()).hexdigest()
+            for n, t in uncached_model.tensors.items()}
+    assert hashes == want
+    assert shards_cached(uncached_model) < 0.05  # what the daemon reads itself: each shard's header probe
