@@ -42,10 +42,11 @@ from weightd.daemon.sharding import ShardRule, Split, split_for
 
 # Tensor start alignment inside an arena (covers every dtype and CUDA's 256-byte allocation granularity).
 ALIGNMENT = 256
-# What a file's tensors laid out "congruent with the file" agree with it on: their offsets in the arena equal
-# their offsets in the file modulo this many bytes. The streamer reads a local file with O_DIRECT only when
-# every destination of the file is congruent with its offset for the mount's direct-I/O block (512 or 4096
-# bytes on the disks measured; congruence at 4096 implies it at every smaller power of two).
+# The streamer reads a local file with O_DIRECT only when every destination of the file agrees with its file
+# offset modulo the mount's direct-I/O block (512 or 4096 bytes on the disks measured; agreeing modulo 4096
+# implies it modulo every smaller power of two). A file read so (FilePlan.direct_io) has its tensors that lie
+# whole placed to agree with it, and what cannot (a slice, a fused part) is read through the staging buffer,
+# placed there to agree too.
 DIRECT_IO_BLOCK = 4096
 ROW_RANGE_MIN_BYTES = 1 << 20
 
@@ -127,6 +128,8 @@ class Rearranged:
 class FilePlan:
     file: str
     blocks: tuple[Block, ...]
+    # Read with O_DIRECT: every read of it lands where it agrees with the file modulo DIRECT_IO_BLOCK.
+    direct_io: bool = False
 
 
 @dataclass(frozen=True)
@@ -200,8 +203,8 @@ def build_plan(
 ) -> LoadPlan:
     """Plan loading ``ranks`` of ``tp_size``: an arena each, or with ``group_arena`` (every rank, in order) one
     arena for the group, which the ranks share (see ``_place``). With ``file_congruent`` (arenas in host memory
-    only, read from local files) each file whose tensors all lie in an arena as the file holds them is laid out
-    congruent with it (``DIRECT_IO_BLOCK``), its tensors aligned to their elements, not to ALIGNMENT."""
+    only, read from local files) files are read with O_DIRECT where their tensors' offsets allow host views
+    (``FilePlan.direct_io``, ``_place``)."""
     if group_arena and (tp_size == 1 or list(ranks) != list(range(tp_size))):
         raise ValueError("a group arena holds every rank of a tensor-parallel group, in rank order")
     tensors = [tensor for header in headers for tensor in header.tensors]
@@ -211,7 +214,8 @@ def build_plan(
                        file_congruent=file_congruent)
     builder = _PlanBuilder(tp_size, tuple(ranks), max_range_bytes, row_range_min_bytes, placement)
     files = [
-        FilePlan(file=h.file, blocks=tuple(b for t in h.tensors for b in builder.add_tensor(t, splits[t.name])))
+        FilePlan(file=h.file, blocks=tuple(b for t in h.tensors for b in builder.add_tensor(t, splits[t.name])),
+                 direct_io=h.file in placement.direct_io_files)
         for h in headers
     ]
     return builder.finish(tuple(files))
@@ -235,6 +239,7 @@ class _Placement:
     grouped: bool = False
     shared: frozenset[str] = frozenset()
     rank_stride: int = 0
+    direct_io_files: frozenset[str] = frozenset()
 
 
 def _slot_shape(tensor: TensorEntry, split: Split | None) -> tuple[int, ...]:
@@ -266,12 +271,11 @@ def _place(
     once per rank. A group arena is host memory only, so its shared section's slots are aligned to their
     elements, not to ALIGNMENT.
 
-    With ``file_congruent``, a file whose tensors all lie whole and in file order (every one at tp_size 1
-    without fusions, or in a group arena's shared section) starts where its first tensor's offset agrees with
-    the file's modulo DIRECT_IO_BLOCK, and its tensors follow back to back: the streamer then reads it with
-    O_DIRECT, as it reads a local file alone, instead of through the page cache (a second copy of the model in
-    memory, and one more copy of each byte). Only where every tensor's file offset is a multiple of its element
-    size, as host views need.
+    With ``file_congruent``, each file whose every tensor's offset is a multiple of its element size (as host
+    views need) is read with O_DIRECT, as the streamer reads a local file alone, instead of through the page
+    cache (a second copy of the model in memory, and one more copy of each byte): its tensors that lie whole (at
+    tp_size 1 unfused, or in a group arena's shared section) are placed where their offsets agree with the
+    file's modulo DIRECT_IO_BLOCK, back to back as in the file, aligned to their elements only.
     """
     tensors = [tensor for header in headers for tensor in header.tensors]
     shapes: dict[str, tuple[int, ...]] = {}
@@ -308,16 +312,15 @@ def _place(
     if group_arena_rearranged_max is not None:
         shared = frozenset(t.name for t in tensors
                            if t.name not in group_of and _lies_whole(t, splits[t.name], group_arena_rearranged_max))
-    congruent: frozenset[str] = frozenset()
-    if file_congruent:
-        def as_in_file(t: TensorEntry) -> bool:
-            if group_arena_rearranged_max is not None:
-                return t.name in shared
-            return splits[t.name] is None and t.name not in group_of
+    direct_io_files = frozenset(h.file for h in headers if file_congruent
+                                and all(t.begin % t.itemsize == 0 for t in h.tensors))
 
-        congruent = frozenset(t.name for h in headers
-                              if all(as_in_file(t) and t.begin % t.itemsize == 0 for t in h.tensors)
-                              for t in h.tensors)
+    def as_in_file(t: TensorEntry) -> bool:
+        if group_arena_rearranged_max is not None:
+            return t.name in shared
+        return splits[t.name] is None and t.name not in group_of
+
+    congruent = frozenset(t.name for h in headers if h.file in direct_io_files for t in h.tensors if as_in_file(t))
     offsets: dict[str, int] = {}
     served: list[Slot] = []
     shards: list[tuple[str, int | None]] = []
@@ -361,7 +364,8 @@ def _place(
         if tp_size > 1:
             shards.append((group, dims[name]))
     if group_arena_rearranged_max is None:
-        return _Placement(offsets, (tuple(served),) * len(ranks), tuple(shards), align(cursor))
+        return _Placement(offsets, (tuple(served),) * len(ranks), tuple(shards), align(cursor),
+                          direct_io_files=direct_io_files)
     base, stride = align(shared_cursor), align(cursor)
     for name in offsets.keys() - shared:
         offsets[name] += base
@@ -374,7 +378,7 @@ def _place(
 
     parts = [parts_of(slot) for slot in served]
     return _Placement(offsets, tuple(_group_slots(served, parts, tp_size, r, base + r * stride) for r in ranks),
-                      tuple(shards), base + tp_size * stride, True, shared, stride)
+                      tuple(shards), base + tp_size * stride, True, shared, stride, direct_io_files)
 
 
 def _group_slots(

@@ -30,7 +30,7 @@ from runai_model_streamer.libstreamer.libstreamer import (
 )
 from weightd.daemon.config import DEFAULT_STAGING_BYTES
 from weightd.daemon.errors import StorageUnavailableError, WeightdError
-from weightd.daemon.plan import ALIGNMENT, Block, LoadPlan, Rearranged, Target, align
+from weightd.daemon.plan import DIRECT_IO_BLOCK, Block, LoadPlan, Rearranged, Target
 from weightd.daemon.storage.base import ObjectStore
 
 _LIBC = ctypes.CDLL(None)  # the C library this process already uses
@@ -342,13 +342,30 @@ def _direct_runs(direct: list[_Direct]) -> list[list[_Direct]]:
 def _requests(
     plan: LoadPlan, *, direct_piece_min: int, read_through_gap: int
 ) -> tuple[list[_Direct], list[_Staged], list[_Duplicate]]:
-    """What the streamer is asked for: the plan routed, runs the arena breaks staged, small reads close together
-    joined, direct runs merged."""
+    """What the streamer is asked for: the plan routed, the reads of files read with O_DIRECT that would land
+    where they disagree with the file staged, runs the arena breaks staged, small reads close together joined,
+    direct runs merged."""
     direct, staged, duplicates = _route(plan, direct_piece_min=direct_piece_min)
+    direct, disagreeing = _stage_disagreeing(direct, {i for i, f in enumerate(plan.files) if f.direct_io})
     direct, staged_runs = _stage_broken_runs(direct)
-    direct, staged = _bridge_gaps(direct, staged + staged_runs, gap_max=read_through_gap, small=direct_piece_min,
-                                  length_max=plan.max_range_bytes)
+    direct, staged = _bridge_gaps(direct, staged + disagreeing + staged_runs, gap_max=read_through_gap,
+                                  small=direct_piece_min, length_max=plan.max_range_bytes)
     return _coalesce(direct), staged, duplicates
+
+
+def _stage_disagreeing(direct: list[_Direct], direct_io_files: set[int]) -> tuple[list[_Direct], list[_Staged]]:
+    """Split ``direct`` into the ranges kept and a staged read for each range of a file in ``direct_io_files``
+    whose destination disagrees with its file offset modulo DIRECT_IO_BLOCK: one such range would make the
+    streamer read the whole file through the page cache. The staging buffer places each read to agree."""
+    kept: list[_Direct] = []
+    staged: list[_Staged] = []
+    for d in direct:
+        if d.file_index in direct_io_files and (d.dst_offset - d.file_offset) % DIRECT_IO_BLOCK:
+            landing = Target(d.arena_index, 0, d.length, d.dst_offset, d.length)
+            staged.append(_Staged(d.file_index, (Block(d.file_offset, 1, d.length, 0, (landing,)),)))
+        else:
+            kept.append(d)
+    return kept, staged
 
 
 def fetch_into(
@@ -383,7 +400,8 @@ def fetch_into(
     bases = [d.data_ptr() for d in destinations]
     scratch = Scratch()
     slots = _staging_slots(staged, memory_limit)
-    staging = STAGING_BUFFERS.take(sum(slots))
+    buffer = STAGING_BUFFERS.take(sum(slots) + DIRECT_IO_BLOCK if staged else 0)
+    staging = buffer[-buffer.data_ptr() % DIRECT_IO_BLOCK :]  # from a block's start: reads are placed to agree
     # Leaving this block waits for every scatter, so none writes after a failed load's arenas are released.
     with ThreadPoolExecutor(max_workers=SCATTER_THREADS, thread_name_prefix="weightd-scatter") as pool:
         scatters = _Scatters(pool)
@@ -422,7 +440,7 @@ def fetch_into(
             _return_freed_heap()  # the streamer ended with the failure and freed its buffers
             raise
     # Only now, every range answered and every scatter done: a failed load's buffer is dropped, not reused.
-    STAGING_BUFFERS.give_back(staging)
+    STAGING_BUFFERS.give_back(buffer)
     _copy_duplicates(copied_at_end, destinations)
     _duplicates_filled(copied_at_end, filled)
     for item in rearranged_at_end:
@@ -676,13 +694,14 @@ class _RangeReader:
 
 
 def _staging_slots(staged: list[_Staged], memory_limit: int) -> list[int]:
-    """The staging buffer's slots (bytes each, all the same size): one when every staged block fits within
-    ``memory_limit`` at once, else two, so that one batch streams while the other's blocks scatter."""
-    largest = max((s.length for s in staged), default=0)
-    padded = sum(s.length for s in staged) + ALIGNMENT * len(staged)  # reads start on aligned offsets
-    half = memory_limit // 2 // ALIGNMENT * ALIGNMENT  # the second slot starts aligned too
+    """The staging buffer's slots (bytes each, all the same size, whole blocks): one when every staged read
+    fits within ``memory_limit`` at once, else two, so that one batch streams while the other's blocks scatter.
+    Each read may start up to a block in, where it agrees with its file offset (``_batches``)."""
+    largest = max((s.length + DIRECT_IO_BLOCK for s in staged), default=0)
+    padded = sum(s.length for s in staged) + DIRECT_IO_BLOCK * len(staged)
+    half = memory_limit // 2 // DIRECT_IO_BLOCK * DIRECT_IO_BLOCK  # the second slot starts on a block too
     if padded <= memory_limit or half < largest:
-        return [max(largest, min(memory_limit, padded))]
+        return [-(-max(largest, min(memory_limit, padded)) // DIRECT_IO_BLOCK) * DIRECT_IO_BLOCK]
     return [half, half]
 
 
@@ -721,16 +740,18 @@ STAGING_BUFFERS = StagingBuffers(keep_max=DEFAULT_STAGING_BYTES)
 
 
 def _batches(staged: list[_Staged], capacity: int) -> list[list[tuple[int, _Staged]]]:
-    """Pack staged blocks into batches that fit the staging buffer: (offset in the buffer, block)."""
+    """Pack staged reads into batches that fit a staging slot: (offset in the slot, read). Each starts where its
+    offset agrees with its file offset modulo DIRECT_IO_BLOCK (slots start on blocks), as a read with O_DIRECT
+    needs; in files read otherwise this costs at most a block of the slot per read."""
     batches: list[list[tuple[int, _Staged]]] = []
     cursor = capacity
     for item in staged:
-        length = item.length
-        if cursor + length > capacity:
+        start = cursor + (item.file_offset - cursor) % DIRECT_IO_BLOCK
+        if start + item.length > capacity:
             batches.append([])
-            cursor = 0
-        batches[-1].append((cursor, item))
-        cursor = align(cursor + length)  # word-aligned starts keep the scatter in 8-byte words
+            start = item.file_offset % DIRECT_IO_BLOCK
+        batches[-1].append((start, item))
+        cursor = start + item.length
     return batches
 
 

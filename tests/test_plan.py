@@ -371,7 +371,8 @@ def test_a_host_plan_of_local_files_lays_each_file_out_as_it_lies_in_the_file() 
     """For O_DIRECT: every tensor's arena offset agrees with its file offset modulo DIRECT_IO_BLOCK, so that
     each file is one run of ranges back to back in file and arena (read as one), its tensors aligned to their
     elements only. A file with a tensor whose offset is no multiple of its element size keeps the aligned layout
-    (a view of it could not be made), and the next file's layout does not depend on it."""
+    and is read through the page cache (a view of it could not be made), and the next file does not depend on
+    it."""
     tensors = model()
     odd = raw_safetensors([("odd.bytes", "U8", [3], b"abc"),
                            ("odd.weight", "F32", [5], torch.arange(5, dtype=torch.float32).numpy().tobytes())])
@@ -381,6 +382,7 @@ def test_a_host_plan_of_local_files_lays_each_file_out_as_it_lies_in_the_file() 
                                   ("c.safetensors", save({"late.weight": torch.randn(7)})))]
     assert headers[0].data_start % 512 and headers[1].tensors[1].begin % 4
     plan = build_plan(headers, tp_size=1, ranks=[0], rules=(), max_range_bytes=1 << 20, file_congruent=True)
+    assert [f.direct_io for f in plan.files] == [True, False, True]
     slots = {slot.name: slot for slot in plan.layouts[0].slots}
     by_file = [[slots[t.name] for t in h.tensors] for h in headers]
     for header, placed in zip(headers, by_file, strict=True):
@@ -405,29 +407,35 @@ def test_a_host_plan_of_local_files_lays_each_file_out_as_it_lies_in_the_file() 
         assert torch.equal(got, tensors[slot.name]), slot.name
 
 
-def test_a_group_arena_is_congruent_with_a_file_only_if_all_of_it_lies_in_the_shared_section() -> None:
-    """All ranks of 4 in one arena: a file of tensors that tile their slices lies as it is in the file; one with a
-    padded split (a section per rank, read through the staging buffer) keeps the packed layout, and so does
-    any rank's arena of its own (its slices lie apart)."""
-    tiled = {"col.weight": torch.randn(64, 64), "norm.weight": torch.randn(63), "row.weight": torch.randn(64, 64)}
-    padded = tiled | {"vocab.weight": torch.randn(10, 64)}
-    for tensors, congruent in ((tiled, True), (padded, False)):
-        blob = save(tensors)
-        header = header_of(blob)
-        group = build_plan([header], tp_size=4, ranks=range(4), rules=RULES, max_range_bytes=1 << 20,
-                           group_arena=True, file_congruent=True)
-        col = next(s for s in group.layouts[0].slots if s.name == "col.weight")
-        begin = next(t.begin for t in header.tensors if t.name == "col.weight")
-        assert (col.offset % DIRECT_IO_BLOCK == begin % DIRECT_IO_BLOCK) == congruent and (col.offset == 0) != congruent
-        for layout, arena in zip(group.layouts, execute(blob, group, 1), strict=True):
-            for slot in layout.slots:
-                want = expected_slice(tensors[slot.name], dict(layout.shards)[slot.name],
-                                      PADDED.get(slot.name, (0, 1))[1], 4, layout.rank)
-                got = arena[slot.offset : slot.offset + slot.nbytes].view(torch.float32).view(slot.shape)
-                assert torch.equal(got, want), (slot.name, layout.rank)
-    apart = build_plan([header_of(save(tiled))], tp_size=4, ranks=[1], rules=RULES, max_range_bytes=1 << 20,
-                       file_congruent=True)
-    assert all(slot.offset % ALIGNMENT == 0 for slot in apart.layouts[0].slots)
+@pytest.mark.parametrize(("tp_size", "ranks", "group_arena"), [
+    (1, [0], False), (4, [0, 1, 2, 3], True), (4, [0, 1, 2, 3], False), (4, [1], False), (2, [1], False),
+])
+def test_every_read_of_a_file_read_with_direct_io_lands_where_it_agrees_with_the_file(
+    tp_size: int, ranks: list[int], group_arena: bool
+) -> None:
+    """One read that disagrees would make the streamer read the whole file through the page cache: what cannot
+    lie as in the file (slices for ranks, padded splits, a group's rank sections) is read through the staging
+    buffer, each read placed there to agree with the file; every rank still gets exactly its slice."""
+    tensors = model()
+    blob = save(tensors)
+    plan = build_plan([header_of(blob)], tp_size=tp_size, ranks=ranks, rules=RULES, max_range_bytes=256,
+                      group_arena=group_arena, file_congruent=True)
+    assert plan.files[0].direct_io
+    direct, staged, _ = _requests(plan, direct_piece_min=1, read_through_gap=0)
+    assert all((d.dst_offset - d.file_offset) % DIRECT_IO_BLOCK == 0 for d in direct)
+    slots = _staging_slots(staged, 8192)
+    assert all(size % DIRECT_IO_BLOCK == 0 for size in slots)
+    batches = _batches(staged, slots[0])
+    assert all((start - item.file_offset) % DIRECT_IO_BLOCK == 0 and start + item.length <= slots[0]
+               for batch in batches for start, item in batch)
+    assert sum(len(b) for b in batches) == len(staged)
+    for layout, arena in zip(plan.layouts, execute(blob, plan, direct_piece_min=1), strict=True):
+        for slot in layout.slots:
+            full = tensors[slot.name]
+            dim = dict(layout.shards).get(slot.name) if tp_size > 1 else PADDED.get(slot.name, (None, 1))[0]
+            want = expected_slice(full, dim, PADDED.get(slot.name, (0, 1))[1], tp_size, layout.rank)
+            got = arena[slot.offset : slot.offset + slot.nbytes].view(full.dtype).view(slot.shape)
+            assert torch.equal(got, want), (slot.name, layout.rank)
 
 
 def test_a_group_arena_holds_every_rank_in_order() -> None:
@@ -450,11 +458,12 @@ def test_staging_takes_two_slots_only_when_the_staged_blocks_exceed_the_limit_an
     plan = build_plan([header_of(save(tensors))], tp_size=4, ranks=[0, 1, 2, 3], rules=RULES, max_range_bytes=1 << 20)
     staged = _route(plan, direct_piece_min=OBJECT_STORE_PIECE_MIN)[1]
     assert [item.length for item in staged] == [16384] * 8
-    assert _staging_slots(staged, 1 << 20) == [8 * (16384 + ALIGNMENT)]  # all at once: one slot, one batch
-    assert _staging_slots(staged, 16384) == [16384]  # two would not each hold a block
+    # Each read may start up to DIRECT_IO_BLOCK into its place (where it agrees with its file offset).
+    assert _staging_slots(staged, 1 << 20) == [8 * (16384 + DIRECT_IO_BLOCK)]  # all at once: one slot, one batch
+    assert _staging_slots(staged, 16384) == [16384 + DIRECT_IO_BLOCK]  # two would not each hold a block
     slots = _staging_slots(staged, 48 << 10)
     assert slots == [24 << 10] * 2 and [len(b) for b in _batches(staged, slots[0])] == [1] * 8
-    slots = _staging_slots(staged, (80 << 10) + 1)  # halves are rounded down to aligned sizes
+    slots = _staging_slots(staged, (80 << 10) + 1)  # halves are rounded down to whole blocks
     assert slots == [40 << 10] * 2 and [len(b) for b in _batches(staged, slots[0])] == [2] * 4
 
 
