@@ -1,7 +1,7 @@
 """The daemon's load against the Run:ai streamer alone, alternated in one process.
 
     .venv/bin/python benchmarks/inprocess.py [--geometries small,qwen2.5-0.5b,llama3-8b] [--storage fake-gcs]
-        [--repetitions 5] [--shm-dir /dev/shm] [--json out.json]
+        [--repetitions 5] [--shm-dir /dev/shm] [--page-cache cold|warm] [--json out.json]
 
 benchmarks/run.py measures each scenario in a fresh process, as a user meets them. On a VM that hands freed
 memory back to its host (free page reporting), a fresh process's first touch of memory costs what the host
@@ -15,8 +15,12 @@ in an order rotated per repetition, after one unmeasured pass of each has warmed
   all  the same for all ranks of TP=4, in one group arena (as the daemon loads a group into host memory)
   apart  all ranks of TP=4 in an arena each (as a GPU load's host tier; every host load before the group arena)
   lone the same for rank 1 of 4 alone
-  lone-unjoined  rank 1 of 4 alone with every read its own request (the store's read_through_gap_bytes 0: no
-       small reads joined across the other ranks' bytes between them, as before 2026-12-06)
+  lone-unjoined  (object stores) rank 1 of 4 alone with every read its own request (the store's
+       read_through_gap_bytes 0: no small reads joined across the other ranks' bytes between them, as before
+       2026-12-06)
+  c-buffered  (local files) c laid out as a GPU's host tier is (every tensor aligned), which the streamer reads
+       through the page cache: c's layout follows the files, which it reads with O_DIRECT (as before 2026-12-06,
+       latest)
 
 It reports each step's median time, this process's CPU and the storage server's CPU (medians), every sample,
 and the bytes each load fetched. No daemon, gRPC or client is involved: the difference is what the load's own
@@ -50,11 +54,25 @@ from weightd.daemon.storage.base import parse_model_uri  # noqa: E402
 
 from benchmarks.daemon import cpu_seconds  # noqa: E402
 from benchmarks.geometries import GEOMETRIES  # noqa: E402
-from benchmarks.run import STORES, Bench, arena_dir, machine, start_store, stop_store  # noqa: E402
+from benchmarks.run import (  # noqa: E402
+    STORES,
+    Bench,
+    LocalFiles,
+    add_page_cache_option,
+    arena_dir,
+    cold_page_cache,
+    machine,
+    start_store,
+    stop_store,
+    storage_label,
+)
 
-# step -> (tp_size, ranks, group arena, small reads joined across gaps); "a" is the streamer alone.
-LOADS = {"c": (1, [0], False, True), "all": (4, [0, 1, 2, 3], True, True), "apart": (4, [0, 1, 2, 3], False, True),
-         "lone": (4, [1], False, True), "lone-unjoined": (4, [1], False, False)}
+# step -> (tp_size, ranks, group arena, small reads joined across gaps, host only); "a" is the streamer alone.
+LOADS = {"c": (1, [0], False, True, True), "all": (4, [0, 1, 2, 3], True, True, True),
+         "apart": (4, [0, 1, 2, 3], False, True, True), "lone": (4, [1], False, True, True)}
+# The step each kind of store adds: what the last change made different there.
+EXTRA_LOADS = {"object store": ("lone-unjoined", (4, [1], False, False, True)),
+               "local": ("c-buffered", (1, [0], False, True, False))}
 
 
 def store_cpu_seconds(pid: int | None) -> float:
@@ -78,13 +96,13 @@ class InProcess:
         return int(sum(t.nbytes for t in tensors.values()))
 
     def weightd_load(
-        self, model: dict[str, Any], tp_size: int, ranks: list[int], group_arena: bool, joined: bool
+        self, model: dict[str, Any], tp_size: int, ranks: list[int], group_arena: bool, joined: bool, host_only: bool
     ) -> int:
         self.loads += 1
         with collection_paused():
             prepared = loader.prepare(parse_model_uri(model["uri"]), cache_dir=self.bench.work / f"cache{self.loads}",
                                       tp_size=tp_size, ranks=ranks, rules=(), settings=self.settings,
-                                      group_arena=group_arena)
+                                      group_arena=group_arena, host_only=host_only)
             if not joined:
                 prepared.store.read_through_gap_bytes = 0  # this store object only: every read a request
             loaded = loader.stream(prepared, self.memory, settings=self.settings, on_progress=lambda n: None)
@@ -94,8 +112,9 @@ class InProcess:
 
     def measure(self, model: dict[str, Any], repetitions: int) -> dict[str, Any]:
         steps: dict[str, Callable[[], int]] = {"a": functools.partial(self.streamer_alone, model)}
-        for name, (tp_size, ranks, group_arena, joined) in LOADS.items():
-            steps[name] = functools.partial(self.weightd_load, model, tp_size, ranks, group_arena, joined)
+        extra, extra_load = EXTRA_LOADS["local" if isinstance(self.bench.store, LocalFiles) else "object store"]
+        for name, load in (*LOADS.items(), (extra, extra_load)):
+            steps[name] = functools.partial(self.weightd_load, model, *load)
         for step in steps.values():  # the store's first reads of new objects are slow for every reader
             step()
         server = self.bench.store.process.pid if self.bench.store.process is not None else None
@@ -104,6 +123,7 @@ class InProcess:
         names = list(steps)
         for repetition in range(repetitions):
             for name in names[repetition % len(names) :] + names[: repetition % len(names)]:
+                self.bench.before_step()
                 own, served, started = os.times(), store_cpu_seconds(server), time.perf_counter()
                 fetched[name] = steps[name]()
                 seconds, after = time.perf_counter() - started, os.times()
@@ -119,9 +139,10 @@ class InProcess:
                 "all ranks/c": med["all"]["seconds"] / med["c"]["seconds"],
                 "all ranks apart/c": med["apart"]["seconds"] / med["c"]["seconds"],
                 "lone rank/c": med["lone"]["seconds"] / med["c"]["seconds"],
-                "lone rank unjoined/c": med["lone-unjoined"]["seconds"] / med["c"]["seconds"],
                 "lone rank bytes/c": fetched["lone"] / fetched["c"],
+                f"{extra}/c": med[extra]["seconds"] / med["c"]["seconds"],
             },
+            "extra_step": extra,
         }
 
 
@@ -133,6 +154,7 @@ def main() -> int:
     parser.add_argument("--storage", choices=sorted(STORES), default="seaweedfs")
     parser.add_argument("--repetitions", type=int, default=5)
     parser.add_argument("--shm-dir", type=Path, default=Path("/dev/shm"), help="where the arenas go")
+    add_page_cache_option(parser)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     names = args.geometries.split(",")
@@ -142,12 +164,12 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="weightd-inprocess-"))
     store = start_store(args.storage, work)
     results: dict[str, Any] = {
-        "machine": machine(), "storage": STORES[args.storage], "repetitions": args.repetitions,
+        "machine": machine(), "storage": storage_label(args), "repetitions": args.repetitions,
         "arena_dir": arena_dir(args.shm_dir),
         "geometries": {},
     }
     try:
-        bench = Bench(store, work, args.repetitions, [args.shm_dir])
+        bench = Bench(store, work, args.repetitions, [args.shm_dir], cold_page_cache=cold_page_cache(args))
         # This process is the streamer and the loader: it gets the settings run.py gives their processes.
         os.environ.update(bench.env)
         in_process = InProcess(bench, args.shm_dir)
@@ -172,7 +194,7 @@ def render(results: dict[str, Any]) -> str:
              f"{results['arena_dir']}; medians of {results['repetitions']} (time, then CPU: this process + the "
              "store's)", "",
              "| geometry | size | tensors | a. streamer | c. weightd | c/a | TP=4 all ranks | all / c | "
-             "an arena each | apart / c | lone rank | lone / c: time, bytes | lone, reads unjoined | unjoined / c |",
+             "an arena each | apart / c | lone rank | lone / c: time, bytes | lone-unjoined or c-buffered | that / c |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def cell(step: dict[str, float]) -> str:
@@ -183,8 +205,8 @@ def render(results: dict[str, Any]) -> str:
         lines.append(f"| {name} | {g['bytes'] / 1e9:.2f} GB | {g['tensors']} | {cell(m['a'])} | {cell(m['c'])} "
                      f"| {r['c/a']:.3f} | {cell(m['all'])} | {r['all ranks/c']:.2f} | {cell(m['apart'])} "
                      f"| {r['all ranks apart/c']:.2f} | {cell(m['lone'])} "
-                     f"| {r['lone rank/c']:.2f}, {r['lone rank bytes/c']:.2f} | {cell(m['lone-unjoined'])} "
-                     f"| {r['lone rank unjoined/c']:.2f} |")
+                     f"| {r['lone rank/c']:.2f}, {r['lone rank bytes/c']:.2f} | {g['extra_step']}: "
+                     f"{cell(m[g['extra_step']])} | {r[g['extra_step'] + '/c']:.2f} |")
     return "\n".join(lines)
 
 

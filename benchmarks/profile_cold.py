@@ -1,7 +1,8 @@
 """Where the cold path spends its time beyond the streamer: cProfile over one cold load, in-process.
 
     .venv/bin/python benchmarks/profile_cold.py [--geometry small|qwen2.5-0.5b|llama3-8b|llama3-8b-fp8|qwen3-moe]
-        [--size-gb 1.0 (small only)] [--tp-size 4 [--rank 1]] [--storage seaweedfs|fake-gcs] [--shm-dir DIR]
+        [--size-gb 1.0 (small only)] [--tp-size 4 [--rank 1]] [--storage seaweedfs|fake-gcs|local]
+        [--page-cache cold|warm (local)] [--shm-dir DIR]
 
 Runs the daemon's own phases (resolve: list + metadata + headers; plan; stream into host arenas) against a
 local object store (as benchmarks/run.py serves it), on one thread with the collector paused as in the daemon,
@@ -32,7 +33,7 @@ from weightd.daemon.memory.host import HostMemory  # noqa: E402
 from weightd.daemon.storage.base import parse_model_uri  # noqa: E402
 
 from benchmarks.geometries import GEOMETRIES  # noqa: E402
-from benchmarks.run import STORES, Bench, start_store, stop_store  # noqa: E402
+from benchmarks.run import STORES, Bench, add_page_cache_option, cold_page_cache, start_store, stop_store  # noqa: E402
 
 
 def main() -> int:
@@ -43,9 +44,10 @@ def main() -> int:
     parser.add_argument("--rank", type=int, default=None, help="one rank alone (default: all ranks)")
     parser.add_argument("--storage", choices=sorted(STORES), default="seaweedfs")
     parser.add_argument("--shm-dir", type=Path, default=Path("/dev/shm"), help="where the arenas go")
+    add_page_cache_option(parser)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="weightd-profile-"))
-    bench = Bench(start_store(args.storage, work), work, 1, [args.shm_dir])
+    bench = Bench(start_store(args.storage, work), work, 1, [args.shm_dir], cold_page_cache=cold_page_cache(args))
     arenas = []
     try:
         os.environ.update(bench.env)  # the settings run.py gives the streamer and the daemon
@@ -59,12 +61,13 @@ def main() -> int:
             rank.arena.release()
         profiler = cProfile.Profile()
         ranks = [args.rank] if args.rank is not None else list(range(args.tp_size))
+        bench.before_step()
         with collection_paused():  # as the daemon's load runs: a full collection would land in whatever runs then
             profiler.enable()
             t0 = time.perf_counter()
             prepared = loader.prepare(location, cache_dir=work / "cache", tp_size=args.tp_size, ranks=ranks,
-                                      rules=(), settings=settings,
-                                      group_arena=args.tp_size > 1 and args.rank is None)  # as the daemon would
+                                      rules=(), settings=settings, host_only=True,  # as the daemon would
+                                      group_arena=args.tp_size > 1 and args.rank is None)
             t1 = time.perf_counter()
             arenas = loader.stream(prepared, memory, settings=settings, on_progress=lambda n: None)
             t2 = time.perf_counter()

@@ -31,8 +31,12 @@ a tmpfs mounted huge=within_size: 4 KiB against 2 MiB pages, side by side in one
 
 --storage fake-gcs (with --geometries) serves the models from fake-gcs-server, in memory, instead of SeaweedFS:
 a store whose ranged reads cost little per request, where SeaweedFS reads about a whole 4 MiB chunk for each.
---storage local (with --geometries) loads them from a directory on this machine's disk, read through its page
-cache once warmed (a model on a node's NVMe): no store's CPU shares the cores, so weightd's own costs show most.
+--storage local (with --geometries) loads them from a directory on this machine's disk (a model on a node's
+NVMe): no store's CPU shares the cores, so weightd's own costs show most. The streamer alone reads local files
+with O_DIRECT, and so does weightd for host memory (arenas laid out as the files hold them), neither through the
+page cache; weightd's other loads (a lone rank, an arena per rank) read through it. --page-cache cold (the
+default there; root) empties the page cache before every measured step, so that each reads the disk, as a
+node's first load of a model does; --page-cache warm leaves it as the first, unmeasured pass filled it.
 """
 
 from __future__ import annotations
@@ -67,7 +71,7 @@ from tests.storage_servers import GcsServer, S3Server, free_port, start_gcs, sta
 BUCKET = "bench"
 # --storage choices, and how the output names them.
 STORES = {"seaweedfs": "SeaweedFS S3 on loopback", "fake-gcs": "fake-gcs-server (GCS JSON API, in memory) on loopback",
-          "local": "a local directory (this machine's disk, through its page cache)"}
+          "local": "a local directory on this machine's disk"}
 
 # Each scenario runs in a fresh interpreter; it times only the work (imports excluded) and prints JSON.
 STREAMER_ALONE = r"""
@@ -178,9 +182,18 @@ def stop_store(store: Store) -> None:
         stop_process(store.process)
 
 
+def drop_page_cache() -> None:
+    """Empty the kernel's page cache (root only): what a step reads of a local model then comes from the disk."""
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("1\n")
+
+
 class Bench:
-    def __init__(self, store: Store, work: Path, repetitions: int, shm_dirs: list[Path]) -> None:
+    def __init__(
+        self, store: Store, work: Path, repetitions: int, shm_dirs: list[Path], *, cold_page_cache: bool = False
+    ) -> None:
         self.store = store
+        self.cold_page_cache = cold_page_cache
         # Where the benchmark's bucket is: models are "<root><name>/", their shards "<root><name>/<shard>".
         if isinstance(store, LocalFiles):
             self.root = f"{store.root}/{BUCKET}/"
@@ -195,6 +208,11 @@ class Bench:
         self.env = {**os.environ, **store.env(), "BENCH_DISK": str(work),
                     "RUNAI_STREAMER_S3_USE_VIRTUAL_ADDRESSING": "0", "RUNAI_STREAMER_S3_REQUEST_TIMEOUT_MS": "30000"}
         self.daemons = 0
+
+    def before_step(self) -> None:
+        """Right before a measured step: with ``cold_page_cache``, empty the page cache."""
+        if self.cold_page_cache:
+            drop_page_cache()
 
     def daemon(self, *, concurrency: int | None = None, shm_dir: Path | None = None) -> Daemon:
         self.daemons += 1
@@ -240,6 +258,7 @@ class Bench:
         for repetition in range(self.repetitions):
             for step in steps[repetition % len(steps) :] + steps[: repetition % len(steps)]:
                 if step == "a":
+                    self.before_step()
                     samples["a"].append(run_script(STREAMER_ALONE, *paths, env=self.env)["seconds"])
                 else:
                     self.record_cold_and_warm(samples, step, model)
@@ -256,6 +275,7 @@ class Bench:
     def cold_and_warm(self, model: dict[str, Any], *, shm_dir: Path | None = None) -> tuple[float, float, int]:
         daemon = self.daemon(shm_dir=shm_dir)
         try:
+            self.before_step()
             cold = run_script(ATTACH, model["uri"], daemon.target, "0", "1", env=self.env)["seconds"]
             warm = run_script(ATTACH, model["uri"], daemon.target, "0", "1", env=self.env)["seconds"]
             read = sum(m.storage_bytes_read for m in client.list_models(target=daemon.target))
@@ -298,6 +318,7 @@ class Bench:
                 script, *args = scenarios[name]
                 daemon = self.daemon()
                 try:
+                    self.before_step()
                     result = run_script(script, *(a.format(target=daemon.target) for a in args), env=self.env)
                     samples[name].append(result["seconds"])
                     read[name] = sum(m.storage_bytes_read for m in client.list_models(target=daemon.target))
@@ -406,8 +427,10 @@ def main() -> int:
                         help="arena directories: the first for every scenario, each further one adds c and d")
     parser.add_argument("--storage", choices=STORES, default="seaweedfs",
                         help="what serves the models (fake-gcs, local: with --geometries only)")
+    add_page_cache_option(parser)
     args = parser.parse_args()
     args.shm_dirs = [Path(d) for d in args.shm_dirs.split(",")]
+    cold_page_cache(args)  # refuses a --page-cache it cannot honour before anything starts
     if args.geometries:
         return run_geometries(args)
     if args.storage != "seaweedfs":
@@ -492,6 +515,32 @@ def machine() -> str:
             f"Python {platform.python_version()}, {versions}{settings}")
 
 
+def add_page_cache_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--page-cache", choices=("cold", "warm"),
+                        help="with --storage local: empty the page cache before every measured step (cold, the "
+                             "default; root only) or leave it as the first pass filled it (warm)")
+
+
+def cold_page_cache(args: argparse.Namespace) -> bool:
+    """Whether to empty the page cache before each step; refuses what cannot be done."""
+    if args.storage != "local":
+        if args.page_cache is not None:
+            raise SystemExit("--page-cache is for --storage local: an object store's reads never use the page cache")
+        return False
+    if args.page_cache == "warm":
+        return False
+    if not os.access("/proc/sys/vm/drop_caches", os.W_OK):
+        raise SystemExit("--page-cache cold (the default for --storage local) empties the page cache, which needs "
+                         "root; run as root, or pass --page-cache warm")
+    return True
+
+
+def storage_label(args: argparse.Namespace) -> str:
+    if args.storage != "local":
+        return STORES[args.storage]
+    return f"{STORES['local']}, page cache {'emptied before every step' if cold_page_cache(args) else 'warm'}"
+
+
 def start_store(name: str, work: Path) -> Store:
     """The store of ``--storage``: an object store on loopback with the benchmark's bucket, or a directory."""
     if name == "local":
@@ -518,11 +567,11 @@ def run_geometries(args: argparse.Namespace) -> int:
     runs = [(name, size) for name in names for size in (sizes if name == "small" else [args.size_gb])]
     work = Path(tempfile.mkdtemp(prefix="weightd-bench-"))
     store = start_store(args.storage, work)
-    results: dict[str, Any] = {"machine": machine(), "storage": STORES[args.storage],
+    results: dict[str, Any] = {"machine": machine(), "storage": storage_label(args),
                                "arena_dirs": arena_dirs(args.shm_dirs), "repetitions": args.repetitions,
                                "geometries": {}}
     try:
-        bench = Bench(store, work, args.repetitions, args.shm_dirs)
+        bench = Bench(store, work, args.repetitions, args.shm_dirs, cold_page_cache=cold_page_cache(args))
         for name, size_gb in runs:
             model = bench.geometry(name, size_gb)
             if name == "small" and len(sizes) > 1:
