@@ -88,7 +88,7 @@ def prepare(
 ) -> PreparedLoad:
     """Resolve the model and plan the load; ``group_arena``: one arena the ranks share (build_plan's), which
     ``ranks`` must then be all of. ``host_only``: the arenas are what engines attach, no GPU copy follows (whose
-    layout needs every tensor aligned): local files are then laid out congruent with the files, for O_DIRECT."""
+    layout needs every tensor aligned): the files storage reads directly are then read with O_DIRECT."""
     store = open_store(location)
     source = resolve(store, cache_dir)
     if settings.distributed:
@@ -101,7 +101,7 @@ def prepare(
         max_range_bytes=max(1 << 20, settings.memory_limit // 4),
         fusions=fusions,
         group_arena=group_arena,
-        file_congruent=host_only and store.reads_direct_io,
+        direct_io_files=frozenset(h.file for h in source.headers if host_only and store.reads_directly(h.file)),
     )
     return PreparedLoad(store, source, plan)
 

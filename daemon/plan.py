@@ -199,19 +199,19 @@ def build_plan(
     row_range_min_bytes: int = ROW_RANGE_MIN_BYTES,
     fusions: Sequence[Fusion] = (),
     group_arena: bool = False,
-    file_congruent: bool = False,
+    direct_io_files: frozenset[str] = frozenset(),
 ) -> LoadPlan:
     """Plan loading ``ranks`` of ``tp_size``: an arena each, or with ``group_arena`` (every rank, in order) one
-    arena for the group, which the ranks share (see ``_place``). With ``file_congruent`` (arenas in host memory
-    only, read from local files) files are read with O_DIRECT where their tensors' offsets allow host views
-    (``FilePlan.direct_io``, ``_place``)."""
+    arena for the group, which the ranks share (see ``_place``). ``direct_io_files`` (arenas in host memory only,
+    local files) are read with O_DIRECT where their tensors' offsets allow host views (``FilePlan.direct_io``,
+    ``_place``)."""
     if group_arena and (tp_size == 1 or list(ranks) != list(range(tp_size))):
         raise ValueError("a group arena holds every rank of a tensor-parallel group, in rank order")
     tensors = [tensor for header in headers for tensor in header.tensors]
     splits = {t.name: split_for(t.name, t.shape, rules, tp_size=tp_size) for t in tensors}
     placement = _place(headers, splits, fusions, tp_size=tp_size, ranks=tuple(ranks),
                        group_arena_rearranged_max=max_range_bytes if group_arena else None,
-                       file_congruent=file_congruent)
+                       direct_io_files=direct_io_files)
     builder = _PlanBuilder(tp_size, tuple(ranks), max_range_bytes, row_range_min_bytes, placement)
     files = [
         FilePlan(file=h.file, blocks=tuple(b for t in h.tensors for b in builder.add_tensor(t, splits[t.name])),
@@ -261,7 +261,7 @@ def _lies_whole(tensor: TensorEntry, split: Split | None, rearranged_max: int) -
 
 def _place(
     headers: Sequence[SafetensorsHeader], splits: dict[str, Split | None], fusions: Sequence[Fusion], *,
-    tp_size: int, ranks: tuple[int, ...], group_arena_rearranged_max: int | None, file_congruent: bool,
+    tp_size: int, ranks: tuple[int, ...], group_arena_rearranged_max: int | None, direct_io_files: frozenset[str],
 ) -> _Placement:
     """Lay the arenas out in file order, so that tensors back to back in a file are back to back in memory.
 
@@ -271,8 +271,8 @@ def _place(
     once per rank. A group arena is host memory only, so its shared section's slots are aligned to their
     elements, not to ALIGNMENT.
 
-    With ``file_congruent``, each file whose every tensor's offset is a multiple of its element size (as host
-    views need) is read with O_DIRECT, as the streamer reads a local file alone, instead of through the page
+    Each of ``direct_io_files`` whose every tensor's offset is a multiple of its element size (as host views
+    need) is read with O_DIRECT, as the streamer reads a local file alone, instead of through the page
     cache (a second copy of the model in memory, and one more copy of each byte): its tensors that lie whole (at
     tp_size 1 unfused, or in a group arena's shared section) are placed where their offsets agree with the
     file's modulo DIRECT_IO_BLOCK, back to back as in the file, aligned to their elements only.
@@ -312,7 +312,7 @@ def _place(
     if group_arena_rearranged_max is not None:
         shared = frozenset(t.name for t in tensors
                            if t.name not in group_of and _lies_whole(t, splits[t.name], group_arena_rearranged_max))
-    direct_io_files = frozenset(h.file for h in headers if file_congruent
+    direct_io_files = frozenset(h.file for h in headers if h.file in direct_io_files
                                 and all(t.begin % t.itemsize == 0 for t in h.tensors))
 
     def as_in_file(t: TensorEntry) -> bool:

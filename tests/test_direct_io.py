@@ -1,12 +1,10 @@
-"""Host arenas of local files laid out as the files hold them (weightd.daemon.plan.DIRECT_IO_BLOCK), so that the
-streamer reads them with O_DIRECT, as it reads a local checkpoint alone: no second copy of the model is left in
-the page cache. Checked with the real streamer on this machine's disk, by which of a file's pages are cached."""
+"""Local files read with O_DIRECT for host memory (weightd.daemon.plan.DIRECT_IO_BLOCK), as the streamer reads a
+local checkpoint alone: no second copy of the model is left in the page cache, unless the file was mostly there
+already. Checked with the real streamer on this machine's disk, by which of a file's pages are cached."""
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
-import mmap
 import os
 from pathlib import Path
 
@@ -18,35 +16,10 @@ from weightd.daemon import loader
 from weightd.daemon.memory.host import HostMemory
 from weightd.daemon.plan import DIRECT_IO_BLOCK
 from weightd.daemon.storage.base import parse_model_uri
+from weightd.daemon.storage.local import page_cache_share
 
 from tests.conftest import Model, copy_model, run_client
 from tests.test_staging import check_rank
-
-_LIBC = ctypes.CDLL(None, use_errno=True)
-_LIBC.mmap.restype = ctypes.c_void_p
-_LIBC.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
-_LIBC.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-_LIBC.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
-
-
-def cached_fraction(path: Path) -> float:
-    """The share of ``path``'s pages in the page cache (mincore over a mapping of it)."""
-    size = path.stat().st_size
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        address = _LIBC.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
-        if address in (None, ctypes.c_void_p(-1).value):
-            raise OSError(ctypes.get_errno(), "mmap failed")
-        try:
-            pages = -(-size // mmap.PAGESIZE)
-            vector = ctypes.create_string_buffer(pages)
-            if _LIBC.mincore(address, size, vector) != 0:
-                raise OSError(ctypes.get_errno(), "mincore failed")
-            return sum(b & 1 for b in vector.raw) / pages
-        finally:
-            _LIBC.munmap(address, size)
-    finally:
-        os.close(fd)
 
 
 def evict(path: Path) -> None:
@@ -65,7 +38,7 @@ def uncached_model(llama_model: Model, tmp_path: Path) -> Model:
     directory = copy_model(llama_model, tmp_path / "model")
     for shard in directory.glob("*.safetensors"):
         evict(shard)
-    if max(cached_fraction(shard) for shard in directory.glob("*.safetensors")) > 0.01:
+    if max(page_cache_share(shard) for shard in directory.glob("*.safetensors")) > 0.01:
         pytest.skip("this filesystem keeps files in memory")
     return Model(directory, llama_model.tensors)
 
@@ -74,7 +47,37 @@ def shards_cached(model: Model) -> float:
     """The share of the model's shards' bytes in the page cache."""
     shards = list(model.directory.glob("*.safetensors"))
     sizes = [shard.stat().st_size for shard in shards]
-    return sum(cached_fraction(shard) * size for shard, size in zip(shards, sizes, strict=True)) / sum(sizes)
+    return sum(page_cache_share(shard) * size for shard, size in zip(shards, sizes, strict=True)) / sum(sizes)
+
+
+def test_the_page_cache_share_of_a_file_follows_what_was_read(tmp_path: Path) -> None:
+    path = tmp_path / "blob"
+    path.write_bytes(os.urandom(64 * 4096))
+    evict(path)
+    if page_cache_share(path) > 0.01:
+        pytest.skip("this filesystem keeps files in memory")
+    with path.open("rb") as f:
+        f.seek(16 * 4096)
+        f.read(16 * 4096)
+    assert 0.25 <= page_cache_share(path) < 1  # what was read, and what the kernel read ahead
+    path.read_bytes()
+    assert page_cache_share(path) == 1
+
+
+def test_a_local_file_mostly_in_the_page_cache_is_read_through_it_and_one_mostly_out_directly(
+    uncached_model: Model, tmp_path: Path
+) -> None:
+    """Read from the page cache, a file loads at memory speed; read directly, it leaves no second copy there."""
+    def plan_files() -> list[bool]:
+        prepared = loader.prepare(parse_model_uri(str(uncached_model.directory)), cache_dir=tmp_path / "cache",
+                                  tp_size=1, ranks=[0], rules=(), settings=loader.LoadSettings(memory_limit=4 << 20),
+                                  host_only=True)
+        return [f.direct_io for f in prepared.plan.files]
+
+    assert all(plan_files())
+    shards = sorted(uncached_model.directory.glob("*.safetensors"))
+    shards[0].read_bytes()
+    assert plan_files() == [False] + [True] * (len(shards) - 1)
 
 
 def test_a_direct_read_of_a_range_that_starts_and_ends_inside_blocks_writes_only_the_range(tmp_path: Path) -> None:
@@ -94,7 +97,7 @@ def test_a_direct_read_of_a_range_that_starts_and_ends_inside_blocks_writes_only
     inside = buffer[base + start : base + start + length]
     assert bytes(inside.numpy()) == data[start : start + length]
     assert bool((buffer[: base + start] == 0xAB).all()) and bool((buffer[base + start + length :] == 0xAB).all())
-    assert cached_fraction(path) == 0  # read directly: nothing of the file went through the page cache
+    assert page_cache_share(path) == 0  # read directly: nothing of the file went through the page cache
 
 
 @pytest.mark.parametrize(("tp_size", "ranks", "group_arena"), [(1, [0], False), (4, [1], False),

@@ -371,8 +371,8 @@ def test_a_host_plan_of_local_files_lays_each_file_out_as_it_lies_in_the_file() 
     """For O_DIRECT: every tensor's arena offset agrees with its file offset modulo DIRECT_IO_BLOCK, so that
     each file is one run of ranges back to back in file and arena (read as one), its tensors aligned to their
     elements only. A file with a tensor whose offset is no multiple of its element size keeps the aligned layout
-    and is read through the page cache (a view of it could not be made), and the next file does not depend on
-    it."""
+    and is read through the page cache (a view of it could not be made), as does one not asked for (storage
+    would rather read it buffered), and the next file does not depend on either."""
     tensors = model()
     odd = raw_safetensors([("odd.bytes", "U8", [3], b"abc"),
                            ("odd.weight", "F32", [5], torch.arange(5, dtype=torch.float32).numpy().tobytes())])
@@ -381,12 +381,13 @@ def test_a_host_plan_of_local_files_lays_each_file_out_as_it_lies_in_the_file() 
                for name, blob in (("a.safetensors", save(tensors)), ("b.safetensors", odd),
                                   ("c.safetensors", save({"late.weight": torch.randn(7)})))]
     assert headers[0].data_start % 512 and headers[1].tensors[1].begin % 4
-    plan = build_plan(headers, tp_size=1, ranks=[0], rules=(), max_range_bytes=1 << 20, file_congruent=True)
-    assert [f.direct_io for f in plan.files] == [True, False, True]
+    plan = build_plan(headers, tp_size=1, ranks=[0], rules=(), max_range_bytes=1 << 20,
+                      direct_io_files=frozenset({"a.safetensors", "b.safetensors"}))  # c: mostly cached, say
+    assert [f.direct_io for f in plan.files] == [True, False, False]
     slots = {slot.name: slot for slot in plan.layouts[0].slots}
     by_file = [[slots[t.name] for t in h.tensors] for h in headers]
     for header, placed in zip(headers, by_file, strict=True):
-        if header.file == "b.safetensors":
+        if header.file != "a.safetensors":
             assert all(slot.offset % ALIGNMENT == 0 for slot in placed)
             continue
         for tensor, slot in zip(header.tensors, placed, strict=True):
@@ -396,7 +397,7 @@ def test_a_host_plan_of_local_files_lays_each_file_out_as_it_lies_in_the_file() 
     assert all(end <= start for (_, end), (start, _) in pairwise(ends)) and ends[-1][1] <= plan.arena_sizes[0]
     blob = save(tensors)
     congruent = build_plan([header_of(blob)], tp_size=1, ranks=[0], rules=(), max_range_bytes=1 << 20,
-                           file_congruent=True)
+                           direct_io_files=frozenset({"m.safetensors"}))
     direct, staged, _ = _requests(congruent, direct_piece_min=1, read_through_gap=0)
     assert len(direct) == 1 and staged == []  # the whole data section, one range
     aligned = build_plan([header_of(blob)], tp_size=1, ranks=[0], rules=(), max_range_bytes=1 << 20)
@@ -419,7 +420,7 @@ def test_every_read_of_a_file_read_with_direct_io_lands_where_it_agrees_with_the
     tensors = model()
     blob = save(tensors)
     plan = build_plan([header_of(blob)], tp_size=tp_size, ranks=ranks, rules=RULES, max_range_bytes=256,
-                      group_arena=group_arena, file_congruent=True)
+                      group_arena=group_arena, direct_io_files=frozenset({"m.safetensors"}))
     assert plan.files[0].direct_io
     direct, staged, _ = _requests(plan, direct_piece_min=1, read_through_gap=0)
     assert all((d.dst_offset - d.file_offset) % DIRECT_IO_BLOCK == 0 for d in direct)

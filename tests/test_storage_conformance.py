@@ -99,6 +99,9 @@ def test_object_store_protocol(
     # enough to outweigh a request, and small reads more than 1 MiB apart (closer ones are read as one).
     assert store.min_separate_read_bytes == (1 if backend.name == "local" else 4 << 20)
     assert store.read_through_gap_bytes == (0 if backend.name == "local" else 1 << 20)
+    # O_DIRECT for files of a local directory, unless the page cache holds most of one (the copy just made);
+    # never for objects over the network.
+    assert store.reads_directly(shard) is False
     store.download(shard, tmp_path / "copy")  # larger than one chunk of a streamed download
     assert (tmp_path / "copy").read_bytes() == blob
     with pytest.raises(ModelNotFoundError, match=r"no-such-file\.json"):

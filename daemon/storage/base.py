@@ -42,9 +42,6 @@ class ObjectStore(Protocol):
     min_separate_read_bytes: int
     # Small reads of one object at most this many bytes apart are cheaper read as one, the bytes between dropped.
     read_through_gap_bytes: int
-    # Whether the streamer reads these objects as files, with O_DIRECT where a file's destinations are congruent
-    # with its offsets (weightd.daemon.plan.DIRECT_IO_BLOCK): object stores' bytes come over the network.
-    reads_direct_io: bool
 
     def list_objects(self) -> list[ObjectInfo]:
         """Objects directly under the prefix (not in sub-"directories"). Raises ModelNotFoundError if none."""
@@ -62,6 +59,11 @@ class ObjectStore(Protocol):
         """The path runai-model-streamer reads this object by."""
         ...
 
+    def reads_directly(self, name: str) -> bool:
+        """Whether the streamer should read this object as a file with O_DIRECT, where its destinations agree
+        with its offsets (weightd.daemon.plan.DIRECT_IO_BLOCK); never for objects that come over the network."""
+        ...
+
 
 class PrefixedObjects(abc.ABC):
     """What the object-store backends share: object keys under the model prefix, the streamer's path, and
@@ -77,13 +79,15 @@ class PrefixedObjects(abc.ABC):
     # A request's fixed cost against bytes: arrow-rs object_store joins ranges up to 1 MiB apart
     # (OBJECT_STORE_COALESCE_DEFAULT). Measured here: see docs/benchmarks.md, "a lone rank's small reads".
     read_through_gap_bytes = 1 << 20
-    reads_direct_io = False
 
     def _key(self, name: str) -> str:
         return self.location.prefix + name
 
     def streamer_path(self, name: str) -> str:
         return f"{self.location.scheme}://{self.location.bucket}/{self._key(name)}"
+
+    def reads_directly(self, name: str) -> bool:
+        return False
 
     def list_objects(self) -> list[ObjectInfo]:
         infos = self._call("", self._list)
