@@ -30,7 +30,7 @@ from runai_model_streamer.libstreamer.libstreamer import (
 )
 from weightd.daemon.config import DEFAULT_STAGING_BYTES
 from weightd.daemon.errors import StorageUnavailableError, WeightdError
-from weightd.daemon.plan import DIRECT_IO_BLOCK, Block, LoadPlan, Rearranged, Target
+from weightd.daemon.plan import ALIGNMENT, DIRECT_IO_BLOCK, Block, LoadPlan, Rearranged, Target, align
 from weightd.daemon.storage.base import ObjectStore
 
 _LIBC = ctypes.CDLL(None)  # the C library this process already uses
@@ -346,11 +346,15 @@ def _requests(
     where they disagree with the file staged, runs the arena breaks staged, small reads close together joined,
     direct runs merged."""
     direct, staged, duplicates = _route(plan, direct_piece_min=direct_piece_min)
-    direct, disagreeing = _stage_disagreeing(direct, {i for i, f in enumerate(plan.files) if f.direct_io})
+    direct, disagreeing = _stage_disagreeing(direct, _direct_io_files(plan))
     direct, staged_runs = _stage_broken_runs(direct)
     direct, staged = _bridge_gaps(direct, staged + disagreeing + staged_runs, gap_max=read_through_gap,
                                   small=direct_piece_min, length_max=plan.max_range_bytes)
     return _coalesce(direct), staged, duplicates
+
+
+def _direct_io_files(plan: LoadPlan) -> set[int]:
+    return {index for index, file_plan in enumerate(plan.files) if file_plan.direct_io}
 
 
 def _stage_disagreeing(direct: list[_Direct], direct_io_files: set[int]) -> tuple[list[_Direct], list[_Staged]]:
@@ -419,7 +423,7 @@ def fetch_into(
                     for d, copies, rearranged in zip(direct, copied_on_landing, rearranged_on_landing, strict=True)
                 ])
                 in_flight: list[tuple[int, list[int]]] = []  # each slot's batch and its submissions, oldest first
-                for index, batch in enumerate(_batches(staged, slots[0])):
+                for index, batch in enumerate(_batches(staged, slots[0], _direct_io_files(plan))):
                     if len(in_flight) == len(slots):
                         # A slot is free once its batch has landed and every block of it has scattered.
                         oldest, submissions = in_flight.pop(0)
@@ -739,20 +743,31 @@ class StagingBuffers:
 STAGING_BUFFERS = StagingBuffers(keep_max=DEFAULT_STAGING_BYTES)
 
 
-def _batches(staged: list[_Staged], capacity: int) -> list[list[tuple[int, _Staged]]]:
-    """Pack staged reads into batches that fit a staging slot: (offset in the slot, read). Each starts where its
-    offset agrees with its file offset modulo DIRECT_IO_BLOCK (slots start on blocks), as a read with O_DIRECT
-    needs; in files read otherwise this costs at most a block of the slot per read."""
+def _batches(
+    staged: list[_Staged], capacity: int, direct_io_files: set[int]
+) -> list[list[tuple[int, _Staged]]]:
+    """Pack staged reads into batches that fit a staging slot: (offset in the slot, read). A read of a file
+    read with O_DIRECT starts where its offset agrees with its file offset modulo DIRECT_IO_BLOCK (slots start
+    on blocks), as such a read needs; any other starts aligned (the scatter copies in 8-byte words) where it
+    disagrees modulo 512, the smallest direct-I/O block: a batch whose reads all agreed would be read directly,
+    from the disk, past the copy the page cache holds."""
     batches: list[list[tuple[int, _Staged]]] = []
     cursor = capacity
     for item in staged:
-        start = cursor + (item.file_offset - cursor) % DIRECT_IO_BLOCK
+        start = _staged_start(cursor, item, item.file_index in direct_io_files)
         if start + item.length > capacity:
             batches.append([])
-            start = item.file_offset % DIRECT_IO_BLOCK
+            start = _staged_start(0, item, item.file_index in direct_io_files)
         batches[-1].append((start, item))
         cursor = start + item.length
     return batches
+
+
+def _staged_start(cursor: int, item: _Staged, direct_io: bool) -> int:
+    if direct_io:
+        return cursor + (item.file_offset - cursor) % DIRECT_IO_BLOCK
+    start = align(cursor)
+    return start + ALIGNMENT if (start - item.file_offset) % 512 == 0 else start
 
 
 # The copies below go through numpy, which copies on the calling thread. torch's copy_ uses its intra-op thread

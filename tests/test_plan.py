@@ -426,7 +426,7 @@ def test_every_read_of_a_file_read_with_direct_io_lands_where_it_agrees_with_the
     assert all((d.dst_offset - d.file_offset) % DIRECT_IO_BLOCK == 0 for d in direct)
     slots = _staging_slots(staged, 8192)
     assert all(size % DIRECT_IO_BLOCK == 0 for size in slots)
-    batches = _batches(staged, slots[0])
+    batches = _batches(staged, slots[0], {0})
     assert all((start - item.file_offset) % DIRECT_IO_BLOCK == 0 and start + item.length <= slots[0]
                for batch in batches for start, item in batch)
     assert sum(len(b) for b in batches) == len(staged)
@@ -463,9 +463,9 @@ def test_staging_takes_two_slots_only_when_the_staged_blocks_exceed_the_limit_an
     assert _staging_slots(staged, 1 << 20) == [8 * (16384 + DIRECT_IO_BLOCK)]  # all at once: one slot, one batch
     assert _staging_slots(staged, 16384) == [16384 + DIRECT_IO_BLOCK]  # two would not each hold a block
     slots = _staging_slots(staged, 48 << 10)
-    assert slots == [24 << 10] * 2 and [len(b) for b in _batches(staged, slots[0])] == [1] * 8
+    assert slots == [24 << 10] * 2 and [len(b) for b in _batches(staged, slots[0], set())] == [1] * 8
     slots = _staging_slots(staged, (80 << 10) + 1)  # halves are rounded down to whole blocks
-    assert slots == [40 << 10] * 2 and [len(b) for b in _batches(staged, slots[0])] == [2] * 4
+    assert slots == [40 << 10] * 2 and [len(b) for b in _batches(staged, slots[0], set())] == [2] * 4
 
 
 def test_uneven_split_names_tensor_dim_size_and_tp_size() -> None:

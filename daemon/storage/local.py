@@ -89,10 +89,14 @@ _LIBC.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_
 _LIBC.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 _LIBC.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
 _MAP_FAILED = ctypes.c_void_p(-1).value
+_LOWEST_BIT = bytes(b & 1 for b in range(256))
+SAMPLE_WINDOWS = 64
+SAMPLE_WINDOW_PAGES = 64
 
 
 def page_cache_share(path: Path) -> float:
-    """The share of ``path``'s pages in the page cache (``mincore`` over a mapping of it, which touches none).
+    """The share of ``path``'s pages in the page cache (``mincore`` over a mapping of it, which touches none), from
+    up to SAMPLE_WINDOWS windows spread over it: the kernel takes about 50 ns a page (14 ms for each GB whole).
     The kernel reports another user's file, which this process may not write, as not cached (Linux 5.2+)."""
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -104,10 +108,17 @@ def page_cache_share(path: Path) -> float:
             raise OSError(ctypes.get_errno(), f"mmap of {path} failed")
         try:
             pages = -(-size // mmap.PAGESIZE)
-            resident = ctypes.create_string_buffer(pages)
-            if _LIBC.mincore(address, size, resident) != 0:
-                raise OSError(ctypes.get_errno(), f"mincore of {path} failed")
-            return sum(b & 1 for b in resident.raw) / pages
+            window = min(pages, SAMPLE_WINDOW_PAGES)
+            count = min(SAMPLE_WINDOWS, pages // window)
+            starts = [i * (pages - window) // max(count - 1, 1) for i in range(count)]
+            resident = ctypes.create_string_buffer(window)
+            cached = 0
+            for first in starts:
+                length = min(window * mmap.PAGESIZE, size - first * mmap.PAGESIZE)
+                if _LIBC.mincore(address + first * mmap.PAGESIZE, length, resident) != 0:
+                    raise OSError(ctypes.get_errno(), f"mincore of {path} failed")
+                cached += resident.raw[: -(-length // mmap.PAGESIZE)].translate(_LOWEST_BIT).count(1)
+            return cached / (count * window)  # other bits than the lowest are reserved
         finally:
             _LIBC.munmap(address, size)
     finally:
