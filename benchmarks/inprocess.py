@@ -18,9 +18,9 @@ in an order rotated per repetition, after one unmeasured pass of each has warmed
   lone-unjoined  (object stores) rank 1 of 4 alone with every read its own request (the store's
        read_through_gap_bytes 0: no small reads joined across the other ranks' bytes between them, as before
        2026-12-06)
-  c-buffered  (local files) c laid out as a GPU's host tier is (every tensor aligned), which the streamer reads
-       through the page cache: c's layout follows the files, which it reads with O_DIRECT (as before 2026-12-06,
-       latest)
+  c-buffered  (local files) c as a GPU's host tier is laid out (every tensor aligned), which the streamer reads
+       through the page cache, as every load was read before 2026-12-06 (docs/benchmarks.md, "last"); c reads
+       with O_DIRECT unless the page cache holds most of a file
 
 It reports each step's median time, this process's CPU and the storage server's CPU (medians), every sample,
 and the bytes each load fetched. No daemon, gRPC or client is involved: the difference is what the load's own

@@ -33,10 +33,10 @@ a tmpfs mounted huge=within_size: 4 KiB against 2 MiB pages, side by side in one
 a store whose ranged reads cost little per request, where SeaweedFS reads about a whole 4 MiB chunk for each.
 --storage local (with --geometries) loads them from a directory on this machine's disk (a model on a node's
 NVMe): no store's CPU shares the cores, so weightd's own costs show most. The streamer alone reads local files
-with O_DIRECT, and so does weightd for host memory (arenas laid out as the files hold them), neither through the
-page cache; weightd's other loads (a lone rank, an arena per rank) read through it. --page-cache cold (the
-default there; root) empties the page cache before every measured step, so that each reads the disk, as a
-node's first load of a model does; --page-cache warm leaves it as the first, unmeasured pass filled it.
+with O_DIRECT, not through the page cache, and so does weightd for host memory unless the page cache holds most
+of a file. --page-cache cold (the default there; root) empties the page cache before every measured step, so
+that each reads the disk, as a node's first load of a model does; --page-cache warm leaves it as the steps
+before left it.
 """
 
 from __future__ import annotations
