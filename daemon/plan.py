@@ -48,6 +48,9 @@ ALIGNMENT = 256
 # whole placed to agree with it, and what cannot (a slice, a fused part) is read through the staging buffer,
 # placed there to agree too.
 DIRECT_IO_BLOCK = 4096
+# A lone rank's slice of a file read with O_DIRECT is placed to agree with it (up to a block of padding before
+# it) from this size; a smaller one is read through the staging buffer (a copy, no padding).
+AGREEING_SLICE_MIN_BYTES = 64 << 10
 ROW_RANGE_MIN_BYTES = 1 << 20
 
 
@@ -275,7 +278,8 @@ def _place(
     need) is read with O_DIRECT, as the streamer reads a local file alone, instead of through the page
     cache (a second copy of the model in memory, and one more copy of each byte): its tensors that lie whole (at
     tp_size 1 unfused, or in a group arena's shared section) are placed where their offsets agree with the
-    file's modulo DIRECT_IO_BLOCK, back to back as in the file, aligned to their elements only.
+    file's modulo DIRECT_IO_BLOCK, back to back as in the file, aligned to their elements only; so is a lone
+    rank's slice of a tensor split on dim 0 (``_lone_slice_start``).
     """
     tensors = [tensor for header in headers for tensor in header.tensors]
     shapes: dict[str, tuple[int, ...]] = {}
@@ -320,7 +324,17 @@ def _place(
             return t.name in shared
         return splits[t.name] is None and t.name not in group_of
 
-    congruent = frozenset(t.name for h in headers if h.file in direct_io_files for t in h.tensors if as_in_file(t))
+    # The file offset each slot is placed to agree with.
+    agree_with: dict[str, int] = {}
+    lone_rank = ranks[0] if group_arena_rearranged_max is None and len(ranks) == 1 else None
+    for h in headers:
+        for t in h.tensors if h.file in direct_io_files else ():
+            if as_in_file(t):
+                agree_with[t.name] = t.begin
+            elif lone_rank is not None and t.name not in group_of:
+                start = _lone_slice_start(t, splits[t.name], lone_rank, tp_size)
+                if start is not None:
+                    agree_with[t.name] = start
     offsets: dict[str, int] = {}
     served: list[Slot] = []
     shards: list[tuple[str, int | None]] = []
@@ -334,16 +348,16 @@ def _place(
             if shared and name in shared:
                 # Packed as in the file, where tensors lie back to back: aligned to their elements only (a host
                 # arena's views need no more), so that a run of them stays one range whatever their sizes.
-                if name in congruent:
-                    start = shared_cursor + (tensor.begin - shared_cursor) % DIRECT_IO_BLOCK
+                if name in agree_with:
+                    start = shared_cursor + (agree_with[name] - shared_cursor) % DIRECT_IO_BLOCK
                 else:
                     itemsize = tensor.nbytes // max(math.prod(tensor.shape), 1) or 1
                     start = -(-shared_cursor // itemsize) * itemsize
                 offsets[name] = start
                 shared_cursor = start + tensor.nbytes
             else:
-                if name in congruent:
-                    start = cursor + (tensor.begin - cursor) % DIRECT_IO_BLOCK
+                if name in agree_with:
+                    start = cursor + (agree_with[name] - cursor) % DIRECT_IO_BLOCK
                 else:
                     start = align(cursor)
                 offsets[name] = start
@@ -379,6 +393,18 @@ def _place(
     parts = [parts_of(slot) for slot in served]
     return _Placement(offsets, tuple(_group_slots(served, parts, tp_size, r, base + r * stride) for r in ranks),
                       tuple(shards), base + tp_size * stride, True, shared, stride, direct_io_files)
+
+
+def _lone_slice_start(tensor: TensorEntry, split: Split | None, rank: int, tp_size: int) -> int | None:
+    """Where in the file ``rank``'s slice of ``tensor`` starts, if it is one piece of a single row (a split on
+    dim 0, read as one range however long) of at least AGREEING_SLICE_MIN_BYTES; else None."""
+    if split is None or math.prod(tensor.shape[: split.dim]) != 1 or not tensor.shape[split.dim]:
+        return None
+    piece = tensor.nbytes // tensor.shape[split.dim] * split.part
+    window = split.index(rank, tp_size) * piece
+    if window >= tensor.nbytes or piece < AGREEING_SLICE_MIN_BYTES:
+        return None
+    return tensor.begin + window
 
 
 def _group_slots(

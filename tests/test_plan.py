@@ -439,6 +439,36 @@ def test_every_read_of_a_file_read_with_direct_io_lands_where_it_agrees_with_the
             assert torch.equal(got, want), (slot.name, layout.rank)
 
 
+def test_a_lone_rank_s_large_slices_of_a_file_read_with_direct_io_are_placed_to_agree_and_read_straight_in() -> None:
+    """A rank's slice of a dim-0 split is one range; from AGREEING_SLICE_MIN_BYTES it is placed where it agrees
+    with the file (up to a block of padding before it) instead of going through the staging buffer; smaller
+    slices, and a dim-1 split's rows, are staged."""
+    tensors = {"col.weight": torch.randn(512, 256), "col.small.weight": torch.randn(16, 16),
+               "row.weight": torch.randn(256, 256), "norm.weight": torch.randn(300)}
+    blob = save(tensors)
+    header = header_of(blob)
+    begins = {t.name: t.begin for t in header.tensors}
+    for rank in range(4):
+        plan = build_plan([header], tp_size=4, ranks=[rank], rules=RULES, max_range_bytes=1 << 20,
+                          direct_io_files=frozenset({"m.safetensors"}))
+        slots = {slot.name: slot for slot in plan.layouts[0].slots}
+        window = rank * 128 * 256 * 4
+        assert (slots["col.weight"].offset - begins["col.weight"] - window) % DIRECT_IO_BLOCK == 0
+        assert slots["col.small.weight"].offset % ALIGNMENT == 0  # 256-byte slices: staged
+        direct, staged, _ = _requests(plan, direct_piece_min=1, read_through_gap=0)
+        assert all((d.dst_offset - d.file_offset) % DIRECT_IO_BLOCK == 0 for d in direct)
+        for wanted in (begins["col.weight"] + window, begins["norm.weight"]):  # read straight in (maybe as one)
+            assert any(d.file_offset <= wanted < d.file_offset + d.length for d in direct)
+        assert {s.file_offset for s in staged} == {begins["col.small.weight"] + rank * 4 * 16 * 4,
+                                                   begins["row.weight"]}
+        assert plan.arena_sizes[0] < sum(slot.nbytes for slot in slots.values()) + 2 * DIRECT_IO_BLOCK + 4 * ALIGNMENT
+        (arena,) = execute(blob, plan, direct_piece_min=1)
+        for name, slot in slots.items():
+            want = expected_slice(tensors[name], dict(plan.layouts[0].shards)[name], 1, 4, rank)
+            assert torch.equal(arena[slot.offset : slot.offset + slot.nbytes].view(torch.float32).view(slot.shape),
+                               want), (name, rank)
+
+
 def test_a_group_arena_holds_every_rank_in_order() -> None:
     header = header_of(save({"col.weight": torch.randn(8, 8)}))
     for tp_size, ranks in ((1, [0]), (4, [1]), (4, [1, 0, 2, 3])):
