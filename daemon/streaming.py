@@ -404,7 +404,7 @@ def fetch_into(
     bases = [d.data_ptr() for d in destinations]
     scratch = Scratch()
     slots = _staging_slots(staged, memory_limit)
-    buffer = STAGING_BUFFERS.take(sum(slots) + DIRECT_IO_BLOCK if staged else 0)
+    buffer = STAGING_BUFFERS.take(staging_buffer_bytes(slots))
     staging = buffer[-buffer.data_ptr() % DIRECT_IO_BLOCK :]  # from a block's start: reads are placed to agree
     # Leaving this block waits for every scatter, so none writes after a failed load's arenas are released.
     with ThreadPoolExecutor(max_workers=SCATTER_THREADS, thread_name_prefix="weightd-scatter") as pool:
@@ -697,6 +697,11 @@ class _RangeReader:
             raise
 
 
+def staging_buffer_bytes(slots: list[int]) -> int:
+    """The buffer that holds ``slots`` from a block's start, wherever it lies."""
+    return sum(slots) + DIRECT_IO_BLOCK if sum(slots) else 0
+
+
 def _staging_slots(staged: list[_Staged], memory_limit: int) -> list[int]:
     """The staging buffer's slots (bytes each, all the same size, whole blocks): one when every staged read
     fits within ``memory_limit`` at once, else two, so that one batch streams while the other's blocks scatter.
@@ -712,11 +717,12 @@ def _staging_slots(staged: list[_Staged], memory_limit: int) -> list[int]:
 class StagingBuffers:
     """Staging memory kept from one load for the next: a fresh buffer's pages are each faulted in and cleared
     (a lone rank of 1,173 small tensors from local files: 20 of its 125 ms went to its 64 MiB). One buffer is kept,
-    up to ``keep_max`` bytes (the default ``--memory-limit``): loads seldom overlap, and one that finds it taken
-    allocates its own. The kept buffer's old bytes never reach an arena: a read fills every byte it scatters."""
+    up to ``keep_max`` bytes (what the default ``--memory-limit`` stages in): loads seldom overlap, and one that
+    finds it taken allocates its own. The kept buffer's old bytes never reach an arena: a read fills every byte it
+    scatters."""
 
     def __init__(self, *, keep_max: int) -> None:
-        self._keep_max = keep_max
+        self.keep_max = keep_max
         self._lock = threading.Lock()
         self._kept: torch.Tensor | None = None
 
@@ -733,14 +739,15 @@ class StagingBuffers:
 
     def give_back(self, buffer: torch.Tensor) -> None:
         """Keep ``buffer`` for the next load if it is the largest one within ``keep_max``."""
-        if not 0 < buffer.numel() <= self._keep_max:
+        if not 0 < buffer.numel() <= self.keep_max:
             return
         with self._lock:
             if self._kept is None or self._kept.numel() < buffer.numel():
                 self._kept = buffer
 
 
-STAGING_BUFFERS = StagingBuffers(keep_max=DEFAULT_STAGING_BYTES)
+# A default limit's slots, and the block that their start is aligned to within the buffer.
+STAGING_BUFFERS = StagingBuffers(keep_max=DEFAULT_STAGING_BYTES + DIRECT_IO_BLOCK)
 
 
 def _batches(

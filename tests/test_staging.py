@@ -7,10 +7,18 @@ from pathlib import Path
 
 import torch
 from weightd.daemon import loader
+from weightd.daemon.config import DEFAULT_STAGING_BYTES
 from weightd.daemon.memory.host import HostMemory
-from weightd.daemon.plan import RankLayout
+from weightd.daemon.plan import Block, RankLayout, Target
 from weightd.daemon.storage.base import parse_model_uri
-from weightd.daemon.streaming import STAGING_BUFFERS, StagingBuffers, _requests
+from weightd.daemon.streaming import (
+    STAGING_BUFFERS,
+    StagingBuffers,
+    _requests,
+    _Staged,
+    _staging_slots,
+    staging_buffer_bytes,
+)
 
 from tests.conftest import Model
 
@@ -51,6 +59,14 @@ def test_a_load_reuses_the_last_ones_staging_buffer_and_none_of_its_old_bytes_re
     again = STAGING_BUFFERS.take(1)
     assert again.data_ptr() == kept.data_ptr()  # the second load staged in it, and gave it back
     STAGING_BUFFERS.give_back(again)
+
+
+def test_a_default_limit_s_staging_buffer_is_kept_however_much_is_staged() -> None:
+    """Two slots of half the default --memory-limit, and the block they are aligned to, are within what the
+    daemon keeps: otherwise every such load would fault in a fresh buffer."""
+    blocks = [Block(i * (8 << 20), 1, 8 << 20, 0, (Target(0, 0, 8 << 20, 0, 8 << 20),)) for i in range(20)]
+    slots = _staging_slots([_Staged(0, (block,)) for block in blocks], DEFAULT_STAGING_BYTES)
+    assert len(slots) == 2 and staging_buffer_bytes(slots) <= STAGING_BUFFERS.keep_max
 
 
 def test_the_largest_buffer_within_the_limit_is_kept_and_a_taken_one_is_nobody_elses() -> None:
