@@ -48,6 +48,9 @@ ALIGNMENT = 256
 # whole placed to agree with it, and what cannot (a slice, a fused part) is read through the staging buffer,
 # placed there to agree too.
 DIRECT_IO_BLOCK = 4096
+# The smallest direct-I/O block a mount reports (a 512-byte sector): a read that disagrees with its file modulo
+# this is never read with O_DIRECT.
+SMALLEST_DIRECT_IO_BLOCK = 512
 # A lone rank's slice of a file read with O_DIRECT is placed to agree with it (up to a block of padding before
 # it) from this size; a smaller one is read through the staging buffer (a copy, no padding).
 AGREEING_SLICE_MIN_BYTES = 64 << 10
@@ -351,8 +354,7 @@ def _place(
                 if name in agree_with:
                     start = shared_cursor + (agree_with[name] - shared_cursor) % DIRECT_IO_BLOCK
                 else:
-                    itemsize = tensor.nbytes // max(math.prod(tensor.shape), 1) or 1
-                    start = -(-shared_cursor // itemsize) * itemsize
+                    start = -(-shared_cursor // tensor.itemsize) * tensor.itemsize
                 offsets[name] = start
                 shared_cursor = start + tensor.nbytes
             else:

@@ -30,7 +30,16 @@ from runai_model_streamer.libstreamer.libstreamer import (
 )
 from weightd.daemon.config import DEFAULT_STAGING_BYTES
 from weightd.daemon.errors import StorageUnavailableError, WeightdError
-from weightd.daemon.plan import ALIGNMENT, DIRECT_IO_BLOCK, Block, LoadPlan, Rearranged, Target, align
+from weightd.daemon.plan import (
+    ALIGNMENT,
+    DIRECT_IO_BLOCK,
+    SMALLEST_DIRECT_IO_BLOCK,
+    Block,
+    LoadPlan,
+    Rearranged,
+    Target,
+    align,
+)
 from weightd.daemon.storage.base import ObjectStore
 
 _LIBC = ctypes.CDLL(None)  # the C library this process already uses
@@ -756,7 +765,7 @@ def _batches(
     """Pack staged reads into batches that fit a staging slot: (offset in the slot, read). A read of a file
     read with O_DIRECT starts where its offset agrees with its file offset modulo DIRECT_IO_BLOCK (slots start
     on blocks), as such a read needs; any other starts aligned (the scatter copies in 8-byte words) where it
-    disagrees modulo 512, the smallest direct-I/O block: a batch whose reads all agreed would be read directly,
+    disagrees modulo SMALLEST_DIRECT_IO_BLOCK: a batch whose reads all agreed would be read directly,
     from the disk, past the copy the page cache holds."""
     batches: list[list[tuple[int, _Staged]]] = []
     cursor = capacity
@@ -774,7 +783,7 @@ def _staged_start(cursor: int, item: _Staged, direct_io: bool) -> int:
     if direct_io:
         return cursor + (item.file_offset - cursor) % DIRECT_IO_BLOCK
     start = align(cursor)
-    return start + ALIGNMENT if (start - item.file_offset) % 512 == 0 else start
+    return start + ALIGNMENT if (start - item.file_offset) % SMALLEST_DIRECT_IO_BLOCK == 0 else start
 
 
 # The copies below go through numpy, which copies on the calling thread. torch's copy_ uses its intra-op thread

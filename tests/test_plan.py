@@ -469,6 +469,17 @@ def test_a_lone_rank_s_large_slices_of_a_file_read_with_direct_io_are_placed_to_
                                want), (name, rank)
 
 
+def test_an_empty_tensor_after_an_odd_sized_one_is_placed_on_its_element_size_in_a_group_arena() -> None:
+    """A group arena packs its shared section as the file does, each slot on a multiple of its element size, which
+    a client's view needs: an empty F32 tensor too, after 3 bytes of U8."""
+    blob = raw_safetensors([("a.bytes", "U8", [3], b"abc"), ("b.empty", "F32", [0], b""),
+                            ("c.weight", "F32", [2], torch.ones(2).numpy().tobytes())])
+    plan = build_plan([header_of(blob)], tp_size=2, ranks=[0, 1], rules=RULES, max_range_bytes=1 << 20,
+                      group_arena=True)
+    for layout in plan.layouts:
+        assert all(slot.offset % (4 if slot.dtype == "F32" else 1) == 0 for slot in layout.slots), layout.slots
+
+
 def test_a_group_arena_holds_every_rank_in_order() -> None:
     header = header_of(save({"col.weight": torch.randn(8, 8)}))
     for tp_size, ranks in ((1, [0]), (4, [1]), (4, [1, 0, 2, 3])):
